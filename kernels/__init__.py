@@ -1,0 +1,1 @@
+"""Triton kernels for fastres (imported as fastres.kernels). A leaf: imports torch and triton only."""
