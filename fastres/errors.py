@@ -1,0 +1,25 @@
+"""Typed errors users can act on. Every message says what was wrong and what to do instead."""
+
+
+class FastresError(Exception):
+    """Base class of every error fastres raises on purpose."""
+
+
+class UnknownModelError(FastresError, ValueError):
+    """A model name that is not in the ResNet family fastres supports."""
+
+
+class CheckpointError(FastresError, ValueError):
+    """A checkpoint that cannot be read, or does not fit the requested architecture."""
+
+
+class ArchitectureMismatchError(CheckpointError):
+    """The checkpoint describes a different network than the one asked for."""
+
+
+class InputError(FastresError, ValueError):
+    """An input batch the engine cannot run (wrong rank, channels, dtype, ...)."""
+
+
+class BackendUnavailableError(FastresError, RuntimeError):
+    """The requested backend or device cannot run on this machine."""

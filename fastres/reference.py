@@ -1,0 +1,154 @@
+"""Plain PyTorch reference for the ResNet family, state-dict compatible with torchvision.
+
+Module names, parameter shapes, initialisation and forward semantics follow torchvision's
+``torchvision.models.resnet`` so that its checkpoints load with ``strict=True`` and give the
+same outputs. This path is unfused and unfolded on purpose: it is the yardstick for parity.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .specs import MODEL_SPECS, STAGE_PLANES, STEM_CHANNELS, ResNetSpec, get_spec
+
+
+def _conv3x3(in_ch: int, out_ch: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, groups=groups, bias=False)
+
+
+def _conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs; output relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (strided, grouped), 1x1 expand; stride sits on the 3x3 as in torchvision (V1.5)."""
+
+    expansion = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        width_per_group: int = 64,
+    ):
+        super().__init__()
+        width = int(planes * (width_per_group / 64.0)) * groups
+        self.conv1 = _conv1x1(inplanes, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = _conv3x3(width, width, stride, groups)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = _conv1x1(width, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """The torchvision ResNet skeleton, built from a :class:`ResNetSpec`."""
+
+    def __init__(self, spec: ResNetSpec, num_classes: int = 1000):
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.spec = spec
+        self.inplanes = STEM_CHANNELS
+        self.conv1 = nn.Conv2d(3, STEM_CHANNELS, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(STEM_CHANNELS)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        for index, (planes, blocks) in enumerate(zip(STAGE_PLANES, spec.layers)):
+            stride = 1 if index == 0 else 2
+            setattr(self, f"layer{index + 1}", self._make_stage(planes, blocks, stride))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(STAGE_PLANES[-1] * spec.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def _make_stage(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        spec = self.spec
+        out_channels = planes * spec.expansion
+        downsample = None
+        if stride != 1 or self.inplanes != out_channels:
+            downsample = nn.Sequential(_conv1x1(self.inplanes, out_channels, stride), nn.BatchNorm2d(out_channels))
+        layers: list[nn.Module] = []
+        for i in range(blocks):
+            block_stride, block_down = (stride, downsample) if i == 0 else (1, None)
+            if spec.block == "basic":
+                layers.append(BasicBlock(self.inplanes, planes, block_stride, block_down))
+            else:
+                layers.append(
+                    Bottleneck(self.inplanes, planes, block_stride, block_down, spec.groups, spec.width_per_group)
+                )
+            self.inplanes = out_channels
+        return nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def build_resnet(spec: ResNetSpec | str, num_classes: int = 1000) -> ResNet:
+    """A randomly initialised reference network (torchvision's initialisation)."""
+    if isinstance(spec, str):
+        spec = get_spec(spec)
+    return ResNet(spec, num_classes)
+
+
+def _constructor(name: str):
+    def make(*, num_classes: int = 1000) -> ResNet:
+        return build_resnet(MODEL_SPECS[name], num_classes)
+
+    make.__name__ = make.__qualname__ = name
+    make.__doc__ = f"torchvision-compatible {name} ({MODEL_SPECS[name].describe()}), randomly initialised."
+    return make
+
+
+resnet18 = _constructor("resnet18")
+resnet34 = _constructor("resnet34")
+resnet50 = _constructor("resnet50")
+resnet101 = _constructor("resnet101")
+resnet152 = _constructor("resnet152")
+resnext50_32x4d = _constructor("resnext50_32x4d")
+resnext101_32x8d = _constructor("resnext101_32x8d")
+resnext101_64x4d = _constructor("resnext101_64x4d")
+wide_resnet50_2 = _constructor("wide_resnet50_2")
+wide_resnet101_2 = _constructor("wide_resnet101_2")

@@ -1,0 +1,91 @@
+"""The ResNet family as data: one spec per torchvision model name, no subclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import UnknownModelError
+
+BlockKind = Literal["basic", "bottleneck"]
+
+# Output channels of the four stages before expansion ("planes" in torchvision's terms).
+STAGE_PLANES = (64, 128, 256, 512)
+STEM_CHANNELS = 64
+
+
+@dataclass(frozen=True)
+class ResNetSpec:
+    """Everything that distinguishes one family member from another."""
+
+    name: str
+    block: BlockKind
+    layers: tuple[int, int, int, int]
+    groups: int = 1
+    width_per_group: int = 64
+
+    @property
+    def expansion(self) -> int:
+        return 1 if self.block == "basic" else 4
+
+    @property
+    def feature_channels(self) -> int:
+        """Channels entering the head (the fc layer's in_features)."""
+        return STAGE_PLANES[-1] * self.expansion
+
+    def block_width(self, planes: int) -> int:
+        """Channels of a Bottleneck's 3x3 conv (torchvision: planes * base_width / 64 * groups)."""
+        return int(planes * (self.width_per_group / 64.0)) * self.groups
+
+    def describe(self) -> str:
+        kind = "BasicBlock" if self.block == "basic" else "Bottleneck"
+        extra = ""
+        if self.groups != 1 or self.width_per_group != 64:
+            extra = f", groups={self.groups}, width_per_group={self.width_per_group}"
+        return f"{kind} {list(self.layers)}{extra}"
+
+
+MODEL_SPECS: dict[str, ResNetSpec] = {
+    s.name: s
+    for s in (
+        ResNetSpec("resnet18", "basic", (2, 2, 2, 2)),
+        ResNetSpec("resnet34", "basic", (3, 4, 6, 3)),
+        ResNetSpec("resnet50", "bottleneck", (3, 4, 6, 3)),
+        ResNetSpec("resnet101", "bottleneck", (3, 4, 23, 3)),
+        ResNetSpec("resnet152", "bottleneck", (3, 8, 36, 3)),
+        ResNetSpec("resnext50_32x4d", "bottleneck", (3, 4, 6, 3), groups=32, width_per_group=4),
+        ResNetSpec("resnext101_32x8d", "bottleneck", (3, 4, 23, 3), groups=32, width_per_group=8),
+        ResNetSpec("resnext101_64x4d", "bottleneck", (3, 4, 23, 3), groups=64, width_per_group=4),
+        ResNetSpec("wide_resnet50_2", "bottleneck", (3, 4, 6, 3), width_per_group=128),
+        ResNetSpec("wide_resnet101_2", "bottleneck", (3, 4, 23, 3), width_per_group=128),
+    )
+}
+
+
+def list_models() -> list[str]:
+    """The torchvision names fastres supports."""
+    return list(MODEL_SPECS)
+
+
+def get_spec(name: str) -> ResNetSpec:
+    try:
+        return MODEL_SPECS[name]
+    except (KeyError, TypeError):
+        raise UnknownModelError(
+            f"unknown model {name!r}; fastres supports: {', '.join(MODEL_SPECS)}"
+        ) from None
+
+
+def find_spec(
+    block: BlockKind, layers: tuple[int, ...], groups: int, width_per_group: int
+) -> ResNetSpec | None:
+    """The named family member with exactly this structure, if any."""
+    for spec in MODEL_SPECS.values():
+        if (spec.block, spec.layers, spec.groups, spec.width_per_group) == (
+            block,
+            tuple(layers),
+            groups,
+            width_per_group,
+        ):
+            return spec
+    return None
