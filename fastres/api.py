@@ -1,0 +1,111 @@
+"""The public entry points: fastres.load and fastres.optimize."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch import nn
+
+from .backends import BACKENDS, create_backend
+from .checkpoints import Architecture, infer_architecture, load_checkpoint, resolve_model, validate_state_dict
+from .engine import Engine
+from .errors import BackendUnavailableError
+from .planner import plan_resnet
+from .reference import build_resnet
+
+_DTYPE_NAMES = {
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in SUPPORTED_DTYPES:
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype.lower()]
+    raise ValueError(f"unsupported dtype {dtype!r}; use float16 (fp16), bfloat16 (bf16) or float32 (fp32)")
+
+
+def _resolve_device_dtype_backend(device, dtype, backend) -> tuple[torch.device, torch.dtype, str]:
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError("device 'cuda' was requested but torch sees no CUDA GPU; use device='cpu'")
+    on_gpu = device.type == "cuda"
+    dtype = parse_dtype(dtype) if dtype is not None else (torch.float16 if on_gpu else torch.float32)
+    backend = backend or ("triton" if on_gpu else "torch")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "triton":
+        if device.type not in ("cuda", "cpu"):
+            raise BackendUnavailableError(f"the triton backend runs on CUDA GPUs, not on {device}")
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise BackendUnavailableError(
+                "the triton backend needs a CUDA GPU; on the CPU it only runs under Triton's interpreter "
+                "(set TRITON_INTERPRET=1 before starting Python; slow, for testing). "
+                "For CPU inference use backend='torch' (the default on CPU).")
+    return device, dtype, backend
+
+
+def _build_engine(arch: Architecture, state_dict, device, dtype, backend, engine_options) -> Engine:
+    device, dtype, backend = _resolve_device_dtype_backend(device, dtype, backend)
+    plan = plan_resnet(arch.spec, arch.num_classes, state_dict)
+    options = {}
+    if backend == "reference":
+        model = build_resnet(arch.spec, arch.num_classes)
+        model.load_state_dict(state_dict, strict=False)
+        options["module"] = model
+    runner = create_backend(backend, plan, device, dtype, **options)
+    return Engine(plan, runner, arch, state_dict, **engine_options)
+
+
+def load(
+    model: str | os.PathLike,
+    weights=None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    backend: str | None = None,
+    num_classes: int | None = None,
+    **engine_options,
+) -> Engine:
+    """Plan and load a ResNet for inference.
+
+    model: a name from `fastres.list_models()`, or a checkpoint path (architecture inferred).
+    weights: a checkpoint path, a state dict, an nn.Module, or a torchvision weight name
+        ('IMAGENET1K_V1', 'IMAGENET1K_V2', 'DEFAULT'); None gives torchvision's random initialisation.
+    device: 'cuda' when available, else 'cpu'. dtype: float16 on CUDA, float32 on CPU.
+    backend: 'triton' on CUDA, 'torch' on CPU; 'reference' runs the unfused PyTorch model.
+    engine_options: cuda_graphs (default on for CUDA), max_batch (larger batches run in chunks),
+        max_cached_shapes (input shapes kept warm, LRU).
+    """
+    arch, state_dict = resolve_model(model, weights, num_classes=num_classes)
+    if state_dict is None:
+        warnings.warn(
+            f"fastres.load({str(model)!r}) without weights gives a randomly initialised, untrained network; "
+            "pass weights='DEFAULT' or a checkpoint path for real predictions", UserWarning, stacklevel=2)
+        state_dict = build_resnet(arch.spec, arch.num_classes).state_dict()
+    return _build_engine(arch, state_dict, device, dtype, backend, engine_options)
+
+
+def optimize(
+    module: nn.Module,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    backend: str | None = None,
+    **engine_options,
+) -> Engine:
+    """An Engine from a live torchvision-compatible ResNet (e.g. fine-tuned with a new fc)."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"optimize() takes an nn.Module (a torchvision-compatible ResNet), got {type(module).__name__}")
+    state_dict = load_checkpoint(module)
+    arch = infer_architecture(state_dict)
+    validate_state_dict(state_dict, arch)
+    state_dict = {k: v.detach().to("cpu") for k, v in state_dict.items()}
+    return _build_engine(arch, state_dict, device, dtype, backend, engine_options)

@@ -1,0 +1,24 @@
+"""Backends execute a Plan. Each packs the plan's folded weights once, at load time, into its own layout."""
+
+from __future__ import annotations
+
+from .base import Backend, Observer
+from .reference_backend import ReferenceBackend
+from .torch_backend import TorchBackend
+
+BACKENDS = ("triton", "torch", "reference")
+
+
+def create_backend(name: str, plan, device, dtype, **options) -> Backend:
+    if name == "torch":
+        return TorchBackend(plan, device, dtype, **options)
+    if name == "reference":
+        return ReferenceBackend(plan, device, dtype, **options)
+    if name == "triton":
+        from .triton_backend import TritonBackend  # imports triton: only when asked for
+
+        return TritonBackend(plan, device, dtype, **options)
+    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+__all__ = ["BACKENDS", "Backend", "Observer", "create_backend"]

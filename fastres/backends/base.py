@@ -1,0 +1,35 @@
+"""What the engine needs from a backend."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..planner import Plan
+
+# Called after each op with (op name, its output converted to NCHW); used by per-layer drift reports.
+Observer = Callable[[str, Tensor], None]
+
+
+class Backend:
+    """Runs a plan on one device in one dtype.
+
+    `make_workspace` returns whatever per-input-shape state the backend keeps between calls
+    (static activation buffers); the engine caches one per shape and never shares one between
+    two calls at the same time. `run` must not allocate for weights or repack anything.
+    """
+
+    name = "base"
+
+    def __init__(self, plan: Plan, device: torch.device, dtype: torch.dtype):
+        self.plan, self.device, self.dtype = plan, torch.device(device), dtype
+
+    def make_workspace(self, batch: int, height: int, width: int) -> Any:
+        return None
+
+    def run(self, x: Tensor, workspace: Any, observer: Observer | None = None) -> Tensor:
+        """x: N x 3 x H x W in the engine's dtype on its device; returns float32 logits N x classes."""
+        raise NotImplementedError

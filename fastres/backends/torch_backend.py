@@ -1,0 +1,100 @@
+"""The plan executed with torch ops: the CPU fallback, and a second opinion for the Triton path.
+
+Activations are channels-last. On the CPU in float32 each conv and its whole epilogue (bias,
+residual add, ReLU) is one oneDNN call with post-ops, the fusion Inductor's CPU path uses; where
+that private op is missing or refuses, the epilogue runs in place after a plain conv.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..graph import INPUT, ConvOp, HeadOp, MaxPoolOp
+from .base import Backend, Observer
+
+
+def _onednn_fusion_works() -> bool:
+    """Probe the private oneDNN conv+post-op entry points once on a tiny problem."""
+    try:
+        op = torch.ops.mkldnn._convolution_pointwise
+        x = torch.randn(1, 4, 5, 5).to(memory_format=torch.channels_last)
+        w, b = torch.randn(8, 4, 3, 3), torch.randn(8)
+        other = torch.randn(1, 8, 5, 5).to(memory_format=torch.channels_last)
+        expect = F.conv2d(x, w, b, 1, 1)
+        unary = op(x, w, b, [1, 1], [1, 1], [1, 1], 1, "relu", [None], "")
+        binary = op.binary(x, other, w, b, [1, 1], [1, 1], [1, 1], 1, "add", 1.0, "relu", [], "")
+        return bool(torch.allclose(unary, expect.relu(), atol=1e-5)
+                    and torch.allclose(binary, (expect + other).relu(), atol=1e-5))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+_ONEDNN_FUSION: bool | None = None
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, plan, device, dtype):
+        super().__init__(plan, device, dtype)
+        global _ONEDNN_FUSION
+        use_onednn = self.device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+        if use_onednn and _ONEDNN_FUSION is None:
+            _ONEDNN_FUSION = _onednn_fusion_works()
+        self.onednn = bool(use_onednn and _ONEDNN_FUSION)
+        # Packed once: folded float64 weights cast straight to the compute dtype.
+        self.params: dict[str, tuple[Tensor, Tensor | None]] = {}
+        for op in plan.ops:
+            if isinstance(op, (ConvOp, HeadOp)):
+                weight = op.weight.to(device=self.device, dtype=dtype)
+                if isinstance(op, ConvOp):
+                    weight = weight.contiguous(memory_format=torch.channels_last)
+                bias = None if op.bias is None else op.bias.to(device=self.device, dtype=dtype)
+                self.params[op.name] = (weight, bias)
+        # Drop each activation after its last reader, as eager execution would.
+        self.dead_after: list[list[str]] = [[] for _ in plan.ops]
+        last_reader = {v: i for i, op in enumerate(plan.ops) for v in op.inputs}
+        for value, index in last_reader.items():
+            self.dead_after[index].append(value)
+
+    def _conv(self, op: ConvOp, x: Tensor, residual: Tensor | None) -> Tensor:
+        weight, bias = self.params[op.name]
+        stride, padding = [op.stride] * 2, [op.padding] * 2
+        if self.onednn:
+            relu = "relu" if op.relu else "none"
+            if residual is None:
+                return torch.ops.mkldnn._convolution_pointwise(
+                    x, weight, bias, padding, stride, [1, 1], op.groups, relu, [None], "")
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                x, residual, weight, bias, padding, stride, [1, 1], op.groups, "add", 1.0,
+                relu if op.relu else None, [], "")
+        y = F.conv2d(x, weight, bias, stride, padding, 1, op.groups)
+        if residual is not None:
+            y.add_(residual)
+        return y.relu_() if op.relu else y
+
+    def run(self, x: Tensor, workspace: Any, observer: Observer | None = None) -> Tensor:
+        values: dict[str, Tensor] = {INPUT: x.contiguous(memory_format=torch.channels_last)}
+        with torch.inference_mode():
+            for index, op in enumerate(self.plan.ops):
+                src = values[op.inputs[0]]
+                if isinstance(op, ConvOp):
+                    out = self._conv(op, src, values[op.residual] if op.residual else None)
+                elif isinstance(op, MaxPoolOp):
+                    out = F.max_pool2d(src, op.kernel_size, op.stride, op.padding)
+                elif isinstance(op, HeadOp):
+                    weight, bias = self.params[op.name]
+                    pooled = src.float().mean(dim=(2, 3))
+                    out = F.linear(pooled, weight.float(), None if bias is None else bias.float())
+                else:
+                    raise TypeError(f"torch backend cannot run op kind {op.kind!r} ({op.name})")
+                values[op.output] = out
+                if observer is not None:
+                    observer(op.name, out)
+                for value in self.dead_after[index]:
+                    del values[value]
+        return out

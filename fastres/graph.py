@@ -1,0 +1,188 @@
+"""The plan's data model: ops over named values, and the eager graph a checkpoint describes.
+
+Every op reads and writes named values (activation tensors). Parameters are plain tensors kept
+in float64 on the CPU once folded, so that each backend casts them exactly once to its own dtype.
+Shapes are not stored: a plan serves any batch and image size, and `infer_shapes` derives them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .specs import STAGE_PLANES, STEM_CHANNELS, ResNetSpec
+
+INPUT = "input"
+LOGITS = "logits"
+
+
+@dataclass
+class Op:
+    name: str
+    inputs: list[str]
+    output: str
+
+    kind = "op"
+
+
+@dataclass
+class ConvOp(Op):
+    """A convolution; after planning it carries the folded bias and its fused epilogue."""
+
+    weight: Tensor = field(repr=False, default=None)  # (C_out, C_in // groups, R, S)
+    bias: Tensor | None = field(repr=False, default=None)
+    stride: int = 1
+    padding: int = 0
+    groups: int = 1
+    relu: bool = False
+    kind = "conv"
+
+    @property
+    def residual(self) -> str | None:
+        """The value added before the ReLU (second input), when the residual add is fused."""
+        return self.inputs[1] if len(self.inputs) > 1 else None
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def kernel_size(self) -> int:
+        return self.weight.shape[-1]
+
+
+@dataclass
+class BatchNormOp(Op):
+    weight: Tensor = field(repr=False, default=None)
+    bias: Tensor = field(repr=False, default=None)
+    running_mean: Tensor = field(repr=False, default=None)
+    running_var: Tensor = field(repr=False, default=None)
+    eps: float = 1e-5
+    kind = "batchnorm"
+
+
+@dataclass
+class ReluOp(Op):
+    kind = "relu"
+
+
+@dataclass
+class AddOp(Op):
+    """inputs[0] is the block's residual branch F(x), inputs[1] the shortcut."""
+
+    kind = "add"
+
+
+@dataclass
+class MaxPoolOp(Op):
+    kernel_size: int = 3
+    stride: int = 2
+    padding: int = 1
+    kind = "maxpool"
+
+
+@dataclass
+class AvgPoolOp(Op):
+    kind = "avgpool"
+
+
+@dataclass
+class LinearOp(Op):
+    weight: Tensor = field(repr=False, default=None)  # (num_classes, C)
+    bias: Tensor | None = field(repr=False, default=None)
+    kind = "linear"
+
+
+@dataclass
+class HeadOp(Op):
+    """Global average pool + fully connected + bias, producing float32 logits."""
+
+    weight: Tensor = field(repr=False, default=None)
+    bias: Tensor | None = field(repr=False, default=None)
+    kind = "head"
+
+
+def build_eager_graph(spec: ResNetSpec, state_dict: dict[str, Tensor]) -> list[Op]:
+    """The ops eager PyTorch runs for this network, in an order where each value precedes its use.
+
+    A block's projection shortcut is placed right before the add that consumes it, so that once
+    the add is fused into the block's last conv the projection is computed just before that conv.
+    """
+    ops: list[Op] = []
+
+    def conv(prefix: str, src: str, stride: int, padding: int, groups: int = 1) -> str:
+        ops.append(
+            ConvOp(prefix, [src], prefix, weight=state_dict[f"{prefix}.weight"], bias=state_dict.get(f"{prefix}.bias"),
+                   stride=stride, padding=padding, groups=groups)
+        )
+        return prefix
+
+    def batchnorm(prefix: str, src: str) -> str:
+        ops.append(
+            BatchNormOp(prefix, [src], prefix, weight=state_dict[f"{prefix}.weight"],
+                        bias=state_dict[f"{prefix}.bias"], running_mean=state_dict[f"{prefix}.running_mean"],
+                        running_var=state_dict[f"{prefix}.running_var"])
+        )
+        return prefix
+
+    def relu(name: str, src: str) -> str:
+        ops.append(ReluOp(name, [src], name))
+        return name
+
+    x = relu("relu", batchnorm("bn1", conv("conv1", INPUT, stride=2, padding=3)))
+    ops.append(MaxPoolOp("maxpool", [x], "maxpool"))
+    x = "maxpool"
+    in_channels = STEM_CHANNELS
+    for stage, (planes, blocks) in enumerate(zip(STAGE_PLANES, spec.layers), start=1):
+        for index in range(blocks):
+            p = f"layer{stage}.{index}"
+            stride = 2 if stage > 1 and index == 0 else 1
+            out_channels = planes * spec.expansion
+            if spec.block == "basic":
+                y = relu(f"{p}.relu1", batchnorm(f"{p}.bn1", conv(f"{p}.conv1", x, stride, 1)))
+                y = batchnorm(f"{p}.bn2", conv(f"{p}.conv2", y, 1, 1))
+            else:
+                y = relu(f"{p}.relu1", batchnorm(f"{p}.bn1", conv(f"{p}.conv1", x, 1, 0)))
+                y = relu(f"{p}.relu2", batchnorm(f"{p}.bn2", conv(f"{p}.conv2", y, stride, 1, spec.groups)))
+                y = batchnorm(f"{p}.bn3", conv(f"{p}.conv3", y, 1, 0))
+            shortcut = x
+            if index == 0 and (stride != 1 or in_channels != out_channels):
+                shortcut = batchnorm(f"{p}.downsample.1", conv(f"{p}.downsample.0", x, stride, 0))
+            ops.append(AddOp(f"{p}.add", [y, shortcut], f"{p}.add"))
+            x = relu(f"{p}.out", f"{p}.add")
+            in_channels = out_channels
+    ops.append(AvgPoolOp("avgpool", [x], "avgpool"))
+    ops.append(LinearOp("fc", ["avgpool"], LOGITS, weight=state_dict["fc.weight"], bias=state_dict.get("fc.bias")))
+    return ops
+
+
+def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def infer_shapes(ops: list[Op], batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+    """Shape of every value, NCHW (logits: N x classes), for one input size."""
+    shapes: dict[str, tuple[int, ...]] = {INPUT: (batch, 3, height, width)}
+    for op in ops:
+        n, c, h, w = shapes[op.inputs[0]]
+        if isinstance(op, ConvOp):
+            k = op.kernel_size
+            shape = (n, op.out_channels, conv_out_size(h, k, op.stride, op.padding),
+                     conv_out_size(w, k, op.stride, op.padding))
+        elif isinstance(op, MaxPoolOp):
+            shape = (n, c, conv_out_size(h, op.kernel_size, op.stride, op.padding),
+                     conv_out_size(w, op.kernel_size, op.stride, op.padding))
+        elif isinstance(op, AvgPoolOp):
+            shape = (n, c, 1, 1)
+        elif isinstance(op, (LinearOp, HeadOp)):
+            shape = (n, op.weight.shape[0])
+        else:  # elementwise
+            shape = (n, c, h, w)
+        shapes[op.output] = shape
+    return shapes
+
+
+def to_float64(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().to("cpu", torch.float64)
