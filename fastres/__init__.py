@@ -1,5 +1,8 @@
 """fastres: torchvision ResNets on NVIDIA GPUs through fused Triton kernels, straight from a checkpoint."""
 
+from . import reference
+from .api import load, optimize
+from .checkpoints import Architecture, load_checkpoint, resolve_model
 from .errors import (
     ArchitectureMismatchError,
     BackendUnavailableError,
@@ -8,14 +11,18 @@ from .errors import (
     InputError,
     UnknownModelError,
 )
+from .engine import CheckResult, Engine
 from .specs import MODEL_SPECS, ResNetSpec, get_spec, list_models
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Architecture",
     "ArchitectureMismatchError",
     "BackendUnavailableError",
+    "CheckResult",
     "CheckpointError",
+    "Engine",
     "FastresError",
     "InputError",
     "MODEL_SPECS",
@@ -24,4 +31,9 @@ __all__ = [
     "__version__",
     "get_spec",
     "list_models",
+    "load",
+    "optimize",
+    "reference",
+    "load_checkpoint",
+    "resolve_model",
 ]

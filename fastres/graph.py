@@ -185,4 +185,48 @@ def infer_shapes(ops: list[Op], batch: int, height: int, width: int) -> dict[str
 
 
 def to_float64(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach().to("cpu", torch.float64)
+    if t is None:
+        return None
+    # Meta tensors (shape-only planning, e.g. for reports) stay on the meta device.
+    return t.detach().to("meta" if t.is_meta else "cpu", torch.float64)
+
+
+def execute(ops: list[Op], x: Tensor, observer=None) -> Tensor:
+    """Run any op list (eager or planned) with plain torch ops, parameters cast to x's dtype.
+
+    Slow and simple on purpose: the float64 yardstick for planner passes and per-layer drift.
+    """
+    import torch.nn.functional as F
+
+    def cast(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(x.device, x.dtype)
+
+    values = {INPUT: x}
+    for op in ops:
+        a = values[op.inputs[0]]
+        if isinstance(op, ConvOp):
+            y = F.conv2d(a, cast(op.weight), cast(op.bias), op.stride, op.padding, 1, op.groups)
+            if op.residual is not None:
+                y = y + values[op.residual]
+            y = y.relu() if op.relu else y
+        elif isinstance(op, BatchNormOp):
+            y = F.batch_norm(a, cast(op.running_mean), cast(op.running_var), cast(op.weight), cast(op.bias),
+                             False, 0.0, op.eps)
+        elif isinstance(op, ReluOp):
+            y = a.relu()
+        elif isinstance(op, AddOp):
+            y = a + values[op.inputs[1]]
+        elif isinstance(op, MaxPoolOp):
+            y = F.max_pool2d(a, op.kernel_size, op.stride, op.padding)
+        elif isinstance(op, AvgPoolOp):
+            y = a.mean(dim=(2, 3), keepdim=True)
+        elif isinstance(op, LinearOp):
+            y = F.linear(a.flatten(1), cast(op.weight), cast(op.bias))
+        elif isinstance(op, HeadOp):
+            y = F.linear(a.mean(dim=(2, 3)), cast(op.weight), cast(op.bias))
+        else:
+            raise TypeError(f"cannot execute op kind {op.kind!r}")
+        values[op.output] = y
+        if observer is not None:
+            observer(op.name, y)
+    return values[ops[-1].output]

@@ -1,0 +1,34 @@
+"""End-to-end parity measure shared by engine tests: judged against float64, relative to eager's own error."""
+
+import torch
+
+from fastres.testing import make_calibrated_model
+
+from helpers import relative_error
+
+_MODELS: dict = {}
+
+
+def calibrated(name: str, num_classes: int = 1000, seed: int = 0):
+    """Cached calibrated reference model (eval mode, float32, CPU); callers must not modify it."""
+    key = (name, num_classes, seed)
+    if key not in _MODELS:
+        _MODELS[key] = make_calibrated_model(name, num_classes, seed=seed)
+    return _MODELS[key]
+
+
+def parity(engine, model, x: torch.Tensor, dtype: torch.dtype, device="cpu") -> tuple[float, float]:
+    """(fastres error, eager error) of the logits vs a float64 run of the reference, both relative."""
+    with torch.inference_mode():
+        ref = model.double()(x.double())
+        eager = model.to(device, dtype)(x.to(device, dtype))
+        model.float().cpu()
+    ours = engine(x)
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape
+    return relative_error(ours, ref), relative_error(eager, ref)
+
+
+def assert_parity(engine, model, x, dtype, device="cpu", floor: float = 5e-6) -> None:
+    ours, eager = parity(engine, model, x, dtype, device)
+    bound = max(2 * eager, floor)
+    assert ours <= bound, f"fastres relative error {ours:.3e} > {bound:.3e} (eager {dtype}: {eager:.3e})"

@@ -1,0 +1,199 @@
+"""Engine and torch backend on the CPU: parity for the whole family, input validation, ownership, threads."""
+
+import threading
+import warnings
+
+import pytest
+import torch
+
+import fastres
+from fastres.engine import validate_images
+from fastres.testing import random_images
+
+from e2e import assert_parity, calibrated
+
+
+@pytest.mark.parametrize(
+    "name, num_classes",
+    [
+        pytest.param("resnet18", 1000, id="resnet18-1000"),
+        pytest.param("resnet34", 10, id="resnet34-10"),
+        pytest.param("resnet50", 1000, id="resnet50-1000"),
+        pytest.param("resnet101", 3, id="resnet101-3"),
+        pytest.param("resnet152", 1000, id="resnet152-1000", marks=pytest.mark.slow),
+        pytest.param("resnext50_32x4d", 17, id="resnext50_32x4d-17"),
+        pytest.param("resnext101_32x8d", 1000, id="resnext101_32x8d-1000", marks=pytest.mark.slow),
+        pytest.param("resnext101_64x4d", 5, id="resnext101_64x4d-5", marks=pytest.mark.slow),
+        pytest.param("wide_resnet50_2", 1, id="wide_resnet50_2-1"),
+        pytest.param("wide_resnet101_2", 100, id="wide_resnet101_2-100", marks=pytest.mark.slow),
+    ],
+)
+def test_torch_backend_matches_reference_on_odd_sizes(name, num_classes):
+    model = calibrated(name, num_classes)
+    engine = fastres.optimize(model, device="cpu", backend="torch")
+    assert engine.num_classes == num_classes and engine.architecture.spec.name == name
+    assert_parity(engine, model, random_images(3, 67, 93, seed=5), torch.float32)
+
+
+@pytest.mark.parametrize("size", [pytest.param((1, 1), id="1x1"), pytest.param((7, 3), id="7x3"),
+                                  pytest.param((33, 34), id="33x34")])
+def test_tiny_and_odd_images(size):
+    model = calibrated("resnet18", 10)
+    engine = fastres.optimize(model, device="cpu")
+    assert_parity(engine, model, random_images(2, *size, seed=6), torch.float32)
+
+
+def test_load_by_name_with_checkpoint_file_and_optimize_agree(tmp_path):
+    model = calibrated("resnet50", 10)
+    path = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": model.state_dict(), "epoch": 3}, path)
+    x = random_images(2, 64, 64, seed=7)
+    by_name = fastres.load("resnet50", weights=path, device="cpu")
+    by_path = fastres.load(path, device="cpu")
+    live = fastres.optimize(model, device="cpu")
+    assert torch.equal(by_name(x), by_path(x)) and torch.equal(by_name(x), live(x))
+
+
+def test_optimize_a_finetuned_module_with_a_new_head():
+    model = calibrated("resnet18", 1000, seed=1)
+    finetuned = fastres.reference.build_resnet("resnet18", 1000)
+    finetuned.load_state_dict(model.state_dict())
+    finetuned.fc = torch.nn.Linear(finetuned.fc.in_features, 10)
+    finetuned.eval()
+    engine = fastres.optimize(finetuned, device="cpu")
+    assert engine.num_classes == 10
+    assert_parity(engine, finetuned, random_images(3, 40, 40, seed=8), torch.float32)
+
+
+def test_load_without_weights_warns_untrained():
+    with pytest.warns(UserWarning, match="untrained"):
+        engine = fastres.load("resnet18", device="cpu", num_classes=4)
+    assert engine(random_images(1, 32, 32)).shape == (1, 4)
+
+
+def test_reference_backend_and_engine_reference_match_the_module():
+    model = calibrated("resnet18", 10)
+    x = random_images(2, 48, 48, seed=9)
+    with torch.inference_mode():
+        expected = model(x)
+    engine = fastres.optimize(model, device="cpu", backend="reference")
+    torch.testing.assert_close(engine(x), expected, rtol=0, atol=0)
+    with torch.inference_mode():
+        torch.testing.assert_close(engine.reference()(x), expected, rtol=0, atol=0)
+
+
+def test_check_reports_errors_and_agreement():
+    model = calibrated("resnet18", 10)
+    result = fastres.optimize(model, device="cpu").check(random_images(4, 48, 48, seed=10))
+    assert result.relative_error <= max(2 * result.eager_relative_error, 5e-6)
+    assert result.top1_agreement == 1.0 and result.top5_agreement == 1.0
+    assert "top-1 agreement" in str(result)
+
+
+BAD_INPUTS = [
+    pytest.param([[1.0]], "torch.Tensor", id="not-a-tensor"),
+    pytest.param(torch.randn(3, 32, 32), "unsqueeze", id="3d"),
+    pytest.param(torch.randn(2, 32, 32, 3), "permute", id="nhwc"),
+    pytest.param(torch.randn(2, 4, 32, 32), "3 \\(RGB\\) channels", id="4-channels"),
+    pytest.param(torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8), "normalise", id="uint8"),
+    pytest.param(torch.ones(2, 3, 32, 32, dtype=torch.bool), "normalise", id="bool"),
+    pytest.param(torch.randn(2, 3, 0, 32), "at least 1x1", id="zero-height"),
+]
+
+
+@pytest.mark.parametrize("x, message", BAD_INPUTS)
+def test_bad_inputs_raise_input_error(x, message):
+    engine = fastres.optimize(calibrated("resnet18", 10), device="cpu")
+    with pytest.raises(fastres.InputError, match=message):
+        engine(x)
+    with pytest.raises(ValueError):  # InputError is a ValueError for callers who catch broadly
+        validate_images(x)
+
+
+def test_empty_batch_gives_empty_logits():
+    engine = fastres.optimize(calibrated("resnet18", 10), device="cpu")
+    out = engine(torch.randn(0, 3, 32, 32))
+    assert out.shape == (0, 10) and out.dtype == torch.float32
+
+
+def test_any_float_dtype_and_memory_format_is_accepted():
+    model = calibrated("resnet18", 10)
+    engine = fastres.optimize(model, device="cpu")
+    x = random_images(2, 40, 40, seed=12)
+    expected = engine(x)
+    torch.testing.assert_close(engine(x.double()), expected)
+    torch.testing.assert_close(engine(x.contiguous(memory_format=torch.channels_last)), expected)
+    assert engine(x.half()).dtype == torch.float32
+
+
+def test_results_never_alias_later_calls():
+    model = calibrated("resnet18", 10)
+    engine = fastres.optimize(model, device="cpu")
+    a, b = random_images(2, 40, 40, seed=13), random_images(2, 40, 40, seed=14)
+    first = engine(a)
+    snapshot = first.clone()
+    second = engine(b)
+    assert torch.equal(first, snapshot) and not torch.equal(first, second)
+    assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+
+
+def test_large_batches_run_in_chunks_and_shapes_are_bounded():
+    model = calibrated("resnet18", 10)
+    whole = fastres.optimize(model, device="cpu")
+    chunked = fastres.optimize(model, device="cpu", max_batch=2, max_cached_shapes=2)
+    x = random_images(5, 32, 32, seed=15)
+    torch.testing.assert_close(chunked(x), whole(x), rtol=1e-5, atol=1e-6)
+    for size in (16, 24, 40):
+        chunked(random_images(1, size, size))
+    assert len(chunked._runners) == 2
+
+
+def test_concurrent_calls_from_threads():
+    model = calibrated("resnet18", 10)
+    engine = fastres.optimize(model, device="cpu")
+    inputs = [random_images(2, 36, 36, seed=100 + i) for i in range(8)]
+    expected = [engine(x) for x in inputs]
+    results: list = [None] * 8
+
+    def work(i):
+        for _ in range(3):
+            results[i] = engine(inputs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(fastres.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        fastres.optimize(calibrated("resnet18", 10), device="cpu", backend="triton")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_gpu_is_a_clear_error():
+    with pytest.raises(fastres.BackendUnavailableError, match="no CUDA GPU"):
+        fastres.optimize(calibrated("resnet18", 10), device="cuda")
+
+
+def test_bad_options_are_clear_errors():
+    model = calibrated("resnet18", 10)
+    with pytest.raises(ValueError, match="unknown backend"):
+        fastres.optimize(model, device="cpu", backend="tensorrt")
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        fastres.optimize(model, device="cpu", dtype="int8")
+    with pytest.raises(TypeError, match="nn.Module"):
+        fastres.optimize({"not": "a module"})
+
+
+def test_default_device_dtype_and_backend_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("defaults differ on a CUDA machine")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = fastres.load("resnet18", num_classes=3)
+    assert (engine.device.type, engine.dtype, engine.backend_name) == ("cpu", torch.float32, "torch")

@@ -1,0 +1,131 @@
+"""Planner passes: each preserves the network's function (checked in float64) and the plan is fused."""
+
+import pytest
+import torch
+
+from fastres.graph import INPUT, LOGITS, AddOp, BatchNormOp, ConvOp, HeadOp, MaxPoolOp, ReluOp, build_eager_graph, execute
+from fastres.planner import assign_buffers, fold_batchnorm, fuse_head, fuse_relu, fuse_residual, plan_resnet
+from fastres.reference import build_resnet
+from fastres.specs import MODEL_SPECS, get_spec
+from fastres.testing import make_calibrated_model, random_images
+
+from helpers import assert_close
+
+
+@pytest.fixture(scope="module")
+def resnet18_state():
+    return make_calibrated_model("resnet18", 10, seed=3).state_dict()
+
+
+@pytest.fixture(scope="module")
+def resnext_state():
+    return make_calibrated_model("resnext50_32x4d", 7, seed=4).state_dict()
+
+
+PASSES = [
+    pytest.param([fold_batchnorm], id="fold_batchnorm"),
+    pytest.param([fold_batchnorm, fuse_residual], id="+fuse_residual"),
+    pytest.param([fold_batchnorm, fuse_residual, fuse_relu], id="+fuse_relu"),
+    pytest.param([fold_batchnorm, fuse_residual, fuse_relu, fuse_head], id="+fuse_head"),
+]
+
+
+@pytest.mark.parametrize("passes", PASSES)
+@pytest.mark.parametrize("model", ["resnet18_state", "resnext_state"])
+def test_each_pass_preserves_the_function_in_float64(passes, model, request):
+    state = request.getfixturevalue(model)
+    spec = get_spec("resnet18" if model == "resnet18_state" else "resnext50_32x4d")
+    x = random_images(2, 45, 51, seed=11).double()
+    expected = execute(build_eager_graph(spec, state), x)
+    ops = build_eager_graph(spec, state)
+    for run_pass in passes:
+        ops = run_pass(ops)
+    assert_close(execute(ops, x), expected, 1e-12, what=f"after {[p.__name__ for p in passes]}")
+
+
+def test_fold_batchnorm_formula_on_one_conv():
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(4, 3, 3, 3, generator=g), torch.randn(4, generator=g)
+    gamma, beta = torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g)
+    mean, var = torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.1
+    ops = [ConvOp("c", [INPUT], "c", weight=w, bias=b, stride=1, padding=1),
+           BatchNormOp("bn", ["c"], "bn", weight=gamma, bias=beta, running_mean=mean, running_var=var, eps=1e-5)]
+    (conv,) = fold_batchnorm(ops)
+    scale = gamma.double() / torch.sqrt(var.double() + 1e-5)
+    assert conv.weight.dtype == torch.float64 and conv.output == "bn"
+    torch.testing.assert_close(conv.weight, w.double() * scale.view(-1, 1, 1, 1), rtol=0, atol=0)
+    torch.testing.assert_close(conv.bias, beta.double() + (b.double() - mean.double()) * scale, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(MODEL_SPECS))
+def test_plan_is_fully_fused(name):
+    spec = get_spec(name)
+    with torch.device("meta"):  # structure only: no real weights needed
+        state = build_resnet(spec).state_dict()
+    plan = plan_resnet(spec, 1000, state)
+    kinds = [op.kind for op in plan.ops]
+    assert not any(isinstance(op, (BatchNormOp, ReluOp, AddOp)) for op in plan.ops)
+    assert kinds.count("maxpool") == 1 and kinds[-1] == "head" and plan.ops[-1].output == LOGITS
+    convs = [op for op in plan.ops if isinstance(op, ConvOp)]
+    blocks = sum(spec.layers)
+    assert len(convs) == 1 + blocks * (2 if spec.block == "basic" else 3) + (3 if spec.block == "basic" else 4)
+    last = "conv2" if spec.block == "basic" else "conv3"
+    for conv in convs:
+        is_last = conv.name.endswith(last)
+        assert (conv.residual is not None) == is_last, conv.name
+        assert conv.relu == (not conv.name.endswith("downsample.0")), conv.name
+        assert conv.bias is not None
+    position = {op.output: i for i, op in enumerate(plan.ops)}
+    for i, op in enumerate(plan.ops):
+        for value in op.inputs:
+            assert value == INPUT or position[value] < i, f"{op.name} reads {value} before it is computed"
+
+
+def test_buffer_slots_never_overwrite_live_values(resnext_state):
+    plan = plan_resnet(get_spec("resnext50_32x4d"), 7, resnext_state)
+    last_use = {v: i for i, op in enumerate(plan.ops) for v in op.inputs}
+    produced = {op.output: i for i, op in enumerate(plan.ops)}
+    for i, op in enumerate(plan.ops):
+        if op.output not in plan.slots:
+            continue
+        assert all(plan.slots.get(v) != plan.slots[op.output] for v in op.inputs), f"{op.name} writes a slot it reads"
+        for value, slot in plan.slots.items():
+            live = produced[value] < i <= last_use.get(value, -1)
+            assert not (live and slot == plan.slots[op.output]), f"{op.name} overwrites live {value}"
+    assert plan.num_slots <= 4
+
+
+def test_peak_activation_bytes_beats_one_buffer_per_value(resnet18_state):
+    plan = plan_resnet(get_spec("resnet18"), 10, resnet18_state)
+    shapes = plan.shapes(8, 224, 224)
+    every_value = sum(torch.Size(shapes[v]).numel() for v in plan.slots) * 2
+    peak = plan.peak_activation_bytes(8, 224, 224, torch.float16)
+    assert peak == sum(plan.slot_numels(8, 224, 224)) * 2
+    assert 0 < peak < every_value / 2
+
+
+def test_assign_buffers_reuses_a_slot_only_after_last_use():
+    ops = [ConvOp("a", [INPUT], "a", weight=torch.ones(1, 3, 1, 1)), ConvOp("b", ["a"], "b", weight=torch.ones(1, 1, 1, 1)),
+           ConvOp("c", ["b", "a"], "c", weight=torch.ones(1, 1, 1, 1)), MaxPoolOp("d", ["c"], "d")]
+    slots = assign_buffers(ops)
+    assert len({slots["a"], slots["b"], slots["c"]}) == 3  # a is still needed by c
+    assert slots["d"] != slots["c"]
+
+
+def test_describe_reports_every_op_and_the_traffic_saving(resnet18_state):
+    plan = plan_resnet(get_spec("resnet18"), 10, resnet18_state)
+    text = plan.describe(batch=2, height=224, width=224, dtype=torch.float16)
+    for op in plan.ops:
+        assert op.name in text
+    assert "bias+residual+relu" in text and "eager" in text and "memory traffic saved" in text
+    fused = plan.totals(plan.ops, 2, 224, 224, torch.float16)
+    eager = plan.totals(plan.eager_ops, 2, 224, 224, torch.float16)
+    assert eager.bytes_read + eager.bytes_written > 1.5 * (fused.bytes_read + fused.bytes_written)
+    assert abs(fused.flops - eager.flops) / eager.flops < 0.01
+    assert str(plan) == plan.describe()
+
+
+def test_head_op_replaces_avgpool_and_fc(resnet18_state):
+    plan = plan_resnet(get_spec("resnet18"), 10, resnet18_state)
+    head = plan.ops[-1]
+    assert isinstance(head, HeadOp) and tuple(head.weight.shape) == (10, 512)
