@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends import Backend
+from .graph import execute
 from .checkpoints import Architecture
 from .errors import InputError
 from .planner import Plan
@@ -42,6 +43,19 @@ def validate_images(x: Any) -> None:
         raise InputError(f"expected floating-point images, got dtype {x.dtype}; {NORMALIZE_HINT}")
     if x.shape[2] < 1 or x.shape[3] < 1:
         raise InputError(f"images must be at least 1x1 pixels, got shape {tuple(x.shape)}")
+
+
+def relative_error(out: Tensor, ref: Tensor) -> float:
+    """max |out - ref| / max |ref|, in float64 on the CPU."""
+    out, ref = out.detach().to("cpu", torch.float64), ref.detach().to("cpu", torch.float64)
+    return (out - ref).abs().max().item() / max(ref.abs().max().item(), 1e-300)
+
+
+@dataclass
+class LayerError:
+    op: str
+    kind: str
+    relative_error: float  # this op's output vs the same plan executed in float64 from the same input
 
 
 @dataclass
@@ -81,7 +95,8 @@ class _Runner:
                 self.backend.run(self.static_input, self.workspace)
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: other threads may keep replaying their graphs while this one captures.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.static_output = self.backend.run(self.static_input, self.workspace)
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -123,6 +138,7 @@ class Engine:
         self._state_dict = state_dict
         self._runners: OrderedDict[tuple[int, ...], _Runner] = OrderedDict()
         self._runners_lock = threading.Lock()
+        self._build_lock = threading.Lock()
 
     @property
     def num_classes(self) -> int:
@@ -143,13 +159,18 @@ class Engine:
             if runner is not None:
                 self._runners.move_to_end(shape)
                 return runner
-        # Built outside the lock: capture can take a while and other shapes should not wait.
-        runner = _Runner(self.backend, shape, self.cuda_graphs)
-        with self._runners_lock:
-            runner = self._runners.setdefault(shape, runner)
-            self._runners.move_to_end(shape)
-            while len(self._runners) > self.max_cached_shapes:
-                self._runners.popitem(last=False)
+        # One build at a time: a CUDA-graph capture must not race another capture. Calls for
+        # shapes that are already built go on meanwhile (they only take _runners_lock).
+        with self._build_lock:
+            with self._runners_lock:
+                runner = self._runners.get(shape)
+            if runner is None:
+                runner = _Runner(self.backend, shape, self.cuda_graphs)
+            with self._runners_lock:
+                self._runners[shape] = runner
+                self._runners.move_to_end(shape)
+                while len(self._runners) > self.max_cached_shapes:
+                    self._runners.popitem(last=False)
         return runner
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -203,3 +224,19 @@ class Engine:
             top1_agreement=top1,
             top5_agreement=top5.double().mean().item(),
         )
+
+    def layer_errors(self, x: Tensor) -> list[LayerError]:
+        """Per-op relative error of this engine against the plan run in float64: where drift starts."""
+        validate_images(x)
+        if x.shape[0] == 0:
+            raise InputError("layer_errors() needs at least one image")
+        x = x.to(device=self.device, dtype=self.dtype)
+        reference: dict[str, Tensor] = {}
+        execute(self.plan.ops, x.detach().cpu().double(), observer=reference.__setitem__)
+        kinds = {op.name: op.kind for op in self.plan.ops}
+        report: list[LayerError] = []
+        observe = lambda name, value: report.append(LayerError(name, kinds[name], relative_error(value, reference[name])))
+        workspace = self.backend.make_workspace(x.shape[0], x.shape[2], x.shape[3])
+        with torch.inference_mode():
+            self.backend.run(x, workspace, observer=observe)
+        return report

@@ -1,0 +1,78 @@
+"""Engine on a CUDA GPU: torch backend parity, CUDA-graph replay across shapes, ownership, threads."""
+
+import threading
+
+import pytest
+import torch
+
+import fastres
+from fastres.testing import random_images
+
+from e2e import assert_parity, calibrated
+
+pytestmark = pytest.mark.gpu
+
+BACKENDS = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton")]
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.float32, id="fp32")])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
+def test_torch_backend_parity_on_cuda(name, dtype):
+    model = calibrated(name, 1000)
+    engine = fastres.optimize(model, device="cuda", dtype=dtype, backend="torch")
+    assert_parity(engine, model, random_images(4, 224, 224, seed=1), dtype, device="cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_graph_replay_matches_eager_execution_across_shapes(backend):
+    model = calibrated("resnet18", 10)
+    graphed = fastres.optimize(model, device="cuda", backend=backend, cuda_graphs=True, max_cached_shapes=2)
+    plain = fastres.optimize(model, device="cuda", backend=backend, cuda_graphs=False)
+    shapes = [(1, 224, 224), (8, 224, 224), (3, 67, 93), (1, 224, 224), (3, 67, 93), (8, 224, 224)]
+    for i, (n, h, w) in enumerate(shapes):
+        x = random_images(n, h, w, seed=20 + i).cuda()
+        torch.testing.assert_close(graphed(x), plain(x), rtol=2e-3, atol=2e-3)
+    assert len(graphed._runners) == 2
+    assert all(r.graph is not None for r in graphed._runners.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_results_are_owned_by_the_caller_on_cuda(backend):
+    engine = fastres.optimize(calibrated("resnet18", 10), device="cuda", backend=backend)
+    a = engine(random_images(2, 64, 64, seed=1).cuda())
+    snapshot = a.clone()
+    b = engine(random_images(2, 64, 64, seed=2).cuda())
+    torch.cuda.synchronize()
+    assert torch.equal(a, snapshot) and not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eight_threads_on_cuda(backend):
+    engine = fastres.optimize(calibrated("resnet18", 10), device="cuda", backend=backend)
+    inputs = [random_images(2, 96, 96, seed=40 + i).cuda() for i in range(8)]
+    expected = [engine(x) for x in inputs]
+    results: list = [None] * 8
+
+    def work(i):
+        for _ in range(5):
+            results[i] = engine(inputs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_defaults_on_cuda():
+    engine = fastres.optimize(calibrated("resnet18", 10))
+    assert (engine.device.type, engine.dtype, engine.backend_name, engine.cuda_graphs) == (
+        "cuda", torch.float16, "triton", True)
+
+
+def test_warmup_captures_requested_shapes():
+    engine = fastres.optimize(calibrated("resnet18", 10), device="cuda")
+    engine.warmup(batch_sizes=(1, 4), image_size=64)
+    assert set(engine._runners) == {(1, 3, 64, 64), (4, 3, 64, 64)}
