@@ -3,6 +3,7 @@
 from . import reference
 from .api import load, optimize
 from .checkpoints import Architecture, load_checkpoint, resolve_model
+from .engine import CheckResult, Engine
 from .errors import (
     ArchitectureMismatchError,
     BackendUnavailableError,
@@ -11,7 +12,6 @@ from .errors import (
     InputError,
     UnknownModelError,
 )
-from .engine import CheckResult, Engine
 from .specs import MODEL_SPECS, ResNetSpec, get_spec, list_models
 
 __version__ = "0.1.0"

@@ -1,1 +1,20 @@
 """Triton kernels for fastres (imported as fastres.kernels). A leaf: imports torch and triton only."""
+
+from .aot import KernelSpec, KernelStats, compile_spec
+from .conv import CONV_CONFIGS, ConvConfig, ConvLayer, conv_out_shape
+from .head import HeadLayer
+from .pool import max_pool2d_nhwc, max_pool_aot_specs, pool_output_shape
+
+__all__ = [
+    "CONV_CONFIGS",
+    "ConvConfig",
+    "ConvLayer",
+    "HeadLayer",
+    "KernelSpec",
+    "KernelStats",
+    "compile_spec",
+    "conv_out_shape",
+    "max_pool2d_nhwc",
+    "max_pool_aot_specs",
+    "pool_output_shape",
+]

@@ -1,0 +1,207 @@
+"""Ahead-of-time compilation of fastres kernels for a GPU that is not present.
+
+A `KernelSpec` holds everything `triton.compile` needs to build exactly the binary a real launch would
+build: the `@triton.jit` function, the argument signature, the constexpr values and the divisibility
+attributes. Launchers build their specs from the same argument dictionary they launch with
+(`kernel_args`), and `make_spec` applies Triton's own launch-time specialization rules to it:
+
+* an int argument equal to 1 becomes a constexpr (Triton specializes on 1);
+* an int argument divisible by 16, and every pointer, gets `tt.divisibility = 16` (torch allocations
+  are 256-byte aligned, so a real launch with a fresh tensor sees the same);
+* other ints are `i32` (or `i64` when they do not fit).
+
+Without the divisibility attributes an implicit-GEMM kernel loses vectorized loads and software
+pipelining, and its register count no longer says anything about what a launch gets.
+
+`compile_spec` compiles a spec for `cuda:<arch>` (no GPU needed: ptxas ships with Triton) and reads the
+resource usage of the cubin with `cuobjdump -res-usage` (registers, stack, local memory) and, on sm_90,
+looks for HGMMA (wgmma) instructions in the SASS. Compilation needs a process in which
+TRITON_INTERPRET is unset: under the interpreter `@triton.jit` yields an `InterpretedFunction` that
+cannot be lowered. This module still imports (and builds specs) under the interpreter.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import triton
+
+_TRITON_PTR_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """Stands in for a tensor argument when building a spec without allocating anything."""
+
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel specialization: what `triton.compile` needs, plus a readable name and config string."""
+
+    fn: Any  # the @triton.jit function (a JITFunction outside the interpreter)
+    signature: tuple[tuple[str, str], ...]  # (param name, Triton type or "constexpr"), in param order
+    constexprs: tuple[tuple[str, Any], ...]  # (param name, value) for every constexpr param
+    divisible_args: tuple[int, ...]  # param indices that get tt.divisibility = 16
+    num_warps: int
+    num_stages: int
+    name: str
+    config: str
+
+    def signature_dict(self) -> dict[str, str]:
+        return dict(self.signature)
+
+    def constexpr_dict(self) -> dict[str, Any]:
+        return dict(self.constexprs)
+
+    def attrs_dict(self) -> dict[tuple[int], list[list[Any]]]:
+        return {(i,): [["tt.divisibility", 16]] for i in self.divisible_args}
+
+
+@dataclass
+class KernelStats:
+    """Resource usage of one compiled spec."""
+
+    name: str
+    config: str
+    registers: int | None = None
+    spill_bytes: int | None = None  # stack frame + local memory per thread (spills land there)
+    shared_mem_bytes: int | None = None
+    uses_wgmma: bool | None = None  # HGMMA in the SASS; None when arch < 90
+    compiled_ok: bool = False
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _param_names(fn) -> list[str]:
+    # JITFunction and InterpretedFunction both keep the Python function in `.fn`.
+    return list(inspect.signature(fn.fn).parameters)
+
+
+def make_spec(
+    fn,
+    args: dict[str, Any],
+    constexprs: dict[str, Any],
+    *,
+    num_warps: int,
+    num_stages: int,
+    name: str,
+    config: str,
+) -> KernelSpec:
+    """Build the spec a launch `fn[grid](**args, **constexprs)` would compile.
+
+    `args` values are tensors, `Pointer`s, ints, floats or bools; `constexprs` covers every constexpr param.
+    """
+    names = _param_names(fn)
+    missing = set(names) - set(args) - set(constexprs)
+    unknown = (set(args) | set(constexprs)) - set(names)
+    if missing or unknown:
+        raise ValueError(f"{name}: args do not match kernel params (missing {missing}, unknown {unknown})")
+    signature, consts, divisible = [], dict(constexprs), []
+    for i, pname in enumerate(names):
+        if pname in constexprs:
+            signature.append((pname, "constexpr"))
+            continue
+        value = args[pname]
+        if isinstance(value, (torch.Tensor, Pointer)):
+            dtype = value.dtype
+            if dtype not in _TRITON_PTR_TYPES:
+                raise TypeError(f"{name}: pointer {pname} has unsupported dtype {dtype}")
+            signature.append((pname, _TRITON_PTR_TYPES[dtype]))
+            if isinstance(value, Pointer) or value.data_ptr() % 16 == 0:
+                divisible.append(i)
+        elif isinstance(value, bool):
+            signature.append((pname, "u1"))
+        elif isinstance(value, int):
+            if value == 1:  # Triton turns an int argument equal to 1 into a constexpr
+                signature.append((pname, "constexpr"))
+                consts[pname] = 1
+                continue
+            signature.append((pname, "i32" if -_INT32_MAX - 1 <= value <= _INT32_MAX else "i64"))
+            if value % 16 == 0:
+                divisible.append(i)
+        elif isinstance(value, float):
+            signature.append((pname, "fp32"))
+        else:
+            raise TypeError(f"{name}: cannot specialize argument {pname}={value!r}")
+    return KernelSpec(
+        fn=fn,
+        signature=tuple(signature),
+        constexprs=tuple((k, consts[k]) for k in names if k in consts),
+        divisible_args=tuple(divisible),
+        num_warps=num_warps,
+        num_stages=num_stages,
+        name=name,
+        config=config,
+    )
+
+
+def _cuda_tool(name: str) -> str:
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if os.path.exists(bundled):
+        return bundled
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} not found next to Triton's ptxas nor on PATH")
+    return found
+
+
+_RES_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def compile_spec(spec: KernelSpec, arch: int) -> KernelStats:
+    """Compile `spec` for compute capability `arch` (e.g. 90, 80) and report its resource usage.
+
+    Never raises for a kernel that fails to compile: the error lands in `KernelStats.error`.
+    """
+    stats = KernelStats(name=spec.name, config=spec.config)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        stats.error = (
+            "TRITON_INTERPRET is set: kernels are interpreted and cannot be compiled in this process"
+        )
+        return stats
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    try:
+        src = ASTSource(spec.fn, spec.signature_dict(), spec.constexpr_dict(), spec.attrs_dict())
+        kernel = triton.compile(
+            src,
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+        )
+        cubin = kernel.asm["cubin"]
+        stats.shared_mem_bytes = int(kernel.metadata.shared)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "kernel.cubin")
+            with open(path, "wb") as f:
+                f.write(cubin)
+            usage = subprocess.run(
+                [_cuda_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True
+            ).stdout
+            match = _RES_USAGE.search(usage)
+            if match is None:
+                raise RuntimeError(f"cannot parse cuobjdump -res-usage output:\n{usage}")
+            regs, stack, shared, local = (int(g) for g in match.groups())
+            stats.registers = regs
+            stats.spill_bytes = stack + local
+            stats.shared_mem_bytes = max(stats.shared_mem_bytes, shared)
+            if arch >= 90:
+                sass = subprocess.run(
+                    [_cuda_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True
+                ).stdout
+                stats.uses_wgmma = "HGMMA" in sass
+        stats.compiled_ok = True
+    except Exception as exc:  # a report, not a crash: the caller decides what a failure means
+        stats.error = f"{type(exc).__name__}: {exc}"
+    return stats

@@ -1,0 +1,179 @@
+"""Max pooling on NHWC activations (ResNet's 3x3 / stride 2 / padding 1 after the stem).
+
+out[b, oh, ow, c] = max over (r, s) of x[b, oh*stride - pad + r, ow*stride - pad + s, c], where padding
+acts as -inf (it never wins; pad <= kernel_size // 2 guarantees every window holds a real pixel). Each
+program owns BLOCK_P output pixels x BLOCK_C channels; channels are the contiguous axis, so every tap is
+a coalesced (BLOCK_P, BLOCK_C) load. NaN propagates, as in torch.nn.functional.max_pool2d.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .aot import KernelSpec, Pointer, make_spec
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# One config: the op is a pure bandwidth-bound gather; 32 pixels x 64 channels over 4 warps keeps the
+# nine taps' loads in flight without spilling (64x64 spilled on sm_90) and gives 98 pixel tiles per
+# channel tile at batch 1 (56*56 outputs). The interpreter gets larger tiles (it pays per program).
+POOL_BLOCK_P, POOL_BLOCK_C, POOL_NUM_WARPS = 32, 64, 4
+POOL_INTERP_BLOCK_P, POOL_INTERP_BLOCK_C = 256, 128
+
+
+@triton.jit
+def _max_pool_kernel(
+    # pointers
+    x_ptr,
+    out_ptr,
+    # sizes
+    P,  # N*OH*OW output pixels
+    H,
+    W,
+    OH,
+    OW,
+    C,
+    # compile-time
+    KERNEL: tl.constexpr,
+    STRIDE: tl.constexpr,
+    PAD: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_mask = offs_p < P
+    c_mask = offs_c < C
+    ow = offs_p % OW
+    oh = (offs_p // OW) % OH
+    batch = offs_p // (OW * OH)
+    ih0 = oh * STRIDE - PAD
+    iw0 = ow * STRIDE - PAD
+    rows = x_ptr + batch * (H * W * C)
+    # max is exact in any float dtype: keep the running max in the input dtype (half the registers).
+    best = tl.full((BLOCK_P, BLOCK_C), float("-inf"), dtype=x_ptr.dtype.element_ty)
+    for r in tl.static_range(KERNEL):
+        for s in tl.static_range(KERNEL):
+            ih = ih0 + r
+            iw = iw0 + s
+            ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            v = tl.load(
+                (rows + (ih * W + iw) * C)[:, None] + offs_c[None, :],
+                mask=ok[:, None] & c_mask[None, :],
+                other=float("-inf"),
+            )
+            best = tl.maximum(best, v, propagate_nan=tl.PropagateNan.ALL)
+    out_offs = offs_p[:, None] * C + offs_c[None, :]
+    tl.store(out_ptr + out_offs, best, mask=p_mask[:, None] & c_mask[None, :])
+
+
+def pool_output_shape(input_shape_nhwc, kernel_size=3, stride=2, padding=1) -> tuple[int, int, int, int]:
+    n, h, w, c = input_shape_nhwc
+    return (
+        n,
+        (h + 2 * padding - kernel_size) // stride + 1,
+        (w + 2 * padding - kernel_size) // stride + 1,
+        c,
+    )
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _blocks(interpreter: bool) -> tuple[int, int]:
+    return (POOL_INTERP_BLOCK_P, POOL_INTERP_BLOCK_C) if interpreter else (POOL_BLOCK_P, POOL_BLOCK_C)
+
+
+def _check_geometry(kernel_size: int, stride: int, padding: int) -> None:
+    if kernel_size < 1 or stride < 1 or not 0 <= padding <= kernel_size // 2:
+        raise ValueError(
+            f"max_pool2d_nhwc: expected kernel_size >= 1, stride >= 1 and 0 <= padding <= kernel_size // 2, "
+            f"got kernel_size={kernel_size}, stride={stride}, padding={padding}"
+        )
+
+
+def _pool_args(x, out, kernel_size, stride, padding, block_p, block_c):
+    n, h, w, c = x.shape
+    _, oh, ow, _ = out.shape
+    args = dict(x_ptr=x, out_ptr=out, P=n * oh * ow, H=h, W=w, OH=oh, OW=ow, C=c)
+    constexprs = dict(KERNEL=kernel_size, STRIDE=stride, PAD=padding, BLOCK_P=block_p, BLOCK_C=block_c)
+    grid = (triton.cdiv(n * oh * ow, block_p), triton.cdiv(c, block_c))
+    return args, constexprs, grid
+
+
+def max_pool2d_nhwc(
+    x: torch.Tensor,
+    *,
+    kernel_size: int = 3,
+    stride: int = 2,
+    padding: int = 1,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Max pool a contiguous NHWC tensor; returns (N, OH, OW, C) in x's dtype (into `out` if given)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"max_pool2d_nhwc: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"max_pool2d_nhwc: x dtype must be one of {SUPPORTED_DTYPES}, got {x.dtype}")
+    if x.ndim != 4:
+        raise ValueError(f"max_pool2d_nhwc: expected a 4-d NHWC tensor, got shape {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise ValueError(f"max_pool2d_nhwc: expected a contiguous NHWC tensor, got strides {x.stride()}")
+    if x.device.type != "cuda" and not _interpreting():
+        raise ValueError(
+            f"max_pool2d_nhwc: expected a CUDA tensor, got {x.device} (CPU needs TRITON_INTERPRET=1)"
+        )
+    _check_geometry(kernel_size, stride, padding)
+    out_shape = pool_output_shape(tuple(x.shape), kernel_size, stride, padding)
+    if out_shape[1] < 1 or out_shape[2] < 1:
+        raise ValueError(f"max_pool2d_nhwc: input {tuple(x.shape)} is smaller than the {kernel_size}x window")
+    if out is None:
+        out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+    else:
+        if not isinstance(out, torch.Tensor) or out.dtype != x.dtype:
+            raise TypeError(
+                f"max_pool2d_nhwc: out must be a {x.dtype} tensor, got {getattr(out, 'dtype', out)}"
+            )
+        if tuple(out.shape) != out_shape or out.device != x.device or not out.is_contiguous():
+            raise ValueError(
+                f"max_pool2d_nhwc: out must be a contiguous {out_shape} tensor on {x.device}, "
+                f"got {tuple(out.shape)} on {out.device} (contiguous={out.is_contiguous()})"
+            )
+    if x.numel() >= 2**31:
+        raise ValueError(
+            "max_pool2d_nhwc: tensors of 2**31 elements or more need int64 indexing (unsupported)"
+        )
+    block_p, block_c = _blocks(_interpreting())
+    args, constexprs, grid = _pool_args(x, out, kernel_size, stride, padding, block_p, block_c)
+    _max_pool_kernel[grid](**args, **constexprs, num_warps=POOL_NUM_WARPS, num_stages=1)
+    return out
+
+
+def max_pool_aot_specs(input_shape_nhwc, dtype, arch, kernel_size=3, stride=2, padding=1) -> list[KernelSpec]:
+    """What max_pool2d_nhwc compiles for this shape and dtype on compute capability `arch`."""
+    _check_geometry(kernel_size, stride, padding)
+    out_shape = pool_output_shape(tuple(input_shape_nhwc), kernel_size, stride, padding)
+    block_p, block_c = _blocks(False)
+    shaped = _Shaped(tuple(input_shape_nhwc)), _Shaped(out_shape)
+    args, constexprs, _ = _pool_args(*shaped, kernel_size, stride, padding, block_p, block_c)
+    args.update(x_ptr=Pointer(dtype), out_ptr=Pointer(dtype))
+    shape = "x".join(map(str, input_shape_nhwc))
+    spec = make_spec(
+        _max_pool_kernel,
+        args,
+        constexprs,
+        num_warps=POOL_NUM_WARPS,
+        num_stages=1,
+        name=f"maxpool{kernel_size}x{kernel_size}_s{stride}_{shape}_{str(dtype).replace('torch.', '')}",
+        config=f"BP{block_p}_BC{block_c}_w{POOL_NUM_WARPS}",
+    )
+    return [spec]
+
+
+class _Shaped:
+    def __init__(self, shape):
+        self.shape = shape

@@ -1,0 +1,256 @@
+"""ConvLayer (kernels/conv.py) against float64 F.conv2d computed from the same low-precision inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fastres.kernels.conv import CONV_CONFIGS, ConvLayer
+from helpers import LAYER_RTOL, assert_close, poison_
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class Case:
+    n: int
+    h: int
+    w: int
+    c_in: int
+    c_out: int
+    k: int
+    stride: int
+    pad: int
+    groups: int = 1
+    bias: bool = True
+    relu: bool = True
+    residual: bool = False
+
+
+def _build(case: Case, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    fan_in = case.c_in // case.groups * case.k * case.k
+    weight = torch.randn(
+        case.c_out, case.c_in // case.groups, case.k, case.k, generator=gen, dtype=torch.float64
+    )
+    weight = (weight / fan_in**0.5).to(DEVICE)
+    bias = torch.randn(case.c_out, generator=gen).to(DEVICE) if case.bias else None
+    layer = ConvLayer(
+        weight,
+        bias,
+        stride=case.stride,
+        padding=case.pad,
+        groups=case.groups,
+        relu=case.relu,
+        has_residual=case.residual,
+        dtype=dtype,
+    )
+    x = torch.randn(case.n, case.h, case.w, case.c_in, generator=gen).to(DEVICE, dtype)
+    out_shape = layer.output_shape(tuple(x.shape))
+    residual = torch.randn(out_shape, generator=gen).to(DEVICE, dtype) if case.residual else None
+    return layer, weight, bias, x, residual
+
+
+def _reference(case: Case, weight, bias, x, residual, dtype):
+    """float64 conv of the inputs the kernel sees (weights rounded to `dtype`, bias fp32)."""
+    w64 = weight.to(dtype).double().cpu()
+    b64 = None if bias is None else bias.float().double().cpu()
+    ref = F.conv2d(
+        x.double().cpu().permute(0, 3, 1, 2),
+        w64,
+        b64,
+        stride=case.stride,
+        padding=case.pad,
+        groups=case.groups,
+    ).permute(0, 2, 3, 1)
+    if residual is not None:
+        ref = ref + residual.double().cpu()
+    return ref.clamp_min(0) if case.relu else ref
+
+
+def _check(case: Case, dtype: torch.dtype, config=None):
+    layer, weight, bias, x, residual = _build(case, dtype)
+    out = poison_(torch.empty(layer.output_shape(tuple(x.shape)), dtype=dtype, device=DEVICE))
+    if config is None:
+        result = layer(x, residual, out=out)
+    else:
+        result = layer.launch(x, residual, out, config=config)
+    assert result is out
+    assert_close(out, _reference(case, weight, bias, x, residual, dtype), LAYER_RTOL[dtype], what=repr(layer))
+
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+
+LAYER_KINDS = [
+    pytest.param(Case(1, 32, 30, 3, 64, 7, 2, 3), id="stem7x7s2_cin3"),
+    pytest.param(Case(2, 14, 14, 64, 64, 3, 1, 1), id="3x3s1"),
+    pytest.param(Case(2, 15, 15, 128, 128, 3, 2, 1), id="3x3s2_odd"),
+    pytest.param(Case(2, 14, 14, 64, 256, 1, 1, 0, residual=True), id="1x1s1_residual"),
+    pytest.param(Case(2, 14, 14, 256, 512, 1, 2, 0, relu=False), id="1x1s2_projection"),
+    pytest.param(Case(2, 14, 14, 128, 128, 3, 1, 1, groups=32), id="grouped32x4"),
+    pytest.param(Case(2, 9, 9, 256, 256, 3, 2, 1, groups=64), id="grouped64x4_s2"),
+    pytest.param(Case(2, 9, 9, 256, 256, 3, 1, 1, groups=32), id="grouped32x8"),
+    pytest.param(Case(1, 7, 7, 512, 512, 3, 1, 1, groups=32), id="grouped32x16"),
+    pytest.param(Case(1, 5, 5, 1024, 1024, 3, 2, 1, groups=32), id="grouped32x32_s2"),
+    pytest.param(Case(1, 6, 6, 128, 96, 3, 1, 1, groups=2), id="grouped2x64_nonpow2_out"),
+]
+
+WEIRD_SHAPES = [
+    pytest.param(Case(2, 33, 35, 24, 40, 3, 1, 1), id="2x33x35_c24to40"),
+    pytest.param(Case(3, 1, 1, 40, 24, 3, 1, 1), id="1x1image_batch3"),
+    pytest.param(Case(3, 7, 9, 48, 24, 1, 1, 0, bias=False, residual=True), id="1x1_batch3_nobias"),
+    pytest.param(Case(1, 17, 19, 40, 24, 3, 2, 1, relu=False), id="3x3s2_c40_odd"),
+    pytest.param(Case(2, 11, 13, 8, 16, 3, 1, 1), id="3x3_cin8_gather"),
+    pytest.param(Case(1, 9, 9, 3, 8, 7, 2, 3, bias=False, relu=False), id="stem_cout8"),
+    pytest.param(Case(1, 10, 10, 40, 40, 3, 1, 2, groups=10), id="grouped10x4_pad2"),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", LAYER_KINDS + WEIRD_SHAPES)
+def test_conv_matches_reference(case, dtype):
+    _check(case, dtype)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("bias", [pytest.param(False, id="nobias"), pytest.param(True, id="bias")])
+@pytest.mark.parametrize("residual", [pytest.param(False, id="nores"), pytest.param(True, id="res")])
+@pytest.mark.parametrize("relu", [pytest.param(False, id="norelu"), pytest.param(True, id="relu")])
+def test_conv_epilogue_switches(bias, residual, relu):
+    _check(Case(2, 6, 7, 32, 48, 3, 1, 1, bias=bias, relu=relu, residual=residual), torch.float32)
+
+
+def _config_cases():
+    """One test per shipped config entry, on a layer of the kind the entry is for."""
+    params = []
+    for (family, width, kind), config in CONV_CONFIGS.items():
+        dtype = torch.float32 if width in ("fp32", "any") else torch.float16
+        if kind == "gather":
+            case = Case(1, 20, 18, 3, 64, 7, 2, 3)
+        else:
+            case = Case(2, 10, 9, 64, 128, 3, 2, 1, residual=True)
+        params.append(pytest.param(case, dtype, config, id=f"{family}-{width}-{kind}-{config}"))
+    return params
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case, dtype, config", _config_cases())
+def test_every_shipped_config(case, dtype, config):
+    layer, *_ = _build(case, dtype)
+    _check(case, dtype, config=layer.clip_config(config))
+    if case.k == 3:  # the same config through the GEMM (1x1, stride 1) loop
+        gemm = Case(2, 5, 7, 64, 128, 1, 1, 0)
+        _check(gemm, dtype, config=_build(gemm, dtype)[0].clip_config(config))
+
+
+@pytest.mark.interpreter
+def test_supergroup_packing_is_block_diagonal():
+    layer, *_ = _build(Case(1, 4, 4, 128, 128, 3, 1, 1, groups=32), torch.float32)
+    assert (layer.supergroup, layer.kernel_groups, layer.kernel_cg, layer.kernel_ng) == (4, 8, 16, 16)
+    # B[k, co] with k = tap*16 + c: channel c of super-group j feeds output co only within its own group.
+    b = layer.weight_packed.reshape(9, 16, 128)
+    c_group = torch.arange(16) // 4
+    co_group = (torch.arange(128) % 16) // 4
+    off_diagonal = c_group[:, None] != co_group[None, :]
+    assert (b[:, off_diagonal] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "shape, arch, kind",
+    [
+        pytest.param((1, 224, 224, 3), 90, "gather", id="stem"),
+        pytest.param((64, 56, 56, 64), 90, "large", id="b64_56x56"),
+        pytest.param((1, 7, 7, 64), 90, "small_m", id="b1_7x7"),
+    ],
+)
+def test_config_kind(shape, arch, kind):
+    c_in = shape[3]
+    layer = ConvLayer(torch.randn(64, c_in, 3, 3), None, stride=1, padding=1, dtype=torch.float16)
+    assert layer.kind(shape) == kind
+    config = layer.config_for(shape, arch)
+    assert config.num_warps == 4
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def _small_layer(**kw):
+    return ConvLayer(
+        torch.randn(16, 8, 3, 3, device=DEVICE), None, stride=1, padding=1, dtype=torch.float32, **kw
+    )
+
+
+@pytest.mark.interpreter
+def test_rejects_wrong_dtype():
+    with pytest.raises(TypeError, match="expected dtype torch.float32"):
+        _small_layer()(torch.randn(1, 4, 4, 8, device=DEVICE, dtype=torch.float16))
+
+
+@pytest.mark.interpreter
+def test_rejects_wrong_channels():
+    with pytest.raises(ValueError, match=r"expected NHWC shape \(1, 4, 4, 8\)"):
+        _small_layer()(torch.randn(1, 4, 4, 9, device=DEVICE))
+
+
+@pytest.mark.interpreter
+def test_rejects_non_contiguous():
+    x = torch.randn(1, 8, 4, 4, device=DEVICE).permute(0, 2, 3, 1)
+    with pytest.raises(ValueError, match="contiguous"):
+        _small_layer()(x)
+
+
+@pytest.mark.interpreter
+def test_requires_residual_iff_declared():
+    x = torch.randn(1, 4, 4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="residual tensor is required"):
+        _small_layer(has_residual=True)(x)
+    with pytest.raises(ValueError, match="has_residual=False"):
+        _small_layer()(x, torch.randn(1, 4, 4, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="ConvLayer residual"):
+        _small_layer(has_residual=True)(x, torch.randn(1, 4, 4, 15, device=DEVICE))
+
+
+@pytest.mark.interpreter
+def test_rejects_bad_out_buffer():
+    x = torch.randn(1, 4, 4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="ConvLayer out"):
+        _small_layer()(x, out=torch.empty(1, 4, 4, 15, device=DEVICE))
+
+
+def test_rejects_bad_construction():
+    with pytest.raises(TypeError, match="dtype must be one of"):
+        ConvLayer(torch.randn(16, 8, 3, 3), None, stride=1, padding=1, dtype=torch.int8)
+    with pytest.raises(ValueError, match="not divisible by groups"):
+        ConvLayer(torch.randn(15, 8, 3, 3), None, stride=1, padding=1, groups=2)
+
+
+# ---------------------------------------------------------------------------------------------- GPU only
+
+RESNET50_LAYERS = [
+    pytest.param(Case(0, 224, 224, 3, 64, 7, 2, 3), id="stem"),
+    pytest.param(Case(0, 56, 56, 64, 64, 3, 1, 1), id="l1_3x3"),
+    pytest.param(Case(0, 56, 56, 64, 256, 1, 1, 0, residual=True), id="l1_1x1_expand"),
+    pytest.param(Case(0, 56, 56, 256, 128, 1, 1, 0), id="l2_1x1_reduce"),
+    pytest.param(Case(0, 56, 56, 128, 128, 3, 2, 1), id="l2_3x3s2"),
+    pytest.param(Case(0, 56, 56, 256, 512, 1, 2, 0, relu=False), id="l2_projection"),
+    pytest.param(Case(0, 14, 14, 256, 256, 3, 1, 1), id="l3_3x3"),
+    pytest.param(Case(0, 7, 7, 512, 2048, 1, 1, 0, residual=True), id="l4_1x1_expand"),
+    pytest.param(Case(0, 56, 56, 128, 128, 3, 1, 1, groups=32), id="resnext_l1_grouped"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES + [pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("batch", [1, 8, 64])
+@pytest.mark.parametrize("case", RESNET50_LAYERS)
+def test_resnet50_layers_gpu(case, batch, dtype):
+    _check(Case(**{**case.__dict__, "n": batch}), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", LAYER_KINDS + WEIRD_SHAPES)
+def test_bf16_gpu(case):
+    _check(case, torch.bfloat16)
