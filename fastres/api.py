@@ -16,9 +16,14 @@ from .planner import plan_resnet
 from .reference import build_resnet
 
 _DTYPE_NAMES = {
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
 }
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -32,10 +37,15 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def _resolve_device_dtype_backend(device, dtype, backend) -> tuple[torch.device, torch.dtype, str]:
-    device = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailableError("device 'cuda' was requested but torch sees no CUDA GPU; use device='cpu'")
+        raise BackendUnavailableError(
+            "device 'cuda' was requested but torch sees no CUDA GPU; use device='cpu'"
+        )
     on_gpu = device.type == "cuda"
     dtype = parse_dtype(dtype) if dtype is not None else (torch.float16 if on_gpu else torch.float32)
     backend = backend or ("triton" if on_gpu else "torch")
@@ -48,7 +58,8 @@ def _resolve_device_dtype_backend(device, dtype, backend) -> tuple[torch.device,
             raise BackendUnavailableError(
                 "the triton backend needs a CUDA GPU; on the CPU it only runs under Triton's interpreter "
                 "(set TRITON_INTERPRET=1 before starting Python; slow, for testing). "
-                "For CPU inference use backend='torch' (the default on CPU).")
+                "For CPU inference use backend='torch' (the default on CPU)."
+            )
     return device, dtype, backend
 
 
@@ -88,7 +99,10 @@ def load(
     if state_dict is None:
         warnings.warn(
             f"fastres.load({str(model)!r}) without weights gives a randomly initialised, untrained network; "
-            "pass weights='DEFAULT' or a checkpoint path for real predictions", UserWarning, stacklevel=2)
+            "pass weights='DEFAULT' or a checkpoint path for real predictions",
+            UserWarning,
+            stacklevel=2,
+        )
         state_dict = build_resnet(arch.spec, arch.num_classes).state_dict()
     return _build_engine(arch, state_dict, device, dtype, backend, engine_options)
 
@@ -103,7 +117,9 @@ def optimize(
 ) -> Engine:
     """An Engine from a live torchvision-compatible ResNet (e.g. fine-tuned with a new fc)."""
     if not isinstance(module, nn.Module):
-        raise TypeError(f"optimize() takes an nn.Module (a torchvision-compatible ResNet), got {type(module).__name__}")
+        raise TypeError(
+            f"optimize() takes an nn.Module (a torchvision-compatible ResNet), got {type(module).__name__}"
+        )
     state_dict = load_checkpoint(module)
     arch = infer_architecture(state_dict)
     validate_state_dict(state_dict, arch)

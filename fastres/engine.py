@@ -17,15 +17,16 @@ import torch
 from torch import Tensor, nn
 
 from .backends import Backend
-from .graph import execute
 from .checkpoints import Architecture
 from .errors import InputError
+from .graph import execute
 from .planner import Plan
 from .reference import build_resnet
 
 NORMALIZE_HINT = (
     "convert images to float and normalise them as torchvision does: "
-    "x = (x.float() / 255 - mean) / std with mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225) per channel"
+    "x = (x.float() / 255 - mean) / std with mean (0.485, 0.456, 0.406) "
+    "and std (0.229, 0.224, 0.225) per channel"
 )
 
 
@@ -69,9 +70,11 @@ class CheckResult:
     top5_agreement: float
 
     def __str__(self) -> str:
-        return (f"max abs error {self.max_abs_error:.3e}, relative {self.relative_error:.3e} "
-                f"(eager PyTorch in the same dtype: {self.eager_relative_error:.3e}), "
-                f"top-1 agreement {self.top1_agreement:.1%}, top-5 agreement {self.top5_agreement:.1%}")
+        return (
+            f"max abs error {self.max_abs_error:.3e}, relative {self.relative_error:.3e} "
+            f"(eager PyTorch in the same dtype: {self.eager_relative_error:.3e}), "
+            f"top-1 agreement {self.top1_agreement:.1%}, top-5 agreement {self.top5_agreement:.1%}"
+        )
 
 
 class _Runner:
@@ -109,8 +112,10 @@ class _Runner:
 
 
 def _may_alias(out: Tensor, workspace: Any) -> bool:
-    return any(out.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-               for b in getattr(workspace, "buffers", ()))
+    return any(
+        out.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        for b in getattr(workspace, "buffers", ())
+    )
 
 
 class Engine:
@@ -150,8 +155,10 @@ class Engine:
 
     def __repr__(self) -> str:
         dtype = str(self.dtype).replace("torch.", "")
-        return (f"Engine({self.architecture.describe()}, backend={self.backend.name}, device={self.device}, "
-                f"dtype={dtype}, cuda_graphs={self.cuda_graphs})")
+        return (
+            f"Engine({self.architecture.describe()}, backend={self.backend.name}, device={self.device}, "
+            f"dtype={dtype}, cuda_graphs={self.cuda_graphs})"
+        )
 
     def _runner(self, shape: tuple[int, int, int, int]) -> _Runner:
         with self._runners_lock:
@@ -235,7 +242,9 @@ class Engine:
         execute(self.plan.ops, x.detach().cpu().double(), observer=reference.__setitem__)
         kinds = {op.name: op.kind for op in self.plan.ops}
         report: list[LayerError] = []
-        observe = lambda name, value: report.append(LayerError(name, kinds[name], relative_error(value, reference[name])))
+        observe = lambda name, value: report.append(
+            LayerError(name, kinds[name], relative_error(value, reference[name]))
+        )
         workspace = self.backend.make_workspace(x.shape[0], x.shape[2], x.shape[3])
         with torch.inference_mode():
             self.backend.run(x, workspace, observer=observe)

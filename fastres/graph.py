@@ -114,16 +114,30 @@ def build_eager_graph(spec: ResNetSpec, state_dict: dict[str, Tensor]) -> list[O
 
     def conv(prefix: str, src: str, stride: int, padding: int, groups: int = 1) -> str:
         ops.append(
-            ConvOp(prefix, [src], prefix, weight=state_dict[f"{prefix}.weight"], bias=state_dict.get(f"{prefix}.bias"),
-                   stride=stride, padding=padding, groups=groups)
+            ConvOp(
+                prefix,
+                [src],
+                prefix,
+                weight=state_dict[f"{prefix}.weight"],
+                bias=state_dict.get(f"{prefix}.bias"),
+                stride=stride,
+                padding=padding,
+                groups=groups,
+            )
         )
         return prefix
 
     def batchnorm(prefix: str, src: str) -> str:
         ops.append(
-            BatchNormOp(prefix, [src], prefix, weight=state_dict[f"{prefix}.weight"],
-                        bias=state_dict[f"{prefix}.bias"], running_mean=state_dict[f"{prefix}.running_mean"],
-                        running_var=state_dict[f"{prefix}.running_var"])
+            BatchNormOp(
+                prefix,
+                [src],
+                prefix,
+                weight=state_dict[f"{prefix}.weight"],
+                bias=state_dict[f"{prefix}.bias"],
+                running_mean=state_dict[f"{prefix}.running_mean"],
+                running_var=state_dict[f"{prefix}.running_var"],
+            )
         )
         return prefix
 
@@ -154,7 +168,9 @@ def build_eager_graph(spec: ResNetSpec, state_dict: dict[str, Tensor]) -> list[O
             x = relu(f"{p}.out", f"{p}.add")
             in_channels = out_channels
     ops.append(AvgPoolOp("avgpool", [x], "avgpool"))
-    ops.append(LinearOp("fc", ["avgpool"], LOGITS, weight=state_dict["fc.weight"], bias=state_dict.get("fc.bias")))
+    ops.append(
+        LinearOp("fc", ["avgpool"], LOGITS, weight=state_dict["fc.weight"], bias=state_dict.get("fc.bias"))
+    )
     return ops
 
 
@@ -169,11 +185,19 @@ def infer_shapes(ops: list[Op], batch: int, height: int, width: int) -> dict[str
         n, c, h, w = shapes[op.inputs[0]]
         if isinstance(op, ConvOp):
             k = op.kernel_size
-            shape = (n, op.out_channels, conv_out_size(h, k, op.stride, op.padding),
-                     conv_out_size(w, k, op.stride, op.padding))
+            shape = (
+                n,
+                op.out_channels,
+                conv_out_size(h, k, op.stride, op.padding),
+                conv_out_size(w, k, op.stride, op.padding),
+            )
         elif isinstance(op, MaxPoolOp):
-            shape = (n, c, conv_out_size(h, op.kernel_size, op.stride, op.padding),
-                     conv_out_size(w, op.kernel_size, op.stride, op.padding))
+            shape = (
+                n,
+                c,
+                conv_out_size(h, op.kernel_size, op.stride, op.padding),
+                conv_out_size(w, op.kernel_size, op.stride, op.padding),
+            )
         elif isinstance(op, AvgPoolOp):
             shape = (n, c, 1, 1)
         elif isinstance(op, (LinearOp, HeadOp)):
@@ -210,8 +234,16 @@ def execute(ops: list[Op], x: Tensor, observer=None) -> Tensor:
                 y = y + values[op.residual]
             y = y.relu() if op.relu else y
         elif isinstance(op, BatchNormOp):
-            y = F.batch_norm(a, cast(op.running_mean), cast(op.running_var), cast(op.weight), cast(op.bias),
-                             False, 0.0, op.eps)
+            y = F.batch_norm(
+                a,
+                cast(op.running_mean),
+                cast(op.running_var),
+                cast(op.weight),
+                cast(op.bias),
+                False,
+                0.0,
+                op.eps,
+            )
         elif isinstance(op, ReluOp):
             y = a.relu()
         elif isinstance(op, AddOp):

@@ -66,13 +66,24 @@ def fold_batchnorm(ops: list[Op]) -> list[Op]:
         if isinstance(op, BatchNormOp):
             conv = _producers(ops).get(op.inputs[0])
             if not isinstance(conv, ConvOp) or _sole_consumer(users, conv.output) is not op:
-                raise ValueError(f"{op.name}: BatchNorm does not follow a conv that only it reads; cannot fold")
+                raise ValueError(
+                    f"{op.name}: BatchNorm does not follow a conv that only it reads; cannot fold"
+                )
             scale = to_float64(op.weight) / torch.sqrt(to_float64(op.running_var) + op.eps)
             weight = to_float64(conv.weight) * scale.view(-1, 1, 1, 1)
             conv_bias = to_float64(conv.bias) if conv.bias is not None else torch.zeros_like(scale)
             bias = to_float64(op.bias) + (conv_bias - to_float64(op.running_mean)) * scale
-            new = ConvOp(conv.name, list(conv.inputs), op.output, weight=weight, bias=bias, stride=conv.stride,
-                         padding=conv.padding, groups=conv.groups, relu=conv.relu)
+            new = ConvOp(
+                conv.name,
+                list(conv.inputs),
+                op.output,
+                weight=weight,
+                bias=bias,
+                stride=conv.stride,
+                padding=conv.padding,
+                groups=conv.groups,
+                relu=conv.relu,
+            )
             folded[conv.name] = new
             result[result.index(conv)] = new
         else:
@@ -95,8 +106,16 @@ def fuse_residual(ops: list[Op]) -> list[Op]:
         conv = _producers(result).get(branch)
         if not isinstance(conv, ConvOp) or conv.relu or _sole_consumer(users, branch) is not add:
             continue
-        fused = ConvOp(conv.name, [conv.inputs[0], shortcut], add.output, weight=conv.weight, bias=conv.bias,
-                       stride=conv.stride, padding=conv.padding, groups=conv.groups)
+        fused = ConvOp(
+            conv.name,
+            [conv.inputs[0], shortcut],
+            add.output,
+            weight=conv.weight,
+            bias=conv.bias,
+            stride=conv.stride,
+            padding=conv.padding,
+            groups=conv.groups,
+        )
         result.remove(add)
         result[result.index(conv)] = fused
         shortcut_op = _producers(result).get(shortcut)
@@ -115,7 +134,11 @@ def fuse_relu(ops: list[Op]) -> list[Op]:
         op.inputs = [renamed.get(v, v) for v in op.inputs]
         if isinstance(op, ReluOp):
             producer = _producers(result).get(op.inputs[0])
-            if isinstance(producer, ConvOp) and not producer.relu and _sole_consumer(users, producer.output) is op:
+            if (
+                isinstance(producer, ConvOp)
+                and not producer.relu
+                and _sole_consumer(users, producer.output) is op
+            ):
                 producer.relu = True
                 renamed[op.output] = producer.output
                 continue
@@ -127,10 +150,16 @@ def fuse_head(ops: list[Op]) -> list[Op]:
     """avgpool -> fc into one head op that writes float32 logits."""
     result: list[Op] = []
     for op in ops:
-        if isinstance(op, LinearOp) and result and isinstance(result[-1], AvgPoolOp) \
-                and result[-1].output == op.inputs[0]:
+        if (
+            isinstance(op, LinearOp)
+            and result
+            and isinstance(result[-1], AvgPoolOp)
+            and result[-1].output == op.inputs[0]
+        ):
             pool = result.pop()
-            op = HeadOp("head", list(pool.inputs), op.output, weight=to_float64(op.weight), bias=to_float64(op.bias))
+            op = HeadOp(
+                "head", list(pool.inputs), op.output, weight=to_float64(op.weight), bias=to_float64(op.bias)
+            )
         result.append(op)
     return result
 
@@ -232,10 +261,13 @@ class Plan:
         elem = torch.empty((), dtype=dtype).element_size()
         shapes = infer_shapes(ops, batch, height, width)
         costs = [op_cost(op, shapes, elem) for op in ops]
-        return OpCost(sum(c.flops for c in costs), sum(c.bytes_read for c in costs),
-                      sum(c.bytes_written for c in costs))
+        return OpCost(
+            sum(c.flops for c in costs), sum(c.bytes_read for c in costs), sum(c.bytes_written for c in costs)
+        )
 
-    def describe(self, batch: int = 1, height: int = 224, width: int = 224, dtype: torch.dtype = torch.float16) -> str:
+    def describe(
+        self, batch: int = 1, height: int = 224, width: int = 224, dtype: torch.dtype = torch.float16
+    ) -> str:
         """The plan as a table: op, kind, shapes, fused epilogue, FLOPs, bytes; totals vs eager."""
         elem = torch.empty((), dtype=dtype).element_size()
         shapes = self.shapes(batch, height, width)
@@ -254,31 +286,52 @@ class Plan:
             else:
                 kind = op.kind
             io = f"{_fmt_shape(shapes[op.inputs[0]])} -> {_fmt_shape(shapes[op.output])}"
-            rows.append((op.name, kind, io, epilogue, f"{cost.flops / 1e6:,.1f}",
-                         f"{cost.bytes_read / 1e6:,.2f}", f"{cost.bytes_written / 1e6:,.2f}"))
+            rows.append(
+                (
+                    op.name,
+                    kind,
+                    io,
+                    epilogue,
+                    f"{cost.flops / 1e6:,.1f}",
+                    f"{cost.bytes_read / 1e6:,.2f}",
+                    f"{cost.bytes_written / 1e6:,.2f}",
+                )
+            )
         header = ("op", "kind", "input -> output (NCHW)", "epilogue", "MFLOP", "MB read", "MB written")
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-        line = lambda r: "  ".join(str(c).ljust(w) if i < 4 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        line = lambda r: "  ".join(
+            str(c).ljust(w) if i < 4 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+        )
         dtype_name = str(dtype).replace("torch.", "")
-        out = [f"{self.spec.name} ({self.spec.describe()}, {self.num_classes} classes): "
-               f"{len(self.ops)} fused ops for input {batch}x3x{height}x{width} {dtype_name}",
-               line(header), line(tuple("-" * w for w in widths)), *map(line, rows)]
+        out = [
+            f"{self.spec.name} ({self.spec.describe()}, {self.num_classes} classes): "
+            f"{len(self.ops)} fused ops for input {batch}x3x{height}x{width} {dtype_name}",
+            line(header),
+            line(tuple("-" * w for w in widths)),
+            *map(line, rows),
+        ]
         fused = self.totals(self.ops, batch, height, width, dtype)
         eager = self.totals(self.eager_ops, batch, height, width, dtype)
         traffic_f, traffic_e = fused.bytes_read + fused.bytes_written, eager.bytes_read + eager.bytes_written
+        peak_mb = self.peak_activation_bytes(batch, height, width, dtype) / 1e6
         out += [
             "",
-            f"fused : {len(self.ops):4d} ops  {fused.flops / 1e9:8.2f} GFLOP  {traffic_f / 1e6:9.1f} MB moved",
-            f"eager : {len(self.eager_ops):4d} ops  {eager.flops / 1e9:8.2f} GFLOP  {traffic_e / 1e6:9.1f} MB moved"
-            " (conv, BN, ReLU, add as separate passes)",
-            f"memory traffic saved: {(1 - traffic_f / traffic_e) * 100:.1f}% ({traffic_e / traffic_f:.2f}x less); "
-            f"peak activations {self.peak_activation_bytes(batch, height, width, dtype) / 1e6:.1f} MB "
+            _total_line("fused", len(self.ops), fused.flops, traffic_f),
+            _total_line("eager", len(self.eager_ops), eager.flops, traffic_e)
+            + " (conv, BN, ReLU, add as separate passes)",
+            f"memory traffic saved: {(1 - traffic_f / traffic_e) * 100:.1f}% "
+            f"({traffic_e / traffic_f:.2f}x less); "
+            f"peak activations {peak_mb:.1f} MB "
             f"in {self.num_slots} reusable buffers",
         ]
         return "\n".join(out)
 
     def __str__(self) -> str:
         return self.describe()
+
+
+def _total_line(label: str, ops: int, flops: int, traffic: int) -> str:
+    return f"{label} : {ops:4d} ops  {flops / 1e9:8.2f} GFLOP  {traffic / 1e6:9.1f} MB moved"
 
 
 def _fmt_shape(shape: tuple[int, ...]) -> str:

@@ -107,7 +107,9 @@ class ResNet(nn.Module):
         out_channels = planes * spec.expansion
         downsample = None
         if stride != 1 or self.inplanes != out_channels:
-            downsample = nn.Sequential(_conv1x1(self.inplanes, out_channels, stride), nn.BatchNorm2d(out_channels))
+            downsample = nn.Sequential(
+                _conv1x1(self.inplanes, out_channels, stride), nn.BatchNorm2d(out_channels)
+            )
         layers: list[nn.Module] = []
         for i in range(blocks):
             block_stride, block_down = (stride, downsample) if i == 0 else (1, None)
@@ -115,7 +117,9 @@ class ResNet(nn.Module):
                 layers.append(BasicBlock(self.inplanes, planes, block_stride, block_down))
             else:
                 layers.append(
-                    Bottleneck(self.inplanes, planes, block_stride, block_down, spec.groups, spec.width_per_group)
+                    Bottleneck(
+                        self.inplanes, planes, block_stride, block_down, spec.groups, spec.width_per_group
+                    )
                 )
             self.inplanes = out_channels
         return nn.Sequential(*layers)

@@ -1,10 +1,9 @@
 """End-to-end parity measure shared by engine tests: judged against float64, relative to eager's own error."""
 
 import torch
+from helpers import relative_error
 
 from fastres.testing import make_calibrated_model
-
-from helpers import relative_error
 
 _MODELS: dict = {}
 
@@ -24,7 +23,9 @@ def parity(engine, model, x: torch.Tensor, dtype: torch.dtype, device="cpu") -> 
     layout = getattr(engine.backend, "memory_format", torch.contiguous_format)
     with torch.inference_mode():
         ref = model.double()(x.double())
-        eager = model.to(device, dtype, memory_format=layout)(x.to(device, dtype).contiguous(memory_format=layout))
+        eager = model.to(device, dtype, memory_format=layout)(
+            x.to(device, dtype).contiguous(memory_format=layout)
+        )
         model.float().cpu().to(memory_format=torch.contiguous_format)
     ours = engine(x)
     assert ours.dtype == torch.float32 and ours.shape == ref.shape

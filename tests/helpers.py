@@ -22,7 +22,9 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, rtol: float, what: str = 
     bad = ~torch.isfinite(out64)
     if bad.any():
         idx = tuple(int(i) for i in bad.nonzero()[0])
-        raise AssertionError(f"{what}: {int(bad.sum())} non-finite values, first at {idx} = {out64[idx].item()}")
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} non-finite values, first at {idx} = {out64[idx].item()}"
+        )
     err = (out64 - ref64).abs()
     scale = max(ref64.abs().max().item(), 1e-30)
     rel = err.max().item() / scale

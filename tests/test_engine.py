@@ -5,12 +5,11 @@ import warnings
 
 import pytest
 import torch
+from e2e import assert_parity, calibrated
 
 import fastres
 from fastres.engine import validate_images
 from fastres.testing import random_images
-
-from e2e import assert_parity, calibrated
 
 
 @pytest.mark.parametrize(
@@ -35,8 +34,10 @@ def test_torch_backend_matches_reference_on_odd_sizes(name, num_classes):
     assert_parity(engine, model, random_images(3, 67, 93, seed=5), torch.float32)
 
 
-@pytest.mark.parametrize("size", [pytest.param((1, 1), id="1x1"), pytest.param((7, 3), id="7x3"),
-                                  pytest.param((33, 34), id="33x34")])
+@pytest.mark.parametrize(
+    "size",
+    [pytest.param((1, 1), id="1x1"), pytest.param((7, 3), id="7x3"), pytest.param((33, 34), id="33x34")],
+)
 def test_tiny_and_odd_images(size):
     model = calibrated("resnet18", 10)
     engine = fastres.optimize(model, device="cpu")

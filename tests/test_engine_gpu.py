@@ -4,18 +4,19 @@ import threading
 
 import pytest
 import torch
+from e2e import assert_parity, calibrated
 
 import fastres
 from fastres.testing import random_images
-
-from e2e import assert_parity, calibrated
 
 pytestmark = pytest.mark.gpu
 
 BACKENDS = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton")]
 
 
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.float32, id="fp32")])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.float32, id="fp32")]
+)
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
 def test_torch_backend_parity_on_cuda(name, dtype):
     model = calibrated(name, 1000)
@@ -69,7 +70,11 @@ def test_eight_threads_on_cuda(backend):
 def test_defaults_on_cuda():
     engine = fastres.optimize(calibrated("resnet18", 10))
     assert (engine.device.type, engine.dtype, engine.backend_name, engine.cuda_graphs) == (
-        "cuda", torch.float16, "triton", True)
+        "cuda",
+        torch.float16,
+        "triton",
+        True,
+    )
 
 
 def test_warmup_captures_requested_shapes():

@@ -2,14 +2,24 @@
 
 import pytest
 import torch
+from helpers import assert_close
 
-from fastres.graph import INPUT, LOGITS, AddOp, BatchNormOp, ConvOp, HeadOp, MaxPoolOp, ReluOp, build_eager_graph, execute
+from fastres.graph import (
+    INPUT,
+    LOGITS,
+    AddOp,
+    BatchNormOp,
+    ConvOp,
+    HeadOp,
+    MaxPoolOp,
+    ReluOp,
+    build_eager_graph,
+    execute,
+)
 from fastres.planner import assign_buffers, fold_batchnorm, fuse_head, fuse_relu, fuse_residual, plan_resnet
 from fastres.reference import build_resnet
 from fastres.specs import MODEL_SPECS, get_spec
 from fastres.testing import make_calibrated_model, random_images
-
-from helpers import assert_close
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +58,17 @@ def test_fold_batchnorm_formula_on_one_conv():
     w, b = torch.randn(4, 3, 3, 3, generator=g), torch.randn(4, generator=g)
     gamma, beta = torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g)
     mean, var = torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.1
-    ops = [ConvOp("c", [INPUT], "c", weight=w, bias=b, stride=1, padding=1),
-           BatchNormOp("bn", ["c"], "bn", weight=gamma, bias=beta, running_mean=mean, running_var=var, eps=1e-5)]
+    ops = [
+        ConvOp("c", [INPUT], "c", weight=w, bias=b, stride=1, padding=1),
+        BatchNormOp("bn", ["c"], "bn", weight=gamma, bias=beta, running_mean=mean, running_var=var, eps=1e-5),
+    ]
     (conv,) = fold_batchnorm(ops)
     scale = gamma.double() / torch.sqrt(var.double() + 1e-5)
     assert conv.weight.dtype == torch.float64 and conv.output == "bn"
     torch.testing.assert_close(conv.weight, w.double() * scale.view(-1, 1, 1, 1), rtol=0, atol=0)
-    torch.testing.assert_close(conv.bias, beta.double() + (b.double() - mean.double()) * scale, rtol=0, atol=0)
+    torch.testing.assert_close(
+        conv.bias, beta.double() + (b.double() - mean.double()) * scale, rtol=0, atol=0
+    )
 
 
 @pytest.mark.parametrize("name", list(MODEL_SPECS))
@@ -68,7 +82,9 @@ def test_plan_is_fully_fused(name):
     assert kinds.count("maxpool") == 1 and kinds[-1] == "head" and plan.ops[-1].output == LOGITS
     convs = [op for op in plan.ops if isinstance(op, ConvOp)]
     blocks = sum(spec.layers)
-    assert len(convs) == 1 + blocks * (2 if spec.block == "basic" else 3) + (3 if spec.block == "basic" else 4)
+    assert len(convs) == 1 + blocks * (2 if spec.block == "basic" else 3) + (
+        3 if spec.block == "basic" else 4
+    )
     last = "conv2" if spec.block == "basic" else "conv3"
     for conv in convs:
         is_last = conv.name.endswith(last)
@@ -88,7 +104,9 @@ def test_buffer_slots_never_overwrite_live_values(resnext_state):
     for i, op in enumerate(plan.ops):
         if op.output not in plan.slots:
             continue
-        assert all(plan.slots.get(v) != plan.slots[op.output] for v in op.inputs), f"{op.name} writes a slot it reads"
+        assert all(plan.slots.get(v) != plan.slots[op.output] for v in op.inputs), (
+            f"{op.name} writes a slot it reads"
+        )
         for value, slot in plan.slots.items():
             live = produced[value] < i <= last_use.get(value, -1)
             assert not (live and slot == plan.slots[op.output]), f"{op.name} overwrites live {value}"
@@ -105,8 +123,12 @@ def test_peak_activation_bytes_beats_one_buffer_per_value(resnet18_state):
 
 
 def test_assign_buffers_reuses_a_slot_only_after_last_use():
-    ops = [ConvOp("a", [INPUT], "a", weight=torch.ones(1, 3, 1, 1)), ConvOp("b", ["a"], "b", weight=torch.ones(1, 1, 1, 1)),
-           ConvOp("c", ["b", "a"], "c", weight=torch.ones(1, 1, 1, 1)), MaxPoolOp("d", ["c"], "d")]
+    ops = [
+        ConvOp("a", [INPUT], "a", weight=torch.ones(1, 3, 1, 1)),
+        ConvOp("b", ["a"], "b", weight=torch.ones(1, 1, 1, 1)),
+        ConvOp("c", ["b", "a"], "c", weight=torch.ones(1, 1, 1, 1)),
+        MaxPoolOp("d", ["c"], "d"),
+    ]
     slots = assign_buffers(ops)
     assert len({slots["a"], slots["b"], slots["c"]}) == 3  # a is still needed by c
     assert slots["d"] != slots["c"]

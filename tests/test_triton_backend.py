@@ -6,12 +6,11 @@ twice eager PyTorch's own error in the same dtype (eager runs fp16 on the CPU to
 
 import pytest
 import torch
+from e2e import assert_parity, calibrated, parity
 
 import fastres
 from fastres.specs import MODEL_SPECS
 from fastres.testing import random_images
-
-from e2e import assert_parity, calibrated, parity
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
 
@@ -65,7 +64,9 @@ def test_all_models_fp16_at_224_on_gpu(name):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float32, id="fp32")])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float32, id="fp32")]
+)
 @pytest.mark.parametrize("name", ["resnet50", "resnext50_32x4d"])
 def test_bf16_and_fp32_on_gpu(name, dtype):
     model = calibrated(name, 1000)

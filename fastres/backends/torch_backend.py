@@ -27,8 +27,10 @@ def _onednn_fusion_works() -> bool:
         expect = F.conv2d(x, w, b, 1, 1)
         unary = op(x, w, b, [1, 1], [1, 1], [1, 1], 1, "relu", [None], "")
         binary = op.binary(x, other, w, b, [1, 1], [1, 1], [1, 1], 1, "add", 1.0, "relu", [], "")
-        return bool(torch.allclose(unary, expect.relu(), atol=1e-5)
-                    and torch.allclose(binary, (expect + other).relu(), atol=1e-5))
+        return bool(
+            torch.allclose(unary, expect.relu(), atol=1e-5)
+            and torch.allclose(binary, (expect + other).relu(), atol=1e-5)
+        )
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
 
@@ -47,7 +49,9 @@ class TorchBackend(Backend):
         super().__init__(plan, device, dtype)
         self.memory_format = memory_format
         global _ONEDNN_FUSION
-        use_onednn = self.device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+        use_onednn = (
+            self.device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+        )
         if use_onednn and _ONEDNN_FUSION is None:
             _ONEDNN_FUSION = _onednn_fusion_works()
         self.onednn = bool(use_onednn and _ONEDNN_FUSION)
@@ -73,10 +77,23 @@ class TorchBackend(Backend):
             relu = "relu" if op.relu else "none"
             if residual is None:
                 return torch.ops.mkldnn._convolution_pointwise(
-                    x, weight, bias, padding, stride, [1, 1], op.groups, relu, [None], "")
+                    x, weight, bias, padding, stride, [1, 1], op.groups, relu, [None], ""
+                )
             return torch.ops.mkldnn._convolution_pointwise.binary(
-                x, residual, weight, bias, padding, stride, [1, 1], op.groups, "add", 1.0,
-                relu if op.relu else None, [], "")
+                x,
+                residual,
+                weight,
+                bias,
+                padding,
+                stride,
+                [1, 1],
+                op.groups,
+                "add",
+                1.0,
+                relu if op.relu else None,
+                [],
+                "",
+            )
         y = F.conv2d(x, weight, bias, stride, padding, 1, op.groups)
         if residual is not None:
             y.add_(residual)

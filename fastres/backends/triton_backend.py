@@ -34,17 +34,29 @@ class TritonBackend(Backend):
         for op in plan.ops:
             if isinstance(op, ConvOp):
                 self.layers[op.name] = ConvLayer(
-                    op.weight.to(self.device), None if op.bias is None else op.bias.to(self.device),
-                    stride=op.stride, padding=op.padding, groups=op.groups, relu=op.relu,
-                    has_residual=op.residual is not None, dtype=dtype, allow_tf32=allow_tf32)
+                    op.weight.to(self.device),
+                    None if op.bias is None else op.bias.to(self.device),
+                    stride=op.stride,
+                    padding=op.padding,
+                    groups=op.groups,
+                    relu=op.relu,
+                    has_residual=op.residual is not None,
+                    dtype=dtype,
+                    allow_tf32=allow_tf32,
+                )
             elif isinstance(op, HeadOp):
                 self.layers[op.name] = HeadLayer(
-                    op.weight.to(self.device), None if op.bias is None else op.bias.to(self.device), dtype=dtype)
+                    op.weight.to(self.device),
+                    None if op.bias is None else op.bias.to(self.device),
+                    dtype=dtype,
+                )
 
     def make_workspace(self, batch: int, height: int, width: int) -> TritonWorkspace:
         shapes = self.plan.shapes(batch, height, width)
-        buffers = [torch.empty(n, device=self.device, dtype=self.dtype)
-                   for n in self.plan.slot_numels(batch, height, width)]
+        buffers = [
+            torch.empty(n, device=self.device, dtype=self.dtype)
+            for n in self.plan.slot_numels(batch, height, width)
+        ]
         values = {}
         for value, slot in self.plan.slots.items():
             n, c, h, w = shapes[value]
@@ -60,10 +72,17 @@ class TritonBackend(Backend):
         for op in self.plan.ops:
             src = values[op.inputs[0]]
             if isinstance(op, ConvOp):
-                out = self.layers[op.name](src, values[op.residual] if op.residual else None, out=values[op.output])
+                out = self.layers[op.name](
+                    src, values[op.residual] if op.residual else None, out=values[op.output]
+                )
             elif isinstance(op, MaxPoolOp):
-                out = max_pool2d_nhwc(src, kernel_size=op.kernel_size, stride=op.stride, padding=op.padding,
-                                      out=values[op.output])
+                out = max_pool2d_nhwc(
+                    src,
+                    kernel_size=op.kernel_size,
+                    stride=op.stride,
+                    padding=op.padding,
+                    out=values[op.output],
+                )
             elif isinstance(op, HeadOp):
                 out = self.layers[op.name](src, out=workspace.logits)
             else:
@@ -83,5 +102,7 @@ class TritonBackend(Backend):
             if isinstance(op, (ConvOp, HeadOp)):
                 specs += self.layers[op.name].aot_specs((n, h, w, c), arch)
             elif isinstance(op, MaxPoolOp):
-                specs += max_pool_aot_specs((n, h, w, c), self.dtype, arch, op.kernel_size, op.stride, op.padding)
+                specs += max_pool_aot_specs(
+                    (n, h, w, c), self.dtype, arch, op.kernel_size, op.stride, op.padding
+                )
         return specs
