@@ -68,9 +68,7 @@ def _build_engine(arch: Architecture, state_dict, device, dtype, backend, engine
     plan = plan_resnet(arch.spec, arch.num_classes, state_dict)
     options = {}
     if backend == "reference":
-        model = build_resnet(arch.spec, arch.num_classes)
-        model.load_state_dict(state_dict, strict=False)
-        options["module"] = model
+        options["module"] = build_resnet(arch.spec, arch.num_classes, state_dict)
     runner = create_backend(backend, plan, device, dtype, **options)
     return Engine(plan, runner, arch, state_dict, **engine_options)
 

@@ -205,8 +205,7 @@ class Engine:
 
     def reference(self) -> nn.Module:
         """The unfolded PyTorch reference network with this engine's weights (float32, eval mode)."""
-        model = build_resnet(self.architecture.spec, self.num_classes)
-        model.load_state_dict(self._state_dict, strict=False)
+        model = build_resnet(self.architecture.spec, self.num_classes, self._state_dict)
         return model.to(self.device).eval()
 
     def check(self, x: Tensor) -> CheckResult:

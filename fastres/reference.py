@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .errors import CheckpointError
 from .specs import MODEL_SPECS, STAGE_PLANES, STEM_CHANNELS, ResNetSpec, get_spec
 
 
@@ -130,11 +131,25 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def build_resnet(spec: ResNetSpec | str, num_classes: int = 1000) -> ResNet:
-    """A randomly initialised reference network (torchvision's initialisation)."""
+def build_resnet(
+    spec: ResNetSpec | str, num_classes: int = 1000, state_dict: dict[str, Tensor] | None = None
+) -> ResNet:
+    """A reference network: torchvision's random initialisation, or the given weights.
+
+    `state_dict` must match exactly, except that BatchNorm's `num_batches_tracked` counters
+    (absent from timm checkpoints, unused in eval mode) may be missing.
+    """
     if isinstance(spec, str):
         spec = get_spec(spec)
-    return ResNet(spec, num_classes)
+    model = ResNet(spec, num_classes)
+    if state_dict is not None:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"state dict does not fit {spec.name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+    return model
 
 
 def _constructor(name: str):
