@@ -1,0 +1,280 @@
+"""Per layer: fastres's ConvLayer against cuDNN on every distinct ResNet-50 conv shape (GPU only).
+
+Two comparisons, each timed with `triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])` and reported
+as time, TFLOP/s and GB/s:
+
+* conv: `ConvLayer` (bias epilogue) vs `F.conv2d` with bias on channels-last tensors, cudnn.benchmark on;
+* fused epilogue, on the layers that end a residual block: one `ConvLayer` launch doing
+  conv + bias + residual add + ReLU vs cuDNN's conv followed by a separate `add_` and `relu_`.
+
+FLOPs are the useful 2*MACs of the convolution; bytes are the minimum traffic, input + weights + output
+(+ residual), in the compute dtype -- the same count for both implementations, so GB/s compares like
+with like (cuDNN's unfused path really moves more). Each row also carries the relative error of the two
+outputs, so a fast but wrong kernel does not go unnoticed.
+
+As a pytest-benchmark suite (skips without a GPU):  pytest benchmarks/bench_layers.py --benchmark-only
+As a script (writes CSV and JSON):  python benchmarks/bench_layers.py --batch 64 --dtype fp16 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastres import bench
+from fastres.graph import ConvOp
+from fastres.planner import plan_resnet
+from fastres.reference import build_resnet
+from fastres.specs import get_spec
+
+QUANTILES = [0.5, 0.2, 0.8]
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """One distinct conv of a plan at a given input size (NCHW sizes), and the first op that has it."""
+
+    name: str
+    count: int
+    batch: int
+    c_in: int
+    c_out: int
+    kernel: int
+    stride: int
+    padding: int
+    groups: int
+    height: int
+    width: int
+    fused_residual: bool
+
+    @property
+    def label(self) -> str:
+        return (
+            f"{self.kernel}x{self.kernel}s{self.stride}_{self.c_in}to{self.c_out}_{self.height}x{self.width}"
+            + (f"_g{self.groups}" if self.groups > 1 else "")
+        )
+
+    def flops(self) -> int:
+        oh = (self.height + 2 * self.padding - self.kernel) // self.stride + 1
+        ow = (self.width + 2 * self.padding - self.kernel) // self.stride + 1
+        return 2 * self.batch * oh * ow * self.c_out * self.kernel**2 * (self.c_in // self.groups)
+
+    def bytes_moved(self, elem: int, residual: bool) -> int:
+        oh = (self.height + 2 * self.padding - self.kernel) // self.stride + 1
+        ow = (self.width + 2 * self.padding - self.kernel) // self.stride + 1
+        out = self.batch * oh * ow * self.c_out
+        weights = self.c_out * (self.c_in // self.groups) * self.kernel**2
+        return elem * (
+            self.batch * self.height * self.width * self.c_in + weights + out * (2 if residual else 1)
+        )
+
+
+def distinct_convs(
+    model: str = "resnet50", batch: int = 64, image_size: int = 224, residual_only: bool = False
+) -> list[ConvShape]:
+    """Distinct conv shapes of the model's plan (built on the meta device: shapes only)."""
+    spec = get_spec(model)
+    with torch.device("meta"):
+        plan = plan_resnet(spec, 1000, build_resnet(spec).state_dict())
+    shapes = plan.shapes(batch, image_size, image_size)
+    found: dict[tuple, list] = {}
+    for op in plan.ops:
+        if not isinstance(op, ConvOp) or (residual_only and op.residual is None):
+            continue
+        n, c, h, w = shapes[op.inputs[0]]
+        k = op.weight.shape[-1]
+        key = (c, op.weight.shape[0], k, op.stride, op.padding, op.groups, h, w)
+        found.setdefault(key, [op.name, 0])[1] += 1
+    return [
+        ConvShape(name, count, batch, *key, fused_residual=residual_only)
+        for key, (name, count) in found.items()
+    ]
+
+
+def layer_callables(shape: ConvShape, dtype: torch.dtype, fused: bool, device: str = "cuda"):
+    """(fastres fn, cuDNN fn, relative error between their outputs) for one shape, inputs allocated once."""
+    from fastres.kernels import ConvLayer
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    fan_in = shape.c_in // shape.groups * shape.kernel**2
+    weight = torch.randn(shape.c_out, shape.c_in // shape.groups, shape.kernel, shape.kernel, generator=g)
+    weight = (weight * (2 / fan_in) ** 0.5).to(device)
+    bias = (torch.randn(shape.c_out, generator=g) * 0.1).to(device)
+    x_nhwc = torch.randn(shape.batch, shape.height, shape.width, shape.c_in, generator=g).to(device, dtype)
+    layer = ConvLayer(
+        weight,
+        bias,
+        stride=shape.stride,
+        padding=shape.padding,
+        groups=shape.groups,
+        relu=fused,
+        has_residual=fused,
+        dtype=dtype,
+    )
+    out_shape = layer.output_shape(tuple(x_nhwc.shape))
+    residual = torch.randn(out_shape, generator=g).to(device, dtype) if fused else None
+    out = torch.empty(out_shape, device=device, dtype=dtype)
+    # The NHWC tensors viewed as NCHW are exactly channels-last NCHW tensors: cuDNN reads the same bytes.
+    x_cl, res_cl = x_nhwc.permute(0, 3, 1, 2), None if residual is None else residual.permute(0, 3, 1, 2)
+    w_cl = weight.to(dtype).contiguous(memory_format=torch.channels_last)
+    b_cl = bias.to(dtype)
+
+    def ours():
+        return layer(x_nhwc, residual, out=out)
+
+    def cudnn():
+        y = F.conv2d(x_cl, w_cl, b_cl, shape.stride, shape.padding, 1, shape.groups)
+        return y.add_(res_cl).relu_() if fused else y
+
+    with torch.inference_mode():
+        a, b = ours().permute(0, 3, 1, 2).double(), cudnn().double()
+    error = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+    return ours, cudnn, error
+
+
+def compare_layers(
+    model: str = "resnet50",
+    batch: int = 64,
+    dtype: torch.dtype = torch.float16,
+    image_size: int = 224,
+    progress: bool = True,
+) -> list[dict]:
+    """Both comparisons on every distinct shape; one row per (comparison, shape, implementation)."""
+    from triton.testing import do_bench
+
+    env = bench.environment(torch.device("cuda"))
+    elem = torch.empty((), dtype=dtype).element_size()
+    work = [("conv", s) for s in distinct_convs(model, batch, image_size)]
+    work += [("conv+residual+relu", s) for s in distinct_convs(model, batch, image_size, residual_only=True)]
+    rows = []
+    bar = bench.Progress(len(work), f"{model} layers", progress)
+    try:
+        for comparison, shape in work:
+            fused = comparison != "conv"
+            ours, cudnn, error = layer_callables(shape, dtype, fused)
+            timings = {}
+            with torch.inference_mode(), bench.cudnn_benchmark(True):
+                for impl, fn in (("fastres", ours), ("cudnn", cudnn)):
+                    timings[impl] = do_bench(fn, quantiles=QUANTILES)
+            for impl, (median, p20, p80) in timings.items():
+                rows.append(
+                    {
+                        **env,
+                        "model": model,
+                        "dtype": str(dtype).replace("torch.", ""),
+                        "comparison": comparison,
+                        "layer": shape.label,
+                        "first_op": shape.name,
+                        "uses": shape.count,
+                        "batch": batch,
+                        "impl": impl,
+                        "median_ms": median,
+                        "p20_ms": p20,
+                        "p80_ms": p80,
+                        "tflops": shape.flops() / (median * 1e-3) / 1e12,
+                        "gbps": shape.bytes_moved(elem, fused) / (median * 1e-3) / 1e9,
+                        "speedup_vs_cudnn": timings["cudnn"][0] / median,
+                        "rel_error_vs_cudnn": error,
+                    }
+                )
+            bar.update()
+    finally:
+        bar.close()
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    columns = ("median ms", "TFLOP/s", "GB/s", "x cuDNN")
+    header = f"{'comparison':<20} {'layer':<28} {'impl':<8} {columns[0]:>10} " + " ".join(
+        f"{c:>8}" for c in columns[1:]
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r['comparison']:<20} {r['layer']:<28} {r['impl']:<8} {r['median_ms']:>10.4f} "
+            f"{r['tflops']:>8.1f} {r['gbps']:>8.0f} {r['speedup_vs_cudnn']:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="fastres ConvLayer vs cuDNN per distinct conv shape (GPU)")
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--out", default="fastres-results")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_layers: needs a CUDA GPU (none visible to torch); nothing measured", file=sys.stderr)
+        return 2
+    from fastres.api import parse_dtype
+
+    rows = compare_layers(args.model, args.batch, parse_dtype(args.dtype), args.image_size)
+    print(format_rows(rows))
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    paths, _ = bench.write_results(
+        rows, args.out, f"layers_{args.model}_b{args.batch}_{args.dtype}_{stamp}", plot=False
+    )
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# pytest-benchmark suite
+
+_DTYPE = torch.float16
+_CONV = distinct_convs("resnet50", 64)
+_FUSED = distinct_convs("resnet50", 64, residual_only=True)
+
+
+def _bench(benchmark, shape: ConvShape, impl: str, fused: bool) -> None:
+    from triton.testing import do_bench
+
+    ours, cudnn, error = layer_callables(shape, _DTYPE, fused)
+    fn = ours if impl == "fastres" else cudnn
+    median, p20, p80 = do_bench(fn, quantiles=QUANTILES)
+    elem = torch.empty((), dtype=_DTYPE).element_size()
+    benchmark.group = f"{'fused ' if fused else ''}{shape.label}"
+    benchmark.extra_info.update(bench.environment(torch.device("cuda")))
+    benchmark.extra_info.update(
+        do_bench_median_ms=median,
+        do_bench_p20_ms=p20,
+        do_bench_p80_ms=p80,
+        tflops=shape.flops() / (median * 1e-3) / 1e12,
+        gbps=shape.bytes_moved(elem, fused) / (median * 1e-3) / 1e9,
+        rel_error_vs_cudnn=error,
+    )
+
+    def call():
+        fn()
+        torch.cuda.synchronize()
+
+    with torch.inference_mode():
+        benchmark.pedantic(call, rounds=50, warmup_rounds=5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["fastres", "cudnn"])
+@pytest.mark.parametrize("shape", [pytest.param(s, id=s.label) for s in _CONV])
+def test_conv_layer(benchmark, shape, impl):
+    with bench.cudnn_benchmark(True):
+        _bench(benchmark, shape, impl, fused=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["fastres", "cudnn"])
+@pytest.mark.parametrize("shape", [pytest.param(s, id=s.label) for s in _FUSED])
+def test_fused_epilogue(benchmark, shape, impl):
+    with bench.cudnn_benchmark(True):
+        _bench(benchmark, shape, impl, fused=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

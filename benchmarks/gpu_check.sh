@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The one-call GPU check: everything worth recording from a few minutes on a GPU machine.
+#
+#   benchmarks/gpu_check.sh [--dry-run]
+#
+# For a machine with no package registry (torch, Triton and Python preinstalled): installs fastres
+# without network, prints the GPU and versions, runs the GPU tests, the model benchmarks, the per-layer
+# conv benchmark and the sm_90 compile report. Logs, CSV, JSON and plots go to $OUT when set, else
+# ./gpu-check-results/. Each stage has its own time budget (timeout) and a failing stage does not stop
+# the next; the budgets add up to under 8 minutes. A short summary table (stage, status, seconds) is
+# printed last.
+#
+# --dry-run, or no GPU visible to torch: the GPU stages skip with a message, the install, version and
+# compile-report stages (no GPU needed) run, so the control flow can be tested anywhere.
+set -u
+cd "$(dirname "$0")/.."
+unset TRITON_INTERPRET  # kernels must be compiled for the GPU, never interpreted
+
+OUT_DIR="${OUT:-./gpu-check-results}"
+mkdir -p "$OUT_DIR"
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+PY="$(command -v python || command -v python3)"
+GRACE=5  # seconds between SIGTERM and SIGKILL when a stage runs over its budget
+START=$(date +%s)
+
+DRY_RUN=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) echo "gpu_check: unknown argument $arg (use --dry-run or nothing)" >&2; exit 2 ;;
+  esac
+done
+if [ "$DRY_RUN" = 0 ] && [ "$(timeout 60 "$PY" -c 'import torch; print(torch.cuda.is_available())' 2>/dev/null)" != "True" ]; then
+  echo "gpu_check: torch sees no CUDA GPU: dry run (GPU stages skip)"
+  DRY_RUN=1
+fi
+
+# name, budget in seconds, needs a GPU (1/0). The budgets, plus the kill grace per stage, stay under 480 s.
+STAGES=(
+  "install 25 0"
+  "versions 20 0"
+  "pytest-gpu 60 1"
+  "bench-resnet50 190 1"
+  "bench-resnet18 45 1"
+  "layers-resnet50 55 1"
+  "compile-report 45 0"
+)
+total=0
+for s in "${STAGES[@]}"; do set -- $s; total=$((total + $2 + GRACE)); done
+echo "gpu_check: ${#STAGES[@]} stages, budgets + ${GRACE} s kill grace each = ${total} s (limit 480 s); dry run: $DRY_RUN"
+echo "gpu_check: results in $OUT_DIR"
+
+stage_cmd() {
+  case "$1" in
+    install) echo "$PY -m pip install --no-deps --no-build-isolation --no-index -q -e ." ;;
+    versions) echo "(nvidia-smi || echo 'nvidia-smi: not available'); $PY -m fastres --version; \
+$PY -c 'import sys, torch, triton; print(\"python\", sys.version.split()[0], \"| torch\", torch.__version__, \
+\"cuda\", torch.version.cuda, \"| triton\", triton.__version__)'; git rev-parse --short HEAD 2>/dev/null || true" ;;
+    pytest-gpu) echo "$PY -m pytest -m gpu -q -p no:cacheprovider tests" ;;
+    bench-resnet50) echo "$PY -m fastres bench resnet50 --batch 1 8 64 256 --dtype fp16 --compare eager,compile \
+--compile-budget 60 --no-progress --out '$OUT_DIR/bench'" ;;
+    bench-resnet18) echo "$PY -m fastres bench resnet18 --batch 1 64 --no-progress --out '$OUT_DIR/bench'" ;;
+    layers-resnet50) echo "$PY benchmarks/bench_layers.py --model resnet50 --batch 64 --dtype fp16 --out '$OUT_DIR/layers'" ;;
+    compile-report) echo "$PY -m fastres compile-report resnet50 --arch sm_90 --dtype fp16 --no-progress --out '$OUT_DIR'" ;;
+  esac
+}
+
+SUMMARY=()
+for s in "${STAGES[@]}"; do
+  set -- $s
+  name=$1 budget=$2 gpu=$3
+  log="$OUT_DIR/$name.log"
+  echo
+  echo "=== $name (budget ${budget} s) ==="
+  if [ "$gpu" = 1 ] && [ "$DRY_RUN" = 1 ]; then
+    echo "SKIP: dry run (no GPU); would run: $(stage_cmd "$name")" | tee "$log"
+    SUMMARY+=("$name|skip|0|$budget")
+    continue
+  fi
+  cmd=$(stage_cmd "$name")
+  echo "+ $cmd"
+  t0=$(date +%s)
+  timeout --kill-after="$GRACE" "$budget" bash -c "$cmd" >"$log" 2>&1
+  rc=$?
+  secs=$(( $(date +%s) - t0 ))
+  case $rc in
+    0) status=ok ;;
+    124|137) status=TIMEOUT ;;
+    5) [ "$name" = pytest-gpu ] && status="ok(no tests)" || status="FAIL(rc=5)" ;;
+    *) status="FAIL(rc=$rc)" ;;
+  esac
+  tail -n 40 "$log"
+  SUMMARY+=("$name|$status|$secs|$budget")
+done
+
+echo
+echo "=== summary (logs, CSV, JSON, plots in $OUT_DIR) ==="
+printf '%-16s %-14s %8s %8s\n' stage status seconds budget
+for row in "${SUMMARY[@]}"; do
+  IFS='|' read -r name status secs budget <<<"$row"
+  printf '%-16s %-14s %8s %8s\n' "$name" "$status" "$secs" "$budget"
+done
+printf '%-16s %-14s %8s\n' total "" "$(( $(date +%s) - START ))"

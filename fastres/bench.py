@@ -1,0 +1,639 @@
+"""The timing harness behind `fastres bench`: fastres and its anchors measured side by side in one run.
+
+Every candidate (fastres, eager PyTorch in NCHW and channels-last, optionally torch.compile) runs the
+same random-normal batch. Per batch size each candidate gets its first call timed on its own (for
+torch.compile that is the compile time, reported apart from steady state as gpt-fast does), a few
+untimed warm-up calls, then `repeats` timed calls *interleaved* round-robin: repeat r runs every
+candidate once, starting at candidate r mod k, so clock or thermal drift and cache state left by the
+previous candidate hit all of them alike.
+
+Timing: on CUDA each call is bracketed by CUDA events on the current stream (one call per sample, no L2
+flush: a served model runs back to back as well); on the CPU by `time.perf_counter`. Statistics are the
+median and the 90th percentile (linear interpolation between order statistics, numpy's default).
+
+Memory: on CUDA `torch.cuda.max_memory_allocated` over one call after `reset_peak_memory_stats`; every
+candidate's weights and fastres's cached workspaces are resident then, so it is the process's peak while
+that candidate runs. On the CPU there is no per-allocation counter that sees oneDNN's scratch memory;
+rows carry the process's `ru_maxrss` high-water mark after that candidate ran (it only rises).
+`mem_method` in every row says which of the two was used.
+
+Load times (fastres only): `cold_load_s` is the first `fastres.optimize`/`fastres.load` in the process up
+to its first result (planning, BN folding, weight packing, Triton JIT, CUDA-graph capture); `warm_load_s`
+is a second load of the same model (in-process kernel caches warm). Triton's on-disk cache survives
+between processes, so a "cold" load in a fresh process may still find compiled kernels there.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ANCHORS = ("eager", "compile")  # what --compare may name
+# reduce-overhead first: it compiles faster, so a --compile-budget that runs out still leaves one anchor.
+_GPU_COMPILE_MODES = ("reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics and the interleaved measurement
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between order statistics."""
+    if not samples:
+        raise ValueError("percentile of no samples")
+    ordered = sorted(samples)
+    pos = (len(ordered) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+@dataclass
+class Stats:
+    median_ms: float
+    p90_ms: float
+    min_ms: float
+    samples: int
+
+
+def summarize(seconds: Sequence[float]) -> Stats:
+    ms = [s * 1e3 for s in seconds]
+    return Stats(percentile(ms, 50), percentile(ms, 90), min(ms), len(ms))
+
+
+def interleaved_order(names: Sequence[str], repeats: int) -> list[str]:
+    """Round-robin schedule: every repeat runs each candidate once, repeat r starting at candidate r mod k."""
+    k = len(names)
+    return [names[(r + i) % k] for r in range(repeats) for i in range(k)]
+
+
+def cpu_timer(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+class CudaEventTimer:
+    """Seconds one call takes on the GPU, from CUDA events recorded on the current stream."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = torch.cuda.Event(enable_timing=True)
+        self.end = torch.cuda.Event(enable_timing=True)
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        self.start.record()
+        fn()
+        self.end.record()
+        self.end.synchronize()
+        return self.start.elapsed_time(self.end) / 1e3
+
+
+def measure_interleaved(
+    calls: dict[str, Callable[[], Any]],
+    repeats: int,
+    timer: Callable[[Callable[[], Any]], float] = cpu_timer,
+    on_step: Callable[[], None] | None = None,
+) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Time `repeats` calls of each candidate, interleaved; one that raises is dropped and reported."""
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    errors: dict[str, str] = {}
+    for name in interleaved_order(list(calls), repeats):
+        if name not in errors:
+            try:
+                samples[name].append(timer(calls[name]))
+            except Exception as exc:  # an anchor that fails mid-run is a row with its error
+                errors[name] = _one_line(exc)
+        if on_step is not None:
+            on_step()
+    return samples, errors
+
+
+def _one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment: what every result row carries
+
+
+def _run(cmd: list[str], cwd: str | None = None) -> str | None:
+    try:
+        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def git_revision() -> str | None:
+    """Short hash of the checkout fastres runs from ('+dirty' with uncommitted changes); None outside git."""
+    where = str(Path(__file__).resolve().parent)
+    rev = _run(["git", "rev-parse", "--short", "HEAD"], cwd=where)
+    if rev and _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where):
+        rev += "+dirty"
+    return rev
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    from . import __version__
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    on_gpu = device.type == "cuda"
+    driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if on_gpu else None
+    return {
+        "device_name": torch.cuda.get_device_name(device) if on_gpu else cpu_name(),
+        "driver": driver.splitlines()[0] if driver else None,
+        "cuda": torch.version.cuda if on_gpu else None,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "fastres": __version__,
+        "python": platform.python_version(),
+        "git_rev": git_revision(),
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        # Other processes on the machine skew CPU timings; the 1-minute load average says how much.
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress: tqdm when installed (the `progress` extra), else a plain counter on stderr
+
+
+class Progress:
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        self.total, self.desc, self.enabled, self.done = total, desc, enabled, 0
+        self._bar = None
+        self._last = 0.0
+        self.enabled = enabled and sys.stderr.isatty()  # no bar redraws in logs and captured output
+        if self.enabled:
+            try:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(n)
+        elif time.monotonic() - self._last > 0.5 or self.done >= self.total:
+            self._last = time.monotonic()
+            print(f"\r{self.desc}: {self.done}/{self.total}", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.enabled and self.done:
+            print(file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidates
+
+
+@dataclass
+class Candidate:
+    """One thing to time: `fn(x)` on a batch already on the device in the run's dtype."""
+
+    name: str
+    fn: Callable[[torch.Tensor], Any]
+    error: str | None = None  # set when it could not even be built
+    is_compile: bool = False
+
+
+@contextmanager
+def cudnn_benchmark(on: bool) -> Iterator[None]:
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
+def eager_candidates(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> list[Candidate]:
+    """Eager PyTorch in NCHW, and channels-last with cudnn.benchmark on, in the run's dtype."""
+    nchw = copy.deepcopy(module).to(device, dtype).eval()
+    cl = copy.deepcopy(module).to(device, dtype).to(memory_format=torch.channels_last).eval()
+
+    def channels_last(x: torch.Tensor) -> Any:
+        with cudnn_benchmark(True):
+            return cl(x.contiguous(memory_format=torch.channels_last))
+
+    return [Candidate("eager", nchw), Candidate("eager-channels-last", channels_last)]
+
+
+def compile_candidates(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> list[Candidate]:
+    """torch.compile anchors (static shapes). Build failures become candidates that carry their error."""
+    modes = _GPU_COMPILE_MODES if device.type == "cuda" else ("default",)
+    out = []
+    for mode in modes:
+        name = f"compile-{mode}"
+        try:
+            compiled = torch.compile(copy.deepcopy(module).to(device, dtype).eval(), mode=mode, dynamic=False)
+        except Exception as exc:
+            out.append(Candidate(name, _never, error=_one_line(exc), is_compile=True))
+            continue
+        if mode == "reduce-overhead":
+
+            def fn(x: torch.Tensor, compiled=compiled) -> Any:
+                torch.compiler.cudagraph_mark_step_begin()  # previous outputs may be overwritten: fine here
+                return compiled(x)
+        else:
+            fn = compiled
+        out.append(Candidate(name, fn, is_compile=True))
+    return out
+
+
+def _never(x: torch.Tensor) -> Any:
+    raise RuntimeError("candidate was not built")
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark run
+
+
+@dataclass
+class BenchConfig:
+    model: str
+    batches: Sequence[int] = (1, 8, 64, 256)
+    dtype: torch.dtype | None = None  # fp16 on CUDA, fp32 on the CPU
+    device: str | torch.device | None = None
+    image_size: int = 224
+    compare: Sequence[str] = ("eager",)
+    weights: Any = None
+    backend: str | None = None
+    repeats: int | None = None  # 50 on CUDA, 10 on the CPU
+    warmup: int | None = None  # 5 on CUDA, 2 on the CPU
+    compile_budget_s: float | None = None  # skip further torch.compile work once exceeded
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class BenchResult:
+    rows: list[dict[str, Any]]
+    env: dict[str, Any]
+    candidates: list[str] = field(default_factory=list)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated during one call"
+    fn()
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib / 1024, "process ru_maxrss high-water mark (cpu)"
+
+
+def resolve_device_dtype(config: BenchConfig) -> tuple[torch.device, torch.dtype]:
+    from .api import parse_dtype
+    from .errors import BackendUnavailableError
+
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError(
+            "--device cuda was requested but torch sees no CUDA GPU; use --device cpu"
+        )
+    dtype = (
+        parse_dtype(config.dtype)
+        if config.dtype is not None
+        else (torch.float16 if device.type == "cuda" else torch.float32)
+    )
+    unknown = set(config.compare) - set(ANCHORS)
+    if unknown:
+        raise ValueError(
+            f"--compare takes {', '.join(ANCHORS)} (comma-separated), got {', '.join(sorted(unknown))}"
+        )
+    if not config.batches or any(b < 1 for b in config.batches):
+        raise ValueError(f"batch sizes must be at least 1, got {list(config.batches)}")
+    if config.image_size < 32:
+        raise ValueError(f"--image-size must be at least 32 (five stride-2 stages), got {config.image_size}")
+    return device, dtype
+
+
+def load_timed(
+    config: BenchConfig, device: torch.device, dtype: torch.dtype, first_x: torch.Tensor
+) -> tuple[Any, torch.nn.Module, list[float]]:
+    """Load fastres twice, timing each load to its first result: (engine, float32 module, [cold, warm]).
+
+    Without weights the model is `make_calibrated_model` (realistic random weights; building it is not
+    timed, it plays the checkpoint) and the engine comes from `fastres.optimize` of that module, which
+    is also what the eager anchors run. With weights the anchors run `engine.reference()`.
+    """
+    import fastres
+
+    from .specs import MODEL_SPECS
+    from .testing import make_calibrated_model
+
+    if config.weights is None and config.model in MODEL_SPECS:
+        module = make_calibrated_model(config.model, seed=config.seed)
+        load = lambda: fastres.optimize(module, device=device, dtype=dtype, backend=config.backend)
+    else:
+        module = None
+        load = lambda: fastres.load(
+            config.model, config.weights, device=device, dtype=dtype, backend=config.backend
+        )
+    load_times = []
+    with torch.inference_mode():
+        for _ in range(2):  # cold (first in this process), then warm
+            engine = None  # the first engine is freed before the second load
+            start = time.perf_counter()
+            engine = load()
+            engine(first_x)
+            _sync(device)
+            load_times.append(time.perf_counter() - start)
+    return engine, (engine.reference() if module is None else module), load_times
+
+
+def anchor_candidates(
+    module: torch.nn.Module, device: torch.device, dtype: torch.dtype, compare: Sequence[str]
+) -> list[Candidate]:
+    out = []
+    if "eager" in compare:
+        out += eager_candidates(module, device, dtype)
+    if "compile" in compare:
+        out += compile_candidates(module, device, dtype)
+    return out
+
+
+def run_benchmark(config: BenchConfig, on_rows: Callable[[list[dict]], None] | None = None) -> BenchResult:
+    """Measure fastres against its anchors; `on_rows` gets all rows so far after each batch size."""
+    from .specs import MODEL_SPECS, get_spec
+
+    device, dtype = resolve_device_dtype(config)
+    if not os.path.exists(config.model):
+        get_spec(config.model)  # an unknown name fails here, listing the valid ones, before any work
+    on_gpu = device.type == "cuda"
+    repeats = config.repeats or (50 if on_gpu else 10)
+    warmup = config.warmup if config.warmup is not None else (5 if on_gpu else 2)
+    if repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {repeats}")
+    if on_gpu:
+        torch.cuda.init()
+        torch.empty(1, device=device)  # CUDA context up front: the cold load should not pay for it
+    size, batches = config.image_size, list(config.batches)
+    gen = torch.Generator().manual_seed(config.seed)
+    first_x = torch.randn(batches[0], 3, size, size, generator=gen).to(device, dtype)
+
+    engine, module, load_times = load_timed(config, device, dtype, first_x)
+    candidates = [Candidate("fastres", engine), *anchor_candidates(module, device, dtype, config.compare)]
+    names = [c.name for c in candidates]
+    anchors = names[1:]
+
+    env = environment(device)
+    weights = (
+        config.weights
+        if config.weights is not None
+        else ("random-calibrated" if config.model in MODEL_SPECS else config.model)
+    )
+    base = {
+        **env,
+        "model": engine.architecture.name,
+        "weights": str(weights),
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "backend": engine.backend_name,
+        "image_size": size,
+    }
+    timer = CudaEventTimer(device) if on_gpu else cpu_timer
+    compile_spent = 0.0
+    errors = {c.name: c.error for c in candidates if c.error}
+    rows: list[dict[str, Any]] = []
+    progress = Progress(
+        len(batches) * len(candidates) * (repeats + warmup + 1), f"bench {config.model}", config.progress
+    )
+    try:
+        for batch in batches:
+            x = (
+                first_x
+                if batch == batches[0]
+                else torch.randn(batch, 3, size, size, generator=gen).to(device, dtype)
+            )
+            first: dict[str, float] = {}
+            with torch.inference_mode():
+                for cand in candidates:
+                    if cand.name in errors:
+                        progress.update(warmup + 1)
+                        continue
+                    if (
+                        cand.is_compile
+                        and config.compile_budget_s is not None
+                        and compile_spent > config.compile_budget_s
+                    ):
+                        errors[cand.name] = (
+                            f"skipped: torch.compile budget of {config.compile_budget_s:g} s spent"
+                        )
+                        progress.update(warmup + 1)
+                        continue
+                    try:
+                        start = time.perf_counter()
+                        cand.fn(x)
+                        _sync(device)
+                        first[cand.name] = time.perf_counter() - start
+                        if cand.is_compile:
+                            compile_spent += first[cand.name]
+                        for _ in range(warmup):
+                            cand.fn(x)
+                        _sync(device)
+                    except Exception as exc:  # torch.compile failures and the like: a row, not a crash
+                        errors[cand.name] = _one_line(exc)
+                    progress.update(warmup + 1)
+                live = {c.name: (lambda c=c, x=x: c.fn(x)) for c in candidates if c.name not in errors}
+                samples, failed = measure_interleaved(live, repeats, timer, progress.update)
+                memory = {}
+                for cand in candidates:
+                    if cand.name in live and cand.name not in failed:
+                        memory[cand.name] = _peak_memory_mb(live[cand.name], device)
+            batch_errors = {**errors, **failed}
+            stats = {n: summarize(s) for n, s in samples.items() if s and n not in batch_errors}
+            for name in names:
+                row = {**base, "candidate": name, "batch": batch}
+                st = stats.get(name)
+                row.update(
+                    {
+                        "median_ms": st.median_ms if st else None,
+                        "p90_ms": st.p90_ms if st else None,
+                        "min_ms": st.min_ms if st else None,
+                        "samples": st.samples if st else 0,
+                        "throughput_img_s": batch / (st.median_ms / 1e3) if st else None,
+                        "first_result_s": first.get(name),
+                        "peak_mem_mb": memory[name][0] if name in memory else None,
+                        "mem_method": memory[name][1] if name in memory else None,
+                        "cold_load_s": load_times[0] if name == "fastres" else None,
+                        "warm_load_s": load_times[1] if name == "fastres" else None,
+                    }
+                )
+                ours = stats.get("fastres")
+                # fastres_speedup: this row's median / fastres's median (how much faster fastres is than it).
+                row["fastres_speedup"] = st.median_ms / ours.median_ms if st and ours else None
+                for anchor in anchors:
+                    other = stats.get(anchor)
+                    row[f"speedup_vs_{anchor}"] = (
+                        other.median_ms / ours.median_ms if name == "fastres" and other and ours else None
+                    )
+                row["error"] = batch_errors.get(name)
+                rows.append(row)
+            if on_rows is not None:
+                on_rows(rows)
+    finally:
+        progress.close()
+    return BenchResult(rows, env, names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: table, CSV, JSON, plot
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = ("batch", "candidate", "median ms", "p90 ms", "img/s", "fastres x", "first s", "peak MB", "note")
+    body = []
+    for r in rows:
+        body.append(
+            (
+                str(r["batch"]),
+                r["candidate"],
+                _fmt(r["median_ms"], ".3f"),
+                _fmt(r["p90_ms"], ".3f"),
+                _fmt(r["throughput_img_s"], ",.1f"),
+                _fmt(r["fastres_speedup"], ".2f"),
+                _fmt(r["first_result_s"], ".2f"),
+                _fmt(r["peak_mem_mb"], ",.0f"),
+                r["error"] or "",
+            )
+        )
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header) - 1)]
+    line = lambda row: "  ".join(
+        [c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(row[:-1], widths, strict=True))]
+        + [row[-1]]
+    ).rstrip()
+    out = [line(header), line(tuple("-" * w for w in widths) + ("",))]
+    for i, row in enumerate(body):
+        if i and rows[i]["batch"] != rows[i - 1]["batch"]:
+            out.append("")
+        out.append(line(row))
+    return "\n".join(out)
+
+
+def describe_run(rows: list[dict[str, Any]]) -> str:
+    r = rows[0]
+    fast = next(x for x in rows if x["candidate"] == "fastres")
+    return (
+        f"{r['model']} ({r['weights']}) {r['dtype']} on {r['device']} [{r['device_name']}], "
+        f"backend {r['backend']}, image {r['image_size']}px; torch {r['torch']}, triton {r['triton']}, "
+        f"fastres {r['fastres']} ({r['git_rev'] or 'no git'}), {r['date_utc']}\n"
+        f"load to first result: cold {_fmt(fast['cold_load_s'], '.2f')} s, "
+        f"warm {_fmt(fast['warm_load_s'], '.2f')} s; "
+        f"'fastres x' = candidate median / fastres median; memory: {fast['mem_method']}"
+    )
+
+
+def write_results(
+    rows: list[dict[str, Any]], out_dir: str | os.PathLike, stem: str, plot: bool = True
+) -> tuple[list[Path], str | None]:
+    """CSV, JSON and (matplotlib permitting) a PNG into out_dir; returns the paths and a note if no plot."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    csv_path, json_path = out / f"{stem}.csv", out / f"{stem}.json"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    json_path.write_text(json.dumps(rows, indent=1) + "\n")
+    paths, note = [csv_path, json_path], None
+    if plot:
+        png, note = plot_results(rows, out / f"{stem}.png")
+        if png is not None:
+            paths.append(png)
+    return paths, note
+
+
+def plot_results(rows: list[dict[str, Any]], path: Path) -> tuple[Path | None, str | None]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None, "no plot: matplotlib is not installed (pip install fastres[plot] gives the plot)"
+    fig, (lat, thr) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in dict.fromkeys(r["candidate"] for r in rows):
+        pts = [
+            (r["batch"], r["median_ms"], r["throughput_img_s"])
+            for r in rows
+            if r["candidate"] == name and r["median_ms"] is not None
+        ]
+        if pts:
+            b, ms, ips = zip(*pts, strict=True)
+            lat.plot(b, ms, marker="o", label=name)
+            thr.plot(b, ips, marker="o", label=name)
+    batches = sorted({r["batch"] for r in rows})
+    for ax, label in ((lat, "median latency (ms)"), (thr, "throughput (img/s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    lat.set_yscale("log")
+    lat.legend(fontsize=8)
+    r = rows[0]
+    fig.suptitle(f"{r['model']} {r['dtype']} on {r['device_name']} ({r['date_utc']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path, None
+
+
+def result_stem(model: str, device: str, dtype: str) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"bench_{model}_{device.replace(':', '')}_{dtype}_{stamp}"

@@ -1,0 +1,385 @@
+"""The `fastres` command line (also `python -m fastres`): bench, info, check, compile-report.
+
+Argument parsing only; the work lives in fastres.bench, fastres.compile_report and the engine. Errors a
+user can fix (unknown model, bad dtype, missing file, no GPU) are one line on stderr and exit status 2;
+a failed parity check or compile report exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from importlib import metadata
+
+import torch
+
+from . import __version__
+from .errors import FastresError
+
+DTYPES = ("fp16", "bf16", "fp32")
+DRIFT_FACTOR = 10  # a layer whose error exceeds this multiple of the first layer's is where drift starts
+PARITY_FACTOR, PARITY_FLOOR = 2.0, 5e-6  # check fails when fastres's error > max(2x eager's, 5e-6)
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the caller prints them) instead of usage + message."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _version() -> str:
+    try:
+        triton = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        triton = "not installed"
+    return f"fastres {__version__} (torch {torch.__version__}, triton {triton})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fastres",
+        description="Torchvision ResNets through fused Triton kernels: benchmark, inspect, check, compile.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_examples(
+            "fastres bench resnet50 --batch 1 8 64 256 --dtype fp16 --compare eager,compile",
+            "fastres info resnet50 --batch 8",
+            "fastres check resnet50 --weights resnet50.pth",
+            "fastres compile-report resnet50 --arch sm_90 --dtype fp16",
+            "run 'fastres COMMAND --help' for each command's options",
+        ),
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    def common(p: argparse.ArgumentParser, batch_default, dtype_help: str) -> None:
+        p.add_argument("model", help="a model name (resnet18 ... wide_resnet101_2) or a checkpoint path")
+        p.add_argument("--dtype", choices=DTYPES, help=dtype_help)
+        p.add_argument(
+            "--image-size", type=int, default=224, metavar="PX", help="square input size (default 224)"
+        )
+
+    bench = sub.add_parser(
+        "bench",
+        formatter_class=fmt,
+        help="time fastres against eager PyTorch (and torch.compile) in one interleaved run",
+        description="Time fastres against its anchors in one run, measurements interleaved round-robin:\n"
+        "eager PyTorch in the same dtype (NCHW, and channels-last with cudnn.benchmark on) and, with\n"
+        "--compare ...,compile, torch.compile. Without --weights the network has realistic random\n"
+        "weights (calibrated BatchNorm). Writes a table to stdout and CSV, JSON and a PNG plot to --out.",
+        epilog=_examples(
+            "fastres bench resnet50 --batch 1 8 64 256 --dtype fp16 --compare eager,compile",
+            "fastres bench resnet18 --device cpu --batch 1 4",
+            "fastres bench resnet50 --weights resnet50.pth --batch 64 --repeats 100 --out results/",
+        ),
+    )
+    common(bench, None, "compute dtype (default fp16 on CUDA, fp32 on the CPU)")
+    bench.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=[1, 8, 64, 256],
+        metavar="N",
+        help="batch sizes (default 1 8 64 256)",
+    )
+    bench.add_argument("--device", choices=("cuda", "cpu"), help="default cuda when available, else cpu")
+    bench.add_argument(
+        "--compare",
+        default="eager",
+        metavar="LIST",
+        help="anchors, comma-separated: eager, compile, or none (default eager)",
+    )
+    bench.add_argument("--weights", metavar="W", help="checkpoint path or torchvision weight name")
+    bench.add_argument(
+        "--backend",
+        choices=("triton", "torch", "reference"),
+        help="fastres backend (default triton on CUDA, torch on the CPU)",
+    )
+    bench.add_argument(
+        "--repeats", type=int, metavar="N", help="timed calls per candidate (default 50 CUDA, 10 CPU)"
+    )
+    bench.add_argument(
+        "--warmup", type=int, metavar="N", help="untimed calls per candidate (default 5 CUDA, 2 CPU)"
+    )
+    bench.add_argument(
+        "--compile-budget",
+        type=float,
+        metavar="S",
+        help="stop starting torch.compile work once it has taken S seconds in all",
+    )
+    bench.add_argument(
+        "--out",
+        default="fastres-results",
+        metavar="DIR",
+        help="where CSV, JSON and the plot go (default ./fastres-results/)",
+    )
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    info = sub.add_parser(
+        "info",
+        formatter_class=fmt,
+        help="print the fused-op plan with FLOPs and memory traffic",
+        description="Print the fused-op table of a model for one input size, with FLOPs and bytes per op\n"
+        "and the totals against eager execution. Needs only shapes: no weights are read for a name.",
+        epilog=_examples(
+            "fastres info resnet50",
+            "fastres info resnext50_32x4d --batch 64 --dtype bf16",
+            "fastres info checkpoints/best.pt   # architecture inferred from the checkpoint",
+        ),
+    )
+    common(info, 1, "element size for the byte counts (default fp16)")
+    info.add_argument("--batch", type=int, default=1, metavar="N", help="batch size (default 1)")
+    info.add_argument("--num-classes", type=int, default=1000, metavar="K", help="classifier size for a name")
+
+    check = sub.add_parser(
+        "check",
+        formatter_class=fmt,
+        help="parity against a float64 reference, with a per-layer drift report",
+        description="Compare fastres's logits with the reference run in float64, beside eager PyTorch's\n"
+        "own error in the same dtype, and show per layer where the error grows. Exit status 1 when\n"
+        f"fastres's relative error exceeds {PARITY_FACTOR:g}x eager's (and {PARITY_FLOOR:g}).",
+        epilog=_examples(
+            "fastres check resnet50",
+            "fastres check resnet18 --device cpu --batch 2 --image-size 64",
+            "fastres check resnet50 --weights resnet50.pth --images batch.pt --dtype bf16",
+        ),
+    )
+    common(check, 4, "compute dtype (default fp16 on CUDA, fp32 on the CPU)")
+    check.add_argument("--batch", type=int, default=4, metavar="N", help="random images (default 4)")
+    check.add_argument("--device", choices=("cuda", "cpu"), help="default cuda when available, else cpu")
+    check.add_argument("--weights", metavar="W", help="checkpoint path or torchvision weight name")
+    check.add_argument("--backend", choices=("triton", "torch", "reference"), help="fastres backend")
+    check.add_argument(
+        "--images",
+        metavar="FILE.pt",
+        help="a saved N x 3 x H x W float tensor (normalised) instead of random images",
+    )
+    check.add_argument("--seed", type=int, default=0, help="seed of the random weights and images")
+
+    report = sub.add_parser(
+        "compile-report",
+        formatter_class=fmt,
+        help="compile every kernel for a GPU that is not here; registers, spills, shared memory",
+        description="Compile ahead of time, without a GPU, every distinct Triton kernel the model launches\n"
+        "for one input size, and report registers, spill bytes, shared memory and (sm_90) wgmma use.\n"
+        "Exit status 1 if any kernel fails to compile or spills. Runs without TRITON_INTERPRET.",
+        epilog=_examples(
+            "fastres compile-report resnet50 --arch sm_90 --dtype fp16",
+            "fastres compile-report resnext50_32x4d --arch sm_80 --dtype bf16 --batch 1",
+        ),
+    )
+    report.add_argument("model", help="a model name")
+    report.add_argument("--arch", required=True, help="sm_90 or sm_80 (also sm_86, sm_89)")
+    report.add_argument("--dtype", choices=DTYPES, required=True, help="compute dtype")
+    report.add_argument("--batch", type=int, default=8, metavar="N", help="batch size (default 8)")
+    report.add_argument(
+        "--image-size", type=int, default=224, metavar="PX", help="square input size (default 224)"
+    )
+    report.add_argument("--out", metavar="DIR", help="also write the report as JSON into DIR")
+    report.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def _dtype(name: str | None):
+    from .api import parse_dtype
+
+    return None if name is None else parse_dtype(name)
+
+
+def cmd_bench(args) -> int:
+    from .bench import BenchConfig, describe_run, format_table, result_stem, run_benchmark, write_results
+
+    compare = [c.strip() for c in args.compare.split(",") if c.strip() and c.strip() != "none"]
+    config = BenchConfig(
+        model=args.model,
+        batches=args.batch,
+        dtype=_dtype(args.dtype),
+        device=args.device,
+        image_size=args.image_size,
+        compare=compare,
+        weights=args.weights,
+        backend=args.backend,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        compile_budget_s=args.compile_budget,
+        progress=not args.no_progress,
+    )
+    stem: list[str] = []
+
+    def save_partial(rows) -> None:  # after every batch size: a killed run still leaves its results
+        if not stem:
+            stem.append(result_stem(rows[0]["model"], rows[0]["device"], rows[0]["dtype"]))
+        write_results(rows, args.out, stem[0], plot=False)
+
+    rows = run_benchmark(config, on_rows=save_partial).rows
+    print(describe_run(rows))
+    print(format_table(rows))
+    paths, note = write_results(rows, args.out, stem[0])
+    print("wrote " + ", ".join(map(str, paths)))
+    if note:
+        print(note)
+    failed = [r for r in rows if r["candidate"] == "fastres" and r["error"]]
+    for r in failed:
+        print(f"fastres: error: fastres failed at batch {r['batch']}: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_info(args) -> int:
+    from .checkpoints import resolve_model
+    from .planner import plan_resnet
+    from .reference import build_resnet
+    from .specs import MODEL_SPECS, get_spec
+
+    if args.batch < 1 or args.image_size < 1:
+        raise ValueError(
+            f"--batch and --image-size must be at least 1, got {args.batch} and {args.image_size}"
+        )
+    if args.model not in MODEL_SPECS and os.path.exists(args.model):
+        arch, state_dict = resolve_model(args.model)
+        spec, num_classes = arch.spec, arch.num_classes
+    else:
+        spec, num_classes = get_spec(args.model), args.num_classes
+        with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
+            state_dict = build_resnet(spec, num_classes).state_dict()
+    plan = plan_resnet(spec, num_classes, state_dict)
+    print(plan.describe(args.batch, args.image_size, args.image_size, _dtype(args.dtype or "fp16")))
+    return 0
+
+
+def _load_images(path: str) -> torch.Tensor:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--images file not found: {path}")
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(data, dict):
+        tensors = [v for v in data.values() if isinstance(v, torch.Tensor)]
+        data = data.get("images", tensors[0] if len(tensors) == 1 else None)
+    if not isinstance(data, torch.Tensor):
+        raise ValueError(f"{path} must hold one tensor of images N x 3 x H x W (or a dict with key 'images')")
+    return data
+
+
+def format_layer_report(layers, width: int = 30) -> str:
+    """One line per op: its relative error and a log-scale bar; marks where drift starts."""
+    errors = [e.relative_error for e in layers]
+    positive = [e for e in errors if e > 0]
+    if not positive:
+        return "per-layer relative error: every op matches the float64 plan exactly"
+    lo, hi = math.log10(min(positive)), math.log10(max(positive))
+    baseline = next(e for e in errors if e > 0)
+    start = next((i for i, e in enumerate(errors) if e > DRIFT_FACTOR * baseline), None)
+    name_w = max(len(e.op) for e in layers)
+    kind_w = max(len(e.kind) for e in layers)
+    out = [
+        f"per-layer relative error vs the same plan in float64 (bar: log scale {min(positive):.1e} .. "
+        f"{max(positive):.1e}; drift starts at the first op above {DRIFT_FACTOR}x the first op's error)"
+    ]
+    for i, e in enumerate(layers):
+        n = (
+            0
+            if e.relative_error <= 0
+            else 1 + round((width - 1) * (math.log10(e.relative_error) - lo) / max(hi - lo, 1e-9))
+        )
+        mark = f"  <- drift starts ({e.relative_error / baseline:.0f}x {layers[0].op})" if i == start else ""
+        bar = "#" * n
+        out.append(
+            f"  {e.op:<{name_w}}  {e.kind:<{kind_w}}  {e.relative_error:9.2e}  {bar:<{width}}{mark}".rstrip()
+        )
+    if start is None:
+        out.append(f"  no op exceeds {DRIFT_FACTOR}x the first op's error: no drift")
+    return "\n".join(out)
+
+
+def cmd_check(args) -> int:
+    import fastres
+
+    from .specs import MODEL_SPECS
+    from .testing import make_calibrated_model, random_images
+
+    dtype = _dtype(args.dtype)
+    if args.weights is None and args.model in MODEL_SPECS:
+        module = make_calibrated_model(args.model, seed=args.seed)
+        engine = fastres.optimize(module, device=args.device, dtype=dtype, backend=args.backend)
+        source = "random weights with calibrated BatchNorm"
+    else:
+        if args.model not in MODEL_SPECS and not os.path.exists(args.model):
+            fastres.get_spec(args.model)  # one-line UnknownModelError listing the names
+        engine = fastres.load(args.model, args.weights, device=args.device, dtype=dtype, backend=args.backend)
+        source = f"weights {args.weights or args.model}"
+    if args.images:
+        x = _load_images(args.images)
+    else:
+        if args.batch < 1 or args.image_size < 32:
+            raise ValueError(
+                f"need --batch >= 1 and --image-size >= 32, got {args.batch} and {args.image_size}"
+            )
+        x = random_images(args.batch, args.image_size, args.image_size, seed=args.seed)
+    print(f"{engine!r}; {source}; input {'x'.join(map(str, x.shape))}")
+    result = engine.check(x)
+    print(result)
+    print(format_layer_report(engine.layer_errors(x)))
+    bound = max(PARITY_FACTOR * result.eager_relative_error, PARITY_FLOOR)
+    ok = result.relative_error <= bound
+    print(
+        f"{'PASS' if ok else 'FAIL'}: fastres relative error {result.relative_error:.3e} "
+        f"{'<=' if ok else '>'} {bound:.3e} (max of {PARITY_FACTOR:g}x eager's, {PARITY_FLOOR:g})"
+    )
+    return 0 if ok else 1
+
+
+def cmd_compile_report(args, argv: list[str]) -> int:
+    from . import compile_report
+
+    compile_report.parse_arch(args.arch)  # bad input fails here, in this process, as one line
+    if compile_report.interpreter_enabled():
+        return compile_report.rerun_without_interpreter(argv)
+    return compile_report.run(
+        args.model,
+        args.arch,
+        _dtype(args.dtype),
+        args.batch,
+        args.image_size,
+        args.out,
+        progress=not args.no_progress,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # --help and --version
+            return int(exc.code or 0)
+        if args.command == "bench":
+            return cmd_bench(args)
+        if args.command == "info":
+            return cmd_info(args)
+        if args.command == "check":
+            return cmd_check(args)
+        return cmd_compile_report(args, argv)
+    except (UsageError, FastresError, ValueError, FileNotFoundError) as exc:
+        message = str(exc).strip().splitlines() or [type(exc).__name__]
+        print(f"fastres: error: {message[0]}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastres: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

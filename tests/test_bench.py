@@ -1,0 +1,156 @@
+"""The bench harness (fastres/bench.py): statistics, interleaving, row metadata, output files."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from fastres import bench
+
+
+@pytest.mark.parametrize(
+    "samples, median, p90",
+    [
+        pytest.param([5.0], 5.0, 5.0, id="one"),
+        pytest.param([1.0, 2.0], 1.5, 1.9, id="two"),
+        pytest.param([float(i) for i in range(1, 11)], 5.5, 9.1, id="1-to-10"),
+        pytest.param([9.0, 1.0, 5.0, 3.0, 7.0], 5.0, 8.2, id="unsorted"),
+        pytest.param([float(i) for i in range(101)], 50.0, 90.0, id="0-to-100"),
+    ],
+)
+def test_percentiles_of_known_samples(samples, median, p90):
+    assert bench.percentile(samples, 50) == pytest.approx(median)
+    assert bench.percentile(samples, 90) == pytest.approx(p90)
+
+
+def test_summarize_reports_milliseconds():
+    stats = bench.summarize([0.001, 0.002, 0.003, 0.010])
+    assert stats.median_ms == pytest.approx(2.5)
+    assert stats.p90_ms == pytest.approx(7.9)
+    assert stats.min_ms == pytest.approx(1.0)
+    assert stats.samples == 4
+
+
+def test_percentile_of_nothing_is_an_error():
+    with pytest.raises(ValueError):
+        bench.percentile([], 50)
+
+
+def test_interleaved_order_rotates_the_first_candidate():
+    assert bench.interleaved_order(["a", "b", "c"], 3) == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+
+
+def test_measure_interleaved_runs_round_robin_and_drops_a_failing_candidate():
+    calls: list[str] = []
+
+    def make(name, fail_at=None):
+        def fn():
+            calls.append(name)
+            if fail_at is not None and calls.count(name) == fail_at:
+                raise RuntimeError("boom\nsecond line")
+
+        return fn
+
+    fake_clock = iter(range(1, 1000))
+    timer = lambda fn: (fn(), next(fake_clock))[1]
+    samples, errors = bench.measure_interleaved(
+        {"fastres": make("fastres"), "eager": make("eager"), "bad": make("bad", fail_at=2)}, 3, timer
+    )
+    assert calls == ["fastres", "eager", "bad", "eager", "bad", "fastres", "fastres", "eager"]
+    # The fake clock advances once per completed call; the failing call is not timed.
+    assert samples["fastres"] == [1, 5, 6] and samples["eager"] == [2, 4, 7] and samples["bad"] == [3]
+    assert errors == {"bad": "RuntimeError: boom"}
+
+
+def test_environment_has_the_record_fields():
+    env = bench.environment(torch.device("cpu"))
+    for key in ("device_name", "torch", "triton", "fastres", "git_rev", "date_utc"):
+        assert key in env
+    assert env["torch"] == torch.__version__ and env["date_utc"].endswith("+00:00")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tests check plumbing, not speed; two OpenMP threads on a loaded 2-core machine make every
+    call many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    config = bench.BenchConfig(
+        "resnet18", batches=[1, 2], device="cpu", image_size=32, repeats=2, warmup=0, progress=False
+    )
+    return bench.run_benchmark(config), tmp_path_factory.mktemp("bench")
+
+
+def test_rows_carry_metadata_and_timings(tiny_run):
+    result, _ = tiny_run
+    rows = result.rows
+    assert [(r["batch"], r["candidate"]) for r in rows] == [
+        (b, c) for b in (1, 2) for c in ("fastres", "eager", "eager-channels-last")
+    ]
+    for r in rows:
+        for key in (
+            "device_name",
+            "torch",
+            "triton",
+            "fastres",
+            "git_rev",
+            "date_utc",
+            "dtype",
+            "device",
+            "backend",
+            "median_ms",
+            "p90_ms",
+            "throughput_img_s",
+            "peak_mem_mb",
+            "mem_method",
+        ):
+            assert key in r, key
+        assert r["error"] is None and r["samples"] == 2
+        assert r["p90_ms"] >= r["median_ms"] > 0
+        assert r["dtype"] == "float32" and r["device"] == "cpu" and r["backend"] == "torch"
+    fast = [r for r in rows if r["candidate"] == "fastres"]
+    assert all(r["cold_load_s"] > 0 and r["warm_load_s"] > 0 and r["fastres_speedup"] == 1.0 for r in fast)
+    assert all(r["speedup_vs_eager"] > 0 for r in fast)
+
+
+def test_compile_failure_is_a_row_not_a_crash(monkeypatch):
+    def broken_compile(module, **kwargs):
+        def run(x):
+            raise RuntimeError("inductor exploded\ntraceback lines")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    config = bench.BenchConfig(
+        "resnet18",
+        batches=[1],
+        device="cpu",
+        image_size=32,
+        compare=["compile"],
+        repeats=1,
+        warmup=0,
+        progress=False,
+    )
+    rows = bench.run_benchmark(config).rows
+    assert [r["candidate"] for r in rows] == ["fastres", "compile-default"]
+    assert rows[0]["error"] is None and rows[0]["median_ms"] > 0
+    assert rows[1]["error"] == "RuntimeError: inductor exploded" and rows[1]["median_ms"] is None
+
+
+def test_write_results_gives_parsable_csv_and_json(tiny_run):
+    result, out = tiny_run
+    paths, _ = bench.write_results(result.rows, out, "run", plot=False)
+    with open(out / "run.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(result.rows) and table[0]["candidate"] == "fastres"
+    assert json.loads((out / "run.json").read_text())[0]["model"] == "resnet18"
+    assert "speedup_vs_eager-channels-last" in table[0]
+    text = bench.format_table(result.rows)
+    assert "eager-channels-last" in text and "median ms" in text

@@ -1,0 +1,91 @@
+"""`fastres compile-report`: ahead-of-time compilation for a GPU that is not here, in a child process.
+
+The test session runs with TRITON_INTERPRET=1 on machines without a GPU (tests/conftest.py), and kernels
+cannot be compiled under the interpreter, so the report runs in a subprocess with the variable removed.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastres.compile_report import parse_arch
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("fastres.kernels.aot") is None,
+    reason="fastres.kernels.aot is not importable yet",
+)
+
+
+def _env_without_interpreter():
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+@pytest.mark.parametrize(
+    "text, arch",
+    [
+        pytest.param("sm_90", 90, id="sm_90"),
+        pytest.param("sm80", 80, id="sm80"),
+        pytest.param("SM_90", 90, id="upper"),
+    ],
+)
+def test_parse_arch(text, arch):
+    assert parse_arch(text) == arch
+
+
+def test_parse_arch_rejects_unknown():
+    with pytest.raises(ValueError, match="sm_90"):
+        parse_arch("sm_70")
+
+
+def test_small_report_compiles_without_spills(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastres",
+        "compile-report",
+        "resnet18",
+        "--arch",
+        "sm_80",
+        "--dtype",
+        "fp16",
+        "--batch",
+        "1",
+        "--image-size",
+        "64",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env_without_interpreter(), timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[-2].startswith("distinct kernels compiled: ") and "failed: 0; spilling: 0" in lines[-2]
+    assert lines[-1].startswith("total compile time: ")
+    assert "conv7x7_s2_3to64" in done.stdout and "head_" in done.stdout
+    assert list(tmp_path.glob("compile_report_resnet18_sm80_float16.json"))
+
+
+def test_report_reruns_itself_without_the_interpreter(tmp_path):
+    env = {**_env_without_interpreter(), "TRITON_INTERPRET": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastres",
+        "compile-report",
+        "resnet18",
+        "--arch",
+        "sm_80",
+        "--dtype",
+        "fp32",
+        "--batch",
+        "1",
+        "--image-size",
+        "32",
+        "--no-progress",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "TRITON_INTERPRET is set" in done.stderr and "distinct kernels compiled" in done.stdout
