@@ -57,12 +57,19 @@ class KernelSpec:
     num_stages: int
     name: str
     config: str
+    maxnreg: int | None = None  # register cap handed to ptxas, when the config sets one
 
     def signature_dict(self) -> dict[str, str]:
         return dict(self.signature)
 
     def constexpr_dict(self) -> dict[str, Any]:
         return dict(self.constexprs)
+
+    def compile_options(self) -> dict[str, int]:
+        options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg is not None:
+            options["maxnreg"] = self.maxnreg
+        return options
 
     def attrs_dict(self) -> dict[tuple[int], list[list[Any]]]:
         return {(i,): [["tt.divisibility", 16]] for i in self.divisible_args}
@@ -88,6 +95,12 @@ def _param_names(fn) -> list[str]:
     return list(inspect.signature(fn.fn).parameters)
 
 
+def _do_not_specialize(fn, names: list[str]) -> set[str]:
+    """Parameter names the kernel exempts from value specialization (given by name or index)."""
+    listed = getattr(fn, "do_not_specialize", None) or getattr(fn, "kwargs", {}).get("do_not_specialize", ())
+    return {names[item] if isinstance(item, int) else item for item in listed}
+
+
 def make_spec(
     fn,
     args: dict[str, Any],
@@ -95,6 +108,7 @@ def make_spec(
     *,
     num_warps: int,
     num_stages: int,
+    maxnreg: int | None = None,
     name: str,
     config: str,
 ) -> KernelSpec:
@@ -107,6 +121,7 @@ def make_spec(
     unknown = (set(args) | set(constexprs)) - set(names)
     if missing or unknown:
         raise ValueError(f"{name}: args do not match kernel params (missing {missing}, unknown {unknown})")
+    unspecialized = _do_not_specialize(fn, names)
     signature, consts, divisible = [], dict(constexprs), []
     for i, pname in enumerate(names):
         if pname in constexprs:
@@ -122,6 +137,8 @@ def make_spec(
                 divisible.append(i)
         elif isinstance(value, bool):
             signature.append((pname, "u1"))
+        elif isinstance(value, int) and pname in unspecialized:
+            signature.append((pname, "i32" if -_INT32_MAX - 1 <= value <= _INT32_MAX else "i64"))
         elif isinstance(value, int):
             if value == 1:  # Triton turns an int argument equal to 1 into a constexpr
                 signature.append((pname, "constexpr"))
@@ -141,6 +158,7 @@ def make_spec(
         divisible_args=tuple(divisible),
         num_warps=num_warps,
         num_stages=num_stages,
+        maxnreg=maxnreg,
         name=name,
         config=config,
     )
@@ -178,7 +196,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> KernelStats:
         kernel = triton.compile(
             src,
             target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+            options=spec.compile_options(),
         )
         cubin = kernel.asm["cubin"]
         stats.shared_mem_bytes = int(kernel.metadata.shared)

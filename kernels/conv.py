@@ -54,9 +54,17 @@ class ConvConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None  # register cap for ptxas; None lets ptxas choose
 
     def __str__(self) -> str:
-        return f"BM{self.block_m}_BN{self.block_n}_BK{self.block_k}_w{self.num_warps}_s{self.num_stages}"
+        cap = f"_r{self.maxnreg}" if self.maxnreg else ""
+        return f"BM{self.block_m}_BN{self.block_n}_BK{self.block_k}_w{self.num_warps}_s{self.num_stages}{cap}"
+
+    def launch_options(self) -> dict[str, int]:
+        options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg is not None:
+            options["maxnreg"] = self.maxnreg
+        return options
 
 
 # Config table: (arch family, operand width, layer kind) -> tile config. Chosen by rule, never autotuned.
@@ -77,9 +85,14 @@ CONV_CONFIGS: dict[tuple[str, str, str], ConvConfig] = {
     ("sm80", "16bit", "gather"): ConvConfig(128, 64, 32, 4, 3),
     # fp32: IEEE fp32 `tl.dot` runs on FMA units with operands in registers (no tensor cores), so the
     # tile is small enough to stay below ~140 registers without spills on sm_80 and sm_90; one entry
-    # for every layer kind.
-    ("sm90", "fp32", "any"): ConvConfig(64, 64, 16, 4, 3),
+    # for every layer kind but the stem. On sm_90 ptxas left these tiles at 96 registers with a few
+    # spill stores (STL in the SASS); a cap of 128 lets it allocate 108-120 registers and no spills.
+    ("sm90", "fp32", "any"): ConvConfig(64, 64, 16, 4, 3, maxnreg=128),
     ("sm80", "fp32", "any"): ConvConfig(64, 64, 16, 4, 3),
+    # The stem's per-element (r, s, c) decode with runtime image sizes spilled at 3 stages on sm_80
+    # (and on sm_90 under the 128-register cap, while uncapped it takes 156 registers and no spills).
+    ("sm90", "fp32", "gather"): ConvConfig(64, 64, 16, 4, 2),
+    ("sm80", "fp32", "gather"): ConvConfig(64, 64, 16, 4, 2),
     # Triton's interpreter pays per program instance and per loop step: the largest tiles, fewest steps.
     ("interp", "any", "any"): ConvConfig(128, 128, 64, 4, 1),
 }
@@ -116,7 +129,9 @@ def _supergroup_factor(groups: int, cg_in: int, ng: int) -> int:
     return p
 
 
-@triton.jit
+# Spatial sizes and the pixel count only bound masks and offsets (channel strides stay specialized
+# for vector loads), so they are not specialized: one binary serves every batch and image size.
+@triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW"])
 def _conv_kernel(
     # pointers
     x_ptr,
@@ -344,7 +359,8 @@ class ConvLayer:
         else:
             family = "sm90" if arch >= 90 else "sm80"
             if self.dtype == torch.float32:
-                base = CONV_CONFIGS[(family, "fp32", "any")]
+                kind = "gather" if self.gather_cg else "any"
+                base = CONV_CONFIGS[(family, "fp32", kind)]
             else:
                 base = CONV_CONFIGS[(family, "16bit", self.kind(input_shape_nhwc))]
         return self.clip_config(base)
@@ -354,7 +370,9 @@ class ConvLayer:
         block_n = min(config.block_n, _pow2_at_least_16(self.kernel_ng))
         k_extent = self.kernel_size[0] * self.kernel_size[1] * self.gather_cg or self.kernel_cg
         block_k = min(config.block_k, _pow2_at_least_16(k_extent))
-        return ConvConfig(config.block_m, block_n, block_k, config.num_warps, config.num_stages)
+        return ConvConfig(
+            config.block_m, block_n, block_k, config.num_warps, config.num_stages, config.maxnreg
+        )
 
     def _kernel_args(self, x, residual, out, config: ConvConfig):
         """The launch's argument and constexpr dictionaries (tensors or aot.Pointer placeholders)."""
@@ -427,7 +445,7 @@ class ConvLayer:
         if x.numel() >= _INT32_LIMIT or out.numel() >= _INT32_LIMIT:
             raise ValueError("ConvLayer: tensors of 2**31 elements or more need int64 indexing (unsupported)")
         args, constexprs, grid = self._kernel_args(x, residual, out, config)
-        _conv_kernel[grid](**args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
+        _conv_kernel[grid](**args, **constexprs, **config.launch_options())
         return out
 
     def aot_specs(self, input_shape_nhwc, arch: int, config: ConvConfig | None = None) -> list[KernelSpec]:
@@ -451,6 +469,7 @@ class ConvLayer:
             constexprs,
             num_warps=config.num_warps,
             num_stages=config.num_stages,
+            maxnreg=config.maxnreg,
             name=name,
             config=str(config),
         )

@@ -32,7 +32,8 @@ HEAD_INTERP_CONFIG = (16, 128, 128, 4)  # the interpreter pays per loop step: wi
 HEAD_NUM_STAGES = 2  # the pixel loop's loads are independent: let Triton prefetch one ahead
 
 
-@triton.jit
+# Batch and pixel count only bound loops and masks: not specialized, so one binary fits all shapes.
+@triton.jit(do_not_specialize=["BATCH", "HW"])
 def _head_kernel(
     # pointers
     x_ptr,

@@ -25,7 +25,8 @@ POOL_BLOCK_P, POOL_BLOCK_C, POOL_NUM_WARPS = 32, 64, 4
 POOL_INTERP_BLOCK_P, POOL_INTERP_BLOCK_C = 256, 128
 
 
-@triton.jit
+# Sizes other than the channel count only bound masks: not specialized, so one binary fits all shapes.
+@triton.jit(do_not_specialize=["P", "H", "W", "OH", "OW"])
 def _max_pool_kernel(
     # pointers
     x_ptr,

@@ -115,9 +115,11 @@ def test_spec_follows_launch_specialization():
     assert {"x_ptr", "w_ptr", "bias_ptr", "res_ptr", "out_ptr", "C_IN", "C_OUT", "CG", "NG"} <= divisible
     assert "H" not in divisible  # 56 is not a multiple of 16
     assert spec.attrs_dict()[(names.index("C_IN"),)] == [["tt.divisibility", 16]]
-    # A 1x1 image: H == W == 1 become constexprs, as Triton specializes int arguments equal to 1.
+    # Channel counts equal to 1 would become constexprs, as Triton specializes int arguments equal to 1;
+    # the spatial sizes are exempt (do_not_specialize), so a 1x1 image reuses the same binary.
     (spec1,) = layer.aot_specs((1, 1, 1, 64), 90)
-    assert spec1.signature_dict()["H"] == "constexpr" and spec1.constexpr_dict()["H"] == 1
+    assert spec1.signature_dict()["H"] == "i32" and "H" not in spec1.constexpr_dict()
+    assert spec1.signature == spec.signature and spec1.divisible_args == spec.divisible_args
 
 
 def test_spec_matches_tritons_own_specializer():
@@ -125,7 +127,7 @@ def test_spec_matches_tritons_own_specializer():
     jit = pytest.importorskip("triton.runtime.jit")
     if not hasattr(jit, "native_specialize_impl"):
         pytest.skip("this Triton has no native_specialize_impl to compare with")
-    from fastres.kernels.aot import make_spec
+    from fastres.kernels.aot import _do_not_specialize, make_spec
     from fastres.kernels.conv import _conv_kernel
     from triton.backends.compiler import BaseBackend
 
@@ -137,7 +139,9 @@ def test_spec_matches_tritons_own_specializer():
     args, constexprs, _ = layer._kernel_args(x, torch.empty_like(out), out, layer.config_for(x.shape, 90))
     spec = make_spec(_conv_kernel, args, constexprs, num_warps=4, num_stages=3, name="t", config="c")
     names = [name for name, _ in spec.signature]
+    unspecialized = _do_not_specialize(_conv_kernel, names)
     for name, value in args.items():
-        kind, attr = jit.native_specialize_impl(BaseBackend, value, False, True, True)
+        specialize = name not in unspecialized
+        kind, attr = jit.native_specialize_impl(BaseBackend, value, False, specialize, True)
         assert spec.signature_dict()[name] == kind, name
         assert (names.index(name) in spec.divisible_args) == (attr == "D"), name

@@ -335,6 +335,7 @@ def test_not_a_checkpoint(tmp_path, content):
 
 
 def test_corrupt_safetensors(tmp_path):
+    pytest.importorskip("safetensors.torch", reason="optional extra not installed")
     path = tmp_path / "weights.safetensors"
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(CheckpointError, match="not a readable"):

@@ -57,7 +57,7 @@ def test_all_models_fp16_at_224_on_gpu(name):
     ours, eager = parity(engine, model, x, torch.float16, device="cuda")
     assert ours <= 2 * eager, f"fastres {ours:.3e} vs eager fp16 {eager:.3e}"
     with torch.inference_mode():
-        ref = model.double()(x.double())
+        ref = model.to("cuda", torch.float64)(x.cuda().double()).cpu()
         eager_logits = model.to("cuda", torch.float16)(x.cuda().half())
         model.float().cpu()
     assert _top1_agreement(engine(x), ref) >= _top1_agreement(eager_logits, ref)
