@@ -27,7 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastres import bench
+from fastres import bench, bench_report
 from fastres.graph import ConvOp
 from fastres.planner import plan_resnet
 from fastres.reference import build_resnet
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = compare_layers(args.model, args.batch, parse_dtype(args.dtype), args.image_size)
     print(format_rows(rows))
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    paths, _ = bench.write_results(
+    paths, _ = bench_report.write_results(
         rows, args.out, f"layers_{args.model}_b{args.batch}_{args.dtype}_{stamp}", plot=False
     )
     print("wrote " + ", ".join(map(str, paths)))

@@ -202,7 +202,8 @@ def _dtype(name: str | None):
 
 
 def cmd_bench(args) -> int:
-    from .bench import BenchConfig, describe_run, format_table, result_stem, run_benchmark, write_results
+    from .bench import BenchConfig, run_benchmark
+    from .bench_report import describe_run, format_table, result_stem, write_results
 
     compare = [c.strip() for c in args.compare.split(",") if c.strip() and c.strip() != "none"]
     config = BenchConfig(

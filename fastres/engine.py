@@ -78,37 +78,54 @@ class CheckResult:
 
 
 class _Runner:
-    """Static state for one input shape: the backend workspace and, on CUDA, a captured graph."""
+    """Static state for one input shape: the backend workspace and, on CUDA, a captured graph.
+
+    On CUDA all work on the static buffers runs on the runner's own stream, ordered against the
+    caller's stream on entry and exit, so callers on different streams cannot race on them.
+    """
 
     def __init__(self, backend: Backend, shape: tuple[int, int, int, int], use_cuda_graph: bool):
         self.backend = backend
+        self.device = backend.device
         self.workspace = backend.make_workspace(shape[0], shape[2], shape[3])
         self.lock = threading.Lock()
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.graph: torch.cuda.CUDAGraph | None = None
         if use_cuda_graph:
             self._capture(shape)
 
     def _capture(self, shape: tuple[int, int, int, int]) -> None:
-        device = self.backend.device
-        self.static_input = torch.randn(shape, device=device).to(self.backend.dtype)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
+        caller = torch.cuda.current_stream(self.device)
+        self.static_input = torch.randn(shape, device=self.device).to(self.backend.dtype)
+        self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
             for _ in range(2):  # compile kernels and settle allocations outside the capture
                 self.backend.run(self.static_input, self.workspace)
-        torch.cuda.current_stream(device).wait_stream(stream)
+        caller.wait_stream(self.stream)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: other threads may keep replaying their graphs while this one captures.
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.static_output = self.backend.run(self.static_input, self.workspace)
+        caller.synchronize()
+
+    def _run(self, x: Tensor) -> Tensor:
+        if self.graph is not None:
+            self.static_input.copy_(x)
+            self.graph.replay()
+            return self.static_output.clone()
+        out = self.backend.run(x, self.workspace)
+        return out.clone() if self.workspace is not None and _may_alias(out, self.workspace) else out
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.graph is None:
-            out = self.backend.run(x, self.workspace)
-            return out.clone() if self.workspace is not None and _may_alias(out, self.workspace) else out
-        self.static_input.copy_(x)
-        self.graph.replay()
-        return self.static_output.clone()
+        if self.stream is None:
+            return self._run(x)
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            out = self._run(x)
+        caller.wait_stream(self.stream)
+        out.record_stream(caller)  # the result's memory is used on the caller's stream from here on
+        return out
 
 
 def _may_alias(out: Tensor, workspace: Any) -> bool:
@@ -217,7 +234,10 @@ class Engine:
         model = self.reference().cpu()
         with torch.inference_mode():
             ref = model.double()(x.detach().cpu().double())
-            eager = model.to(self.device, self.dtype)(x.to(self.device, self.dtype)).double().cpu()
+            # Eager in the backend's layout: channels-last kernels round differently from NCHW ones.
+            layout = getattr(self.backend, "memory_format", torch.contiguous_format)
+            eager_model = model.to(self.device, self.dtype, memory_format=layout)
+            eager = eager_model(x.to(self.device, self.dtype).contiguous(memory_format=layout)).double().cpu()
         scale = ref.abs().max().item() or 1.0
         k = min(5, self.num_classes)
         top_ref = ref.topk(k, dim=1).indices

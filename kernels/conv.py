@@ -332,6 +332,7 @@ class ConvLayer:
         self.weight_packed = self.weight_packed.to(dtype).contiguous()
         self.bias = None if bias is None else bias.detach().to(torch.float32).contiguous().to(weight.device)
         self.gather_cg = self.kernel_cg if self.kernel_cg < 16 else 0
+        self._configs: dict[tuple, ConvConfig] = {}
 
     def __repr__(self) -> str:
         return (
@@ -421,7 +422,11 @@ class ConvLayer:
     ) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"ConvLayer: x must be a torch.Tensor, got {type(x).__name__}")
-        return self.launch(x, residual, out, config=self.config_for(tuple(x.shape), device_arch(x.device)))
+        key = (tuple(x.shape), device_arch(x.device))
+        config = self._configs.get(key)
+        if config is None:  # decided once per input shape: no table lookups on the hot path
+            config = self._configs[key] = self.config_for(*key)
+        return self.launch(x, residual, out, config=config)
 
     def launch(self, x, residual=None, out=None, *, config: ConvConfig) -> torch.Tensor:
         """`__call__` with an explicit tile config (used by the tests to run every table entry)."""

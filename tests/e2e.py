@@ -1,5 +1,7 @@
 """End-to-end parity measure shared by engine tests: judged against float64, relative to eager's own error."""
 
+import threading
+
 import torch
 from helpers import relative_error
 
@@ -37,3 +39,21 @@ def assert_parity(engine, model, x, dtype, device="cpu", floor: float = 5e-6) ->
     ours, eager = parity(engine, model, x, dtype, device)
     bound = max(2 * eager, floor)
     assert ours <= bound, f"fastres relative error {ours:.3e} > {bound:.3e} (eager {dtype}: {eager:.3e})"
+
+
+def assert_same_results_from_threads(engine, inputs: list[torch.Tensor], repeats: int = 3) -> None:
+    """One thread per input, each calling the engine `repeats` times: results equal the serial ones."""
+    expected = [engine(x) for x in inputs]
+    results: list = [None] * len(inputs)
+
+    def work(i):
+        for _ in range(repeats):
+            results[i] = engine(inputs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

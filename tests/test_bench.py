@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from fastres import bench
+from fastres import bench, bench_report
 
 
 @pytest.mark.parametrize(
@@ -146,11 +146,11 @@ def test_compile_failure_is_a_row_not_a_crash(monkeypatch):
 
 def test_write_results_gives_parsable_csv_and_json(tiny_run):
     result, out = tiny_run
-    paths, _ = bench.write_results(result.rows, out, "run", plot=False)
+    paths, _ = bench_report.write_results(result.rows, out, "run", plot=False)
     with open(out / "run.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == len(result.rows) and table[0]["candidate"] == "fastres"
     assert json.loads((out / "run.json").read_text())[0]["model"] == "resnet18"
     assert "speedup_vs_eager-channels-last" in table[0]
-    text = bench.format_table(result.rows)
+    text = bench_report.format_table(result.rows)
     assert "eager-channels-last" in text and "median ms" in text

@@ -1,11 +1,10 @@
 """Engine and torch backend on the CPU: parity for the whole family, input validation, ownership, threads."""
 
-import threading
 import warnings
 
 import pytest
 import torch
-from e2e import assert_parity, calibrated
+from e2e import assert_parity, assert_same_results_from_threads, calibrated
 
 import fastres
 from fastres.engine import validate_images
@@ -153,20 +152,7 @@ def test_concurrent_calls_from_threads():
     model = calibrated("resnet18", 10)
     engine = fastres.optimize(model, device="cpu")
     inputs = [random_images(2, 36, 36, seed=100 + i) for i in range(8)]
-    expected = [engine(x) for x in inputs]
-    results: list = [None] * 8
-
-    def work(i):
-        for _ in range(3):
-            results[i] = engine(inputs[i])
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for got, want in zip(results, expected):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert_same_results_from_threads(engine, inputs)
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):

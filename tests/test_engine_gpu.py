@@ -1,10 +1,8 @@
 """Engine on a CUDA GPU: torch backend parity, CUDA-graph replay across shapes, ownership, threads."""
 
-import threading
-
 import pytest
 import torch
-from e2e import assert_parity, calibrated
+from e2e import assert_parity, assert_same_results_from_threads, calibrated
 
 import fastres
 from fastres.testing import random_images
@@ -51,20 +49,7 @@ def test_results_are_owned_by_the_caller_on_cuda(backend):
 def test_eight_threads_on_cuda(backend):
     engine = fastres.optimize(calibrated("resnet18", 10), device="cuda", backend=backend)
     inputs = [random_images(2, 96, 96, seed=40 + i).cuda() for i in range(8)]
-    expected = [engine(x) for x in inputs]
-    results: list = [None] * 8
-
-    def work(i):
-        for _ in range(5):
-            results[i] = engine(inputs[i])
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for got, want in zip(results, expected):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert_same_results_from_threads(engine, inputs, repeats=5)
 
 
 def test_defaults_on_cuda():
