@@ -28,11 +28,12 @@ def test_triton_backend_matches_reference(name, dtype):
 
 
 @pytest.mark.interpreter
-def test_triton_backend_odd_image_and_batch():
+@pytest.mark.parametrize("size", [pytest.param((37, 29), id="37x29"), pytest.param((1, 1), id="1x1")])
+def test_triton_backend_odd_image_and_batch(size):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = calibrated("resnet18", 7)
     engine = fastres.optimize(model, device=device, dtype=torch.float32, backend="triton")
-    assert_parity(engine, model, random_images(3, 37, 29, seed=4), torch.float32, device=device)
+    assert_parity(engine, model, random_images(3, *size, seed=4), torch.float32, device=device)
 
 
 @pytest.mark.interpreter
