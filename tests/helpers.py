@@ -40,3 +40,10 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, rtol: float, what: str = 
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill an output buffer with NaN so a kernel that skips any element fails the comparison."""
     return t.fill_(float("nan"))
+
+
+# Every `fastres bench` result row names where and how it was measured, next to the timings.
+BENCH_ROW_COLUMNS = (
+    "device_name", "torch", "triton", "fastres", "git_rev", "date_utc", "dtype", "device", "backend",
+    "median_ms", "p90_ms", "throughput_img_s", "peak_mem_mb",
+)  # fmt: skip

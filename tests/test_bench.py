@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from helpers import BENCH_ROW_COLUMNS
 
 from fastres import bench, bench_report
 
@@ -95,22 +96,7 @@ def test_rows_carry_metadata_and_timings(tiny_run):
         (b, c) for b in (1, 2) for c in ("fastres", "eager", "eager-channels-last")
     ]
     for r in rows:
-        for key in (
-            "device_name",
-            "torch",
-            "triton",
-            "fastres",
-            "git_rev",
-            "date_utc",
-            "dtype",
-            "device",
-            "backend",
-            "median_ms",
-            "p90_ms",
-            "throughput_img_s",
-            "peak_mem_mb",
-            "mem_method",
-        ):
+        for key in (*BENCH_ROW_COLUMNS, "mem_method"):
             assert key in r, key
         assert r["error"] is None and r["samples"] == 2
         assert r["p90_ms"] >= r["median_ms"] > 0

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from helpers import BENCH_ROW_COLUMNS
 
 import fastres
 from fastres.cli import main
@@ -110,22 +111,7 @@ def test_bench_writes_csv_and_json(capsys, tmp_path, one_thread):
     assert [(r["batch"], r["candidate"]) for r in rows] == [
         (b, c) for b in ("1", "2") for c in ("fastres", "eager", "eager-channels-last")
     ]
-    for column in (
-        "median_ms",
-        "p90_ms",
-        "throughput_img_s",
-        "speedup_vs_eager",
-        "peak_mem_mb",
-        "device_name",
-        "torch",
-        "triton",
-        "fastres",
-        "git_rev",
-        "date_utc",
-        "dtype",
-        "device",
-        "backend",
-    ):
+    for column in (*BENCH_ROW_COLUMNS, "speedup_vs_eager"):
         assert column in rows[0], column
     assert all(float(r["median_ms"]) > 0 and r["samples"] == "3" for r in rows)
     data = json.loads(json_files[0].read_text())
