@@ -66,7 +66,12 @@ def _resolve_device_dtype_backend(device, dtype, backend) -> tuple[torch.device,
 def _build_engine(arch: Architecture, state_dict, device, dtype, backend, engine_options) -> Engine:
     device, dtype, backend = _resolve_device_dtype_backend(device, dtype, backend)
     plan = plan_resnet(arch.spec, arch.num_classes, state_dict)
+    allow_tf32 = bool(engine_options.pop("allow_tf32", False))
     options = {}
+    if allow_tf32:
+        if dtype != torch.float32 or backend == "reference":
+            raise ValueError("allow_tf32=True applies to float32 with the triton or torch backend")
+        options["allow_tf32"] = True
     if backend == "reference":
         options["module"] = build_resnet(arch.spec, arch.num_classes, state_dict)
     runner = create_backend(backend, plan, device, dtype, **options)
@@ -90,7 +95,8 @@ def load(
         ('IMAGENET1K_V1', 'IMAGENET1K_V2', 'DEFAULT'); None gives torchvision's random initialisation.
     device: 'cuda' when available, else 'cpu'. dtype: float16 on CUDA, float32 on CPU.
     backend: 'triton' on CUDA, 'torch' on CPU; 'reference' runs the unfused PyTorch model.
-    engine_options: cuda_graphs (default on for CUDA), max_batch (larger batches run in chunks),
+    engine_options: allow_tf32 (float32 convs on TF32 tensor cores; off by default: IEEE fp32),
+        cuda_graphs (default on for CUDA), max_batch (larger batches run in chunks),
         max_cached_shapes (input shapes kept warm, LRU).
     """
     arch, state_dict = resolve_model(model, weights, num_classes=num_classes)

@@ -184,3 +184,13 @@ def test_default_device_dtype_and_backend_without_gpu():
         warnings.simplefilter("ignore")
         engine = fastres.load("resnet18", num_classes=3)
     assert (engine.device.type, engine.dtype, engine.backend_name) == ("cpu", torch.float32, "torch")
+
+
+def test_tf32_is_opt_in_and_never_left_switched():
+    model = calibrated("resnet18", 10)
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    engine = fastres.optimize(model, device="cpu", allow_tf32=True)
+    engine(random_images(1, 32, 32))
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+    with pytest.raises(ValueError, match="allow_tf32"):
+        fastres.optimize(model, device="cpu", dtype="fp16", allow_tf32=True)

@@ -7,6 +7,7 @@ that private op is missing or refuses, the epilogue runs in place after a plain 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -36,6 +37,20 @@ def _onednn_fusion_works() -> bool:
 
 
 _ONEDNN_FUSION: bool | None = None
+
+
+@contextmanager
+def _tf32(allowed: bool):
+    """TF32 for cuDNN convs and cuBLAS matmuls during one call only (PyTorch's switches are global)."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
 # Channels-last everywhere: cuDNN's tensor-core convs and oneDNN's nhwc kernels avoid the
 # per-layer reorders that NCHW costs. On the CPU, oneDNN's channels-last fp32 convs round a bit
 # more than its NCHW path (measured: 1.5x the error on resnet34 logits, the same for eager
@@ -45,9 +60,18 @@ _ONEDNN_FUSION: bool | None = None
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, plan, device, dtype, *, memory_format: torch.memory_format = torch.channels_last):
+    def __init__(
+        self,
+        plan,
+        device,
+        dtype,
+        *,
+        memory_format: torch.memory_format = torch.channels_last,
+        allow_tf32: bool = False,
+    ):
         super().__init__(plan, device, dtype)
         self.memory_format = memory_format
+        self.allow_tf32 = allow_tf32
         global _ONEDNN_FUSION
         use_onednn = (
             self.device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
@@ -101,7 +125,7 @@ class TorchBackend(Backend):
 
     def run(self, x: Tensor, workspace: Any, observer: Observer | None = None) -> Tensor:
         values: dict[str, Tensor] = {INPUT: x.contiguous(memory_format=self.memory_format)}
-        with torch.inference_mode():
+        with torch.inference_mode(), _tf32(self.allow_tf32):
             for index, op in enumerate(self.plan.ops):
                 src = values[op.inputs[0]]
                 if isinstance(op, ConvOp):
