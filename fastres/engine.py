@@ -8,6 +8,7 @@ call cannot overwrite an earlier result. A runner is used by one thread at a tim
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -95,6 +96,10 @@ class _Runner:
             self._capture(shape)
 
     def _capture(self, shape: tuple[int, int, int, int]) -> None:
+        with torch.cuda.device(self.device):
+            self._capture_on_device(shape)
+
+    def _capture_on_device(self, shape: tuple[int, int, int, int]) -> None:
         caller = torch.cuda.current_stream(self.device)
         self.static_input = torch.randn(shape, device=self.device).to(self.backend.dtype)
         self.stream.wait_stream(caller)
@@ -121,7 +126,8 @@ class _Runner:
             return self._run(x)
         caller = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(caller)
-        with torch.cuda.stream(self.stream):
+        # Triton launches on the current device: make it the engine's (e.g. cuda:1) for this call.
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             out = self._run(x)
         caller.wait_stream(self.stream)
         out.record_stream(caller)  # the result's memory is used on the caller's stream from here on
@@ -265,6 +271,7 @@ class Engine:
             LayerError(name, kinds[name], relative_error(value, reference[name]))
         )
         workspace = self.backend.make_workspace(x.shape[0], x.shape[2], x.shape[3])
-        with torch.inference_mode():
+        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with torch.inference_mode(), on_device:
             self.backend.run(x, workspace, observer=observe)
         return report
