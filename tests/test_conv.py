@@ -54,11 +54,14 @@ def _build(case: Case, dtype: torch.dtype, seed: int = 0):
 
 
 def _reference(case: Case, weight, bias, x, residual, dtype):
-    """float64 conv of the inputs the kernel sees (weights rounded to `dtype`, bias fp32)."""
-    w64 = weight.to(dtype).double().cpu()
-    b64 = None if bias is None else bias.float().double().cpu()
+    """float64 conv of the inputs the kernel sees (weights rounded to `dtype`, bias fp32).
+
+    Computed on the kernel's device: batch-64 ResNet layers in float64 take seconds each on a CPU.
+    """
+    w64 = weight.to(dtype).double()
+    b64 = None if bias is None else bias.float().double()
     ref = F.conv2d(
-        x.double().cpu().permute(0, 3, 1, 2),
+        x.double().permute(0, 3, 1, 2),
         w64,
         b64,
         stride=case.stride,
@@ -66,7 +69,7 @@ def _reference(case: Case, weight, bias, x, residual, dtype):
         groups=case.groups,
     ).permute(0, 2, 3, 1)
     if residual is not None:
-        ref = ref + residual.double().cpu()
+        ref = ref + residual.double()
     return ref.clamp_min(0) if case.relu else ref
 
 
