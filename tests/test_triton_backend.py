@@ -73,3 +73,22 @@ def test_bf16_and_fp32_on_gpu(name, dtype):
     model = calibrated(name, 1000)
     engine = fastres.optimize(model, device="cuda", dtype=dtype)
     assert_parity(engine, model, random_images(4, 224, 224, seed=7), dtype, device="cuda")
+
+
+@pytest.mark.interpreter
+def test_weights_are_packed_once_at_load(monkeypatch):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = fastres.optimize(calibrated("resnet18", 7), device=device, dtype=torch.float32, backend="triton")
+    packed = {
+        name: layer.weight_packed.data_ptr()
+        for name, layer in engine.backend.layers.items()
+        if hasattr(layer, "weight_packed")
+    }
+    built = []
+    monkeypatch.setattr(fastres.kernels.ConvLayer, "__init__", lambda *a, **k: built.append(a))
+    for seed in (1, 2):
+        engine(random_images(2, 32, 32, seed=seed))
+    assert not built, "a forward pass built (and so re-packed) a conv layer"
+    assert packed and all(
+        engine.backend.layers[name].weight_packed.data_ptr() == ptr for name, ptr in packed.items()
+    )
