@@ -4,7 +4,6 @@ The test session runs with TRITON_INTERPRET=1 on machines without a GPU (tests/c
 cannot be compiled under the interpreter, so the report runs in a subprocess with the variable removed.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,14 +12,16 @@ import pytest
 
 from fastres.compile_report import parse_arch
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("fastres.kernels.aot") is None,
-    reason="fastres.kernels.aot is not importable yet",
-)
-
 
 def _env_without_interpreter():
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def _report(dtype: str, image_size: int, env: dict, *extra: str) -> subprocess.CompletedProcess:
+    """`fastres compile-report resnet18 --arch sm_80` at batch 1 in a child process."""
+    cmd = [sys.executable, "-m", "fastres", "compile-report", "resnet18", "--arch", "sm_80", "--dtype", dtype,
+           "--batch", "1", "--image-size", str(image_size), "--no-progress", *extra]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
 @pytest.mark.parametrize(
@@ -41,25 +42,7 @@ def test_parse_arch_rejects_unknown():
 
 
 def test_small_report_compiles_without_spills(tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "fastres",
-        "compile-report",
-        "resnet18",
-        "--arch",
-        "sm_80",
-        "--dtype",
-        "fp16",
-        "--batch",
-        "1",
-        "--image-size",
-        "64",
-        "--out",
-        str(tmp_path),
-        "--no-progress",
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=_env_without_interpreter(), timeout=300)
+    done = _report("fp16", 64, _env_without_interpreter(), "--out", str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.strip().splitlines()
     assert lines[-2].startswith("distinct kernels compiled: ") and "failed: 0; spilling: 0" in lines[-2]
@@ -69,23 +52,6 @@ def test_small_report_compiles_without_spills(tmp_path):
 
 
 def test_report_reruns_itself_without_the_interpreter(tmp_path):
-    env = {**_env_without_interpreter(), "TRITON_INTERPRET": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "fastres",
-        "compile-report",
-        "resnet18",
-        "--arch",
-        "sm_80",
-        "--dtype",
-        "fp32",
-        "--batch",
-        "1",
-        "--image-size",
-        "32",
-        "--no-progress",
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    done = _report("fp32", 32, {**_env_without_interpreter(), "TRITON_INTERPRET": "1"})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "TRITON_INTERPRET is set" in done.stderr and "distinct kernels compiled" in done.stdout

@@ -20,7 +20,7 @@ from .base import Backend, Observer
 @dataclass
 class TritonWorkspace:
     input: Tensor  # NHWC copy of the network input
-    values: dict[str, Tensor]  # NHWC views into the slot buffers
+    values: dict[str, Tensor]  # the NHWC input and NHWC views into the slot buffers
     logits: Tensor
     buffers: list[Tensor]
 
@@ -63,12 +63,12 @@ class TritonBackend(Backend):
             values[value] = buffers[slot][: n * h * w * c].view(n, h, w, c)
         logits = torch.empty(batch, self.plan.num_classes, device=self.device, dtype=torch.float32)
         nhwc_input = torch.empty(batch, height, width, 3, device=self.device, dtype=self.dtype)
+        values[INPUT] = nhwc_input
         return TritonWorkspace(nhwc_input, values, logits, [*buffers, logits, nhwc_input])
 
     def run(self, x: Tensor, workspace: TritonWorkspace, observer: Observer | None = None) -> Tensor:
         workspace.input.copy_(x.permute(0, 2, 3, 1))
-        values = dict(workspace.values)
-        values[INPUT] = workspace.input
+        values = workspace.values  # includes INPUT -> workspace.input: no per-call dict building
         for op in self.plan.ops:
             src = values[op.inputs[0]]
             if isinstance(op, ConvOp):
