@@ -29,7 +29,13 @@ class Op:
 
 @dataclass
 class ConvOp(Op):
-    """A convolution; after planning it carries the folded bias and its fused epilogue."""
+    """A convolution; after planning it carries the folded bias and its fused epilogue.
+
+    With `shortcut_weight` set (a 1x1 projection merged in by the planner), the op is one GEMM
+    over two inputs concatenated along K: conv(inputs[0], weight) + conv(inputs[1], shortcut_weight,
+    stride=shortcut_stride) + bias, where bias is the sum of both convs' biases. It then has no
+    residual: the projection's output is never materialised.
+    """
 
     weight: Tensor = field(repr=False, default=None)  # (C_out, C_in // groups, R, S)
     bias: Tensor | None = field(repr=False, default=None)
@@ -37,12 +43,19 @@ class ConvOp(Op):
     padding: int = 0
     groups: int = 1
     relu: bool = False
+    shortcut_weight: Tensor | None = field(repr=False, default=None)  # (C_out, C_in2, 1, 1)
+    shortcut_stride: int = 1
     kind = "conv"
 
     @property
     def residual(self) -> str | None:
         """The value added before the ReLU (second input), when the residual add is fused."""
-        return self.inputs[1] if len(self.inputs) > 1 else None
+        return self.inputs[1] if len(self.inputs) > 1 and self.shortcut_weight is None else None
+
+    @property
+    def shortcut_input(self) -> str | None:
+        """The value the merged projection reads (second input), when a shortcut is K-concatenated."""
+        return self.inputs[1] if self.shortcut_weight is not None else None
 
     @property
     def out_channels(self) -> int:
@@ -230,6 +243,9 @@ def execute(ops: list[Op], x: Tensor, observer=None) -> Tensor:
         a = values[op.inputs[0]]
         if isinstance(op, ConvOp):
             y = F.conv2d(a, cast(op.weight), cast(op.bias), op.stride, op.padding, 1, op.groups)
+            if op.shortcut_input is not None:
+                shortcut = values[op.shortcut_input]
+                y = y + F.conv2d(shortcut, cast(op.shortcut_weight), None, op.shortcut_stride)
             if op.residual is not None:
                 y = y + values[op.residual]
             y = y.relu() if op.relu else y

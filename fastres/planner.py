@@ -4,14 +4,19 @@ Passes, each a small function over the plain data model in `graph.py`:
   fold_batchnorm   conv -> BN becomes one conv with folded weights and bias (float64 arithmetic)
   fuse_residual    the block's add becomes the residual input of its last conv
   fuse_relu        a ReLU after a conv becomes that conv's epilogue
+  fuse_shortcut    a block's 1x1 projection (downsample.0, BN folded) joins its last 1x1 conv as one
+                   GEMM concatenated along K; the projection's output is never written
   fuse_head        global average pool + fc become one head op
   assign_buffers   values share a few buffers by liveness
-Seam for later: fusing the projection shortcut into the block's last conv as one K-concatenated
-GEMM would be a pass after fuse_residual that merges `downsample.0` into the conv consuming it.
+fuse_shortcut runs last among the conv passes: it needs fuse_residual's residual input to find the
+projection, and fuse_relu's final word on which convs are linear (only a linear projection merges).
+It is optional (`plan_resnet(..., fuse_shortcuts=False)`); a backend whose kernels lack the
+K-concatenated conv may also split a merged op back into two launches (see `split_shortcut`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -146,6 +151,71 @@ def fuse_relu(ops: list[Op]) -> list[Op]:
     return result
 
 
+def _is_pointwise(conv: ConvOp) -> bool:
+    return conv.kernel_size == 1 and conv.padding == 0 and conv.groups == 1
+
+
+def fuse_shortcut(ops: list[Op]) -> list[Op]:
+    """relu(W3 * y + b3 + (Wd * x[::s, ::s] + bd)) -> one conv over [y | x[::s, ::s]] along K.
+
+    Applies where the conv with the fused residual is 1x1, stride 1, pad 0, groups 1 (Bottleneck's
+    conv3) and the residual is produced by a linear 1x1 pad-0 groups-1 conv read by nothing else
+    (the projection shortcut, BN folded). Both then are GEMMs over the same output pixels, so their
+    K dimensions concatenate; the biases are summed in float64. BasicBlock's last conv is 3x3, whose
+    K (9 taps x C) cannot share a GEMM with the 1x1 projection's K in one implicit-GEMM gather: its
+    projection stays a conv of its own, as do identity shortcuts (nothing to merge).
+    """
+    users = _consumers(ops)
+    producers = _producers(ops)
+    merged: dict[str, ConvOp] = {}  # consumer name -> merged op
+    absorbed: set[str] = set()  # projection names
+    for conv in ops:
+        if not isinstance(conv, ConvOp) or conv.residual is None or not _is_pointwise(conv):
+            continue
+        proj = producers.get(conv.residual)
+        if (
+            conv.stride != 1
+            or not isinstance(proj, ConvOp)
+            or not _is_pointwise(proj)
+            or proj.relu
+            or proj.residual is not None
+            or proj.shortcut_weight is not None
+            or _sole_consumer(users, proj.output) is not conv
+        ):
+            continue
+        biases = [to_float64(b) for b in (conv.bias, proj.bias) if b is not None]
+        merged[conv.name] = dataclasses.replace(
+            conv,
+            inputs=[conv.inputs[0], proj.inputs[0]],
+            bias=sum(biases[1:], biases[0]) if biases else None,
+            shortcut_weight=to_float64(proj.weight),
+            shortcut_stride=proj.stride,
+        )
+        absorbed.add(proj.name)
+    return [merged.get(op.name, op) for op in ops if op.name not in absorbed]
+
+
+def split_shortcut(op: ConvOp) -> tuple[ConvOp, ConvOp]:
+    """The inverse of fuse_shortcut for one merged op: (projection, conv with residual).
+
+    The projection carries no bias (the summed bias stays on the second conv) and writes a value
+    named `<op.name>.shortcut`, for backends that run the two GEMMs as two launches.
+    """
+    if op.shortcut_weight is None:
+        raise ValueError(f"{op.name}: not a conv with a merged shortcut")
+    proj = ConvOp(
+        f"{op.name}.shortcut",
+        [op.shortcut_input],
+        f"{op.name}.shortcut",
+        weight=op.shortcut_weight,
+        stride=op.shortcut_stride,
+    )
+    main = dataclasses.replace(
+        op, inputs=[op.inputs[0], proj.output], shortcut_weight=None, shortcut_stride=1
+    )
+    return proj, main
+
+
 def fuse_head(ops: list[Op]) -> list[Op]:
     """avgpool -> fc into one head op that writes float32 logits."""
     result: list[Op] = []
@@ -213,6 +283,15 @@ def op_cost(op: Op, shapes: dict[str, tuple[int, ...]], elem: int) -> OpCost:
     if isinstance(op, ConvOp):
         k = op.weight[0].numel()
         weights = op.weight.numel() + (op.out_channels if op.bias is not None else 0)
+        n, _, oh, ow = shapes[op.output]
+        if op.kernel_size == 1 and op.padding == 0:
+            # A strided 1x1 conv reads only the pixels it samples: N x C_in x OH x OW.
+            reads -= (numel(op.inputs[0]) - n * shapes[op.inputs[0]][1] * oh * ow) * elem
+        if op.shortcut_input is not None:  # likewise for the merged projection (1x1, pad 0)
+            c2 = op.shortcut_weight.shape[1]
+            reads -= (numel(op.shortcut_input) - n * c2 * oh * ow) * elem
+            k += c2
+            weights += op.shortcut_weight.numel()
         return OpCost(2 * out * k, reads + weights * elem, out * elem)
     if isinstance(op, (LinearOp, HeadOp)):
         n, c = shapes[op.output][0], op.weight.shape[1]
@@ -278,6 +357,8 @@ class Plan:
             if isinstance(op, ConvOp):
                 k, parts = op.kernel_size, ["bias"]
                 kind = f"conv{k}x{k}/{op.stride}" + (f" g{op.groups}" if op.groups > 1 else "")
+                if op.shortcut_input is not None:  # the projection, K-concatenated into this GEMM
+                    kind += f" +proj1x1/{op.shortcut_stride}"
                 if op.residual:
                     parts.append("residual")
                 if op.relu:
@@ -338,10 +419,18 @@ def _fmt_shape(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape))
 
 
-def plan_resnet(spec: ResNetSpec, num_classes: int, state_dict: dict[str, Tensor]) -> Plan:
-    """Run every pass; the result has no BatchNorm, no standalone ReLU or add left."""
+def plan_resnet(
+    spec: ResNetSpec, num_classes: int, state_dict: dict[str, Tensor], *, fuse_shortcuts: bool = True
+) -> Plan:
+    """Run every pass; the result has no BatchNorm, no standalone ReLU or add left.
+
+    fuse_shortcuts=False keeps each projection shortcut a conv of its own (see fuse_shortcut).
+    """
     eager = build_eager_graph(spec, state_dict)
-    ops = fuse_head(fuse_relu(fuse_residual(fold_batchnorm(build_eager_graph(spec, state_dict)))))
+    ops = fuse_relu(fuse_residual(fold_batchnorm(build_eager_graph(spec, state_dict))))
+    if fuse_shortcuts:
+        ops = fuse_shortcut(ops)
+    ops = fuse_head(ops)
     leftovers = [op.name for op in ops if isinstance(op, (BatchNormOp, ReluOp, AddOp, AvgPoolOp, LinearOp))]
     if leftovers:
         raise AssertionError(f"planner left unfused ops: {leftovers[:5]}")
