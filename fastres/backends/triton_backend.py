@@ -1,12 +1,16 @@
 """The plan executed with fastres's Triton kernels on NHWC activations.
 
 Every conv is one fused implicit-GEMM launch (bias, residual, ReLU in the epilogue), then one
-max-pool and one head launch. Per input shape the workspace holds one flat buffer per plan
-slot, so a forward pass allocates nothing and is safe to capture in a CUDA graph.
+max-pool and one head launch. A conv with a merged projection shortcut is one launch too, a GEMM
+over both inputs concatenated along K, where `ConvLayer` supports it; with a kernel that does not,
+the backend splits it back into the projection and a conv with a residual (two launches).
+Per input shape the workspace holds one flat buffer per plan slot (plus one for split
+projections), so a forward pass allocates nothing and is safe to capture in a CUDA graph.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +18,13 @@ from torch import Tensor
 
 from ..graph import INPUT, ConvOp, HeadOp, MaxPoolOp
 from ..kernels import ConvLayer, HeadLayer, max_pool2d_nhwc
+from ..planner import split_shortcut
 from .base import Backend, Observer
+
+
+def conv_layer_takes_shortcut() -> bool:
+    """Whether this build's ConvLayer runs a K-concatenated projection shortcut (asked once per backend)."""
+    return "shortcut_weight" in inspect.signature(ConvLayer.__init__).parameters
 
 
 @dataclass
@@ -30,20 +40,38 @@ class TritonBackend(Backend):
 
     def __init__(self, plan, device, dtype, *, allow_tf32: bool = False):
         super().__init__(plan, device, dtype)
+        self.kconcat = conv_layer_takes_shortcut()
         self.layers: dict[str, ConvLayer | HeadLayer] = {}
-        for op in plan.ops:
-            if isinstance(op, ConvOp):
-                self.layers[op.name] = ConvLayer(
-                    op.weight.to(self.device),
-                    None if op.bias is None else op.bias.to(self.device),
-                    stride=op.stride,
-                    padding=op.padding,
-                    groups=op.groups,
-                    relu=op.relu,
-                    has_residual=op.residual is not None,
-                    dtype=dtype,
-                    allow_tf32=allow_tf32,
+        # Merged ops this kernel build cannot run as one GEMM: op name -> split projection op.
+        self.split: dict[str, ConvOp] = {}
+
+        def conv_layer(op: ConvOp) -> ConvLayer:
+            extra = {}
+            if op.shortcut_input is not None:
+                extra = dict(
+                    shortcut_weight=op.shortcut_weight.to(self.device), shortcut_stride=op.shortcut_stride
                 )
+            return ConvLayer(
+                op.weight.to(self.device),
+                None if op.bias is None else op.bias.to(self.device),
+                stride=op.stride,
+                padding=op.padding,
+                groups=op.groups,
+                relu=op.relu,
+                has_residual=op.residual is not None,
+                dtype=dtype,
+                allow_tf32=allow_tf32,
+                **extra,
+            )
+
+        for op in plan.ops:
+            if isinstance(op, ConvOp) and op.shortcut_input is not None and not self.kconcat:
+                proj, main = split_shortcut(op)
+                self.split[op.name] = proj
+                self.layers[proj.name] = conv_layer(proj)
+                self.layers[op.name] = conv_layer(main)
+            elif isinstance(op, ConvOp):
+                self.layers[op.name] = conv_layer(op)
             elif isinstance(op, HeadOp):
                 self.layers[op.name] = HeadLayer(
                     op.weight.to(self.device),
@@ -64,6 +92,14 @@ class TritonBackend(Backend):
         logits = torch.empty(batch, self.plan.num_classes, device=self.device, dtype=torch.float32)
         nhwc_input = torch.empty(batch, height, width, 3, device=self.device, dtype=self.dtype)
         values[INPUT] = nhwc_input
+        if self.split:  # split projections: one scratch buffer, each read right after it is written
+            split_shapes = [shapes[name] for name in self.split]
+            scratch = torch.empty(
+                max(n * c * h * w for n, c, h, w in split_shapes), device=self.device, dtype=self.dtype
+            )
+            buffers.append(scratch)
+            for name, (n, c, h, w) in zip(self.split, split_shapes):
+                values[self.split[name].output] = scratch[: n * h * w * c].view(n, h, w, c)
         return TritonWorkspace(nhwc_input, values, logits, [*buffers, logits, nhwc_input])
 
     def run(self, x: Tensor, workspace: TritonWorkspace, observer: Observer | None = None) -> Tensor:
@@ -72,9 +108,7 @@ class TritonBackend(Backend):
         for op in self.plan.ops:
             src = values[op.inputs[0]]
             if isinstance(op, ConvOp):
-                out = self.layers[op.name](
-                    src, values[op.residual] if op.residual else None, out=values[op.output]
-                )
+                out = self._conv(op, src, values)
             elif isinstance(op, MaxPoolOp):
                 out = max_pool2d_nhwc(
                     src,
@@ -91,6 +125,16 @@ class TritonBackend(Backend):
                 observer(op.name, out.permute(0, 3, 1, 2) if out.dim() == 4 else out)
         return out
 
+    def _conv(self, op: ConvOp, src: Tensor, values: dict[str, Tensor]) -> Tensor:
+        layer, out = self.layers[op.name], values[op.output]
+        if op.shortcut_input is None:
+            return layer(src, values[op.residual] if op.residual else None, out=out)
+        proj = self.split.get(op.name)
+        if proj is None:
+            return layer(src, None, out=out, shortcut_input=values[op.shortcut_input])
+        residual = self.layers[proj.name](values[op.shortcut_input], None, out=values[proj.output])
+        return layer(src, residual, out=out)
+
     def kernel_specs(self, batch: int, height: int, width: int, arch: int) -> list:
         """Every (kernel, config) this plan launches for one input size, for ahead-of-time compilation."""
         from ..kernels import max_pool_aot_specs
@@ -99,6 +143,9 @@ class TritonBackend(Backend):
         specs = []
         for op in self.plan.ops:
             n, c, h, w = shapes[op.inputs[0]]
+            if op.name in self.split:  # the split projection launches first
+                sn, sc, sh, sw = shapes[op.shortcut_input]
+                specs += self.layers[self.split[op.name].name].aot_specs((sn, sh, sw, sc), arch)
             if isinstance(op, (ConvOp, HeadOp)):
                 specs += self.layers[op.name].aot_specs((n, h, w, c), arch)
             elif isinstance(op, MaxPoolOp):
