@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..graph import INPUT, ConvOp, HeadOp, MaxPoolOp
+from ..graph import INPUT, ConvOp, HeadOp, MaxPoolOp, normalize
 from ..kernels import ConvLayer, HeadLayer, max_pool2d_nhwc
 from ..planner import split_shortcut
 from .base import Backend, Observer
@@ -93,16 +93,23 @@ class TritonBackend(Backend):
         nhwc_input = torch.empty(batch, height, width, 3, device=self.device, dtype=self.dtype)
         values[INPUT] = nhwc_input
         if self.split:  # split projections: one scratch buffer, each read right after it is written
-            split_shapes = [shapes[name] for name in self.split]
+            # A projection's output has the shape of the merged op's output.
+            split = {
+                self.split[op.name].output: shapes[op.output] for op in self.plan.ops if op.name in self.split
+            }
             scratch = torch.empty(
-                max(n * c * h * w for n, c, h, w in split_shapes), device=self.device, dtype=self.dtype
+                max(torch.Size(shape).numel() for shape in split.values()),
+                device=self.device,
+                dtype=self.dtype,
             )
             buffers.append(scratch)
-            for name, (n, c, h, w) in zip(self.split, split_shapes):
-                values[self.split[name].output] = scratch[: n * h * w * c].view(n, h, w, c)
+            for value, (n, c, h, w) in split.items():
+                values[value] = scratch[: n * h * w * c].view(n, h, w, c)
         return TritonWorkspace(nhwc_input, values, logits, [*buffers, logits, nhwc_input])
 
     def run(self, x: Tensor, workspace: TritonWorkspace, observer: Observer | None = None) -> Tensor:
+        if x.dtype == torch.uint8:  # interim until the stem kernel reads pixels itself
+            x = normalize(x, self.plan.mean, self.plan.std).to(self.dtype)
         workspace.input.copy_(x.permute(0, 2, 3, 1))
         values = workspace.values  # includes INPUT -> workspace.input: no per-call dict building
         for op in self.plan.ops:
