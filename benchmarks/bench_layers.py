@@ -81,7 +81,8 @@ def distinct_convs(
     """Distinct conv shapes of the model's plan (built on the meta device: shapes only)."""
     spec = get_spec(model)
     with torch.device("meta"):
-        plan = plan_resnet(spec, 1000, build_resnet(spec).state_dict())
+        # One conv per layer as the kernel runs it alone: projections stay convs of their own.
+        plan = plan_resnet(spec, 1000, build_resnet(spec).state_dict(), fuse_shortcuts=False)
     shapes = plan.shapes(batch, image_size, image_size)
     found: dict[tuple, list] = {}
     for op in plan.ops:

@@ -84,7 +84,7 @@ def collect_specs(
     return [(s, n) for s, n in distinct.values()], len(specs)
 
 
-_EPILOGUE_FLAGS = {"HAS_RESIDUAL": "residual", "APPLY_RELU": "relu"}
+_EPILOGUE_FLAGS = {"HAS_SHORTCUT": "shortcut", "HAS_RESIDUAL": "residual", "APPLY_RELU": "relu"}
 
 
 def _variant(spec) -> str:
