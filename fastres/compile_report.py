@@ -59,7 +59,7 @@ class KernelReport:
 
 def _spec_key(spec) -> tuple:
     # Names differ between layers that compile to the same binary; what the compiler sees does not.
-    return (spec.fn, spec.signature, spec.constexprs, spec.divisible_args, spec.num_warps, spec.num_stages)
+    return spec.compile_key()
 
 
 def collect_specs(
