@@ -226,39 +226,46 @@ def estimate_launch(spec, stats, gpu: Gpu) -> LaunchEstimate:
         notes.append("k_steps unknown: 1 assumed")
         k = 1
     k = k or 0
+    if loop is not None and stats.sass.unroll > 1:  # k counts source iterations; the SASS loop does u
+        k = math.ceil(k / stats.sass.unroll)
     data_bytes = spec.min_bytes or 0
     mem_latency = gpu.l2_latency_cycles if data_bytes <= gpu.l2_mib * 2**20 / 2 else gpu.dram_latency_cycles
-    tensor_step = issue_step = latency_step = 0.0
-    if loop is not None:
-        rate = gpu.tensor_flops_per_cycle_per_sm
-        if loop.mma_kind.startswith("HMMA") and gpu.arch >= 90:
-            rate *= gpu.mma_sync_fraction
-        if loop.mma_kind.endswith("TF32"):
-            rate /= 2
-        # HGMMA is one warpgroup's instruction (4 warps), HMMA one warp's.
-        issuers = warps / 4 if loop.mma_kind.startswith("HGMMA") else warps
-        tensor_step = loop.mma_flops * issuers / rate
-        issue_step = loop.instructions * max(warps / gpu.issue_per_cycle_per_sm, 1)
-        depth = max(1, (stats.num_stages or 1) - 1) if loop.async_copies else 1
-        has_loads = loop.load_bytes or loop.async_copies
-        latency_step = (mem_latency / depth if has_loads else 0) + loop.barriers * gpu.barrier_cycles
-    loop_instr = loop.instructions if loop else 0
-    issue_total = per_sm * warps * (k * loop_instr + outside.instructions) / gpu.issue_per_cycle_per_sm
-    # A CTA cannot issue faster than its warps' own partitions.
-    issue_total = max(issue_total, waves * (k * issue_step + outside.instructions * max(warps / 4, 1)))
+    enclosing, outer = stats.sass.enclosing, spec.outer_steps
+    if enclosing is not None and outer is None:
+        notes.append("the loop around the main loop counts once (outer_steps not given)")
+    # (ops per iteration, iterations per CTA, loads pipelined?) for the main loop, the loop around it
+    # and the rest of the kernel; the rest's load latency is in `overhead`.
+    segments = [(loop, k, True), (enclosing, outer or 1, False), (outside, 1, None)]
+    step = {"tensor": 0.0, "issue": 0.0, "latency": 0.0}
+    cta = {"tensor": 0.0, "instructions": 0.0, "latency": 0.0, "thread_bytes": 0.0}
+    for ops, trips, pipelined in segments:
+        if ops is None:
+            continue
+        tensor, latency = _tensor_cycles(ops, gpu, warps), ops.barriers * gpu.barrier_cycles
+        if pipelined is not None and (ops.load_bytes or ops.async_copies):
+            depth = max(1, (stats.num_stages or 1) - 1) if pipelined and ops.async_copies else 1
+            latency += mem_latency / depth
+        if ops is loop:
+            step = {"tensor": tensor, "issue": ops.instructions * max(warps / gpu.issue_per_cycle_per_sm, 1),
+                    "latency": latency}  # fmt: skip
+        cta["tensor"] += trips * tensor
+        cta["instructions"] += trips * ops.instructions
+        cta["latency"] += trips * latency if pipelined is not None else 0
+        cta["thread_bytes"] += trips * (ops.load_bytes + ops.store_bytes)
     overhead = gpu.cta_overhead_cycles + 2 * mem_latency  # first loads in, last stores out
-    thread_bytes = (k * (loop.load_bytes + loop.store_bytes) if loop else 0) + (
-        outside.load_bytes + outside.store_bytes
+    issue_total = max(
+        per_sm * warps * cta["instructions"] / gpu.issue_per_cycle_per_sm,
+        # A CTA cannot issue faster than its warps' own partitions.
+        waves * cta["instructions"] * max(warps / gpu.issue_per_cycle_per_sm, 1),
     )
-    cta_bytes = thread_bytes * 32 * warps
-    l2_bytes = spec.l2_bytes if spec.l2_bytes is not None else cta_bytes * ctas
+    l2_bytes = spec.l2_bytes if spec.l2_bytes is not None else cta["thread_bytes"] * 32 * warps * ctas
     if spec.l2_bytes is None and (outside.tma_loads or (loop and loop.tma_loads)):
         notes.append("TMA loads not counted in L2 bytes")
     l2_port_bytes = (l2_bytes / ctas) * per_sm
     terms = {
-        "tensor": per_sm * k * tensor_step * cycle_us,
+        "tensor": per_sm * cta["tensor"] * cycle_us,
         "issue": issue_total * cycle_us,
-        "latency": waves * (k * latency_step + overhead) * cycle_us,
+        "latency": waves * (cta["latency"] + overhead) * cycle_us,
         "L2": max(l2_bytes / (gpu.l2_gbs * 1e3), l2_port_bytes / gpu.l2_bytes_per_cycle_per_sm * cycle_us),
         "DRAM": data_bytes / (gpu.dram_gbs * gpu.dram_efficiency * 1e3),
     }
@@ -274,9 +281,9 @@ def estimate_launch(spec, stats, gpu: Gpu) -> LaunchEstimate:
         k_steps=spec.k_steps,
         instr_per_step=loop.instructions if loop else None,
         mma_per_step=loop.mma if loop else None,
-        tensor_cycles_per_step=tensor_step if loop else None,
-        issue_cycles_per_step=issue_step if loop else None,
-        latency_cycles_per_step=latency_step if loop else None,
+        tensor_cycles_per_step=step["tensor"] if loop else None,
+        issue_cycles_per_step=step["issue"] if loop else None,
+        latency_cycles_per_step=step["latency"] if loop else None,
         flops=spec.flops,
         min_bytes=spec.min_bytes,
         l2_bytes=int(l2_bytes),
@@ -285,6 +292,19 @@ def estimate_launch(spec, stats, gpu: Gpu) -> LaunchEstimate:
         bound=bound,
         notes=notes,
     )
+
+
+def _tensor_cycles(ops, gpu: Gpu, warps: int) -> float:
+    """Cycles the SM's tensor cores need for one CTA's MMAs in `ops`."""
+    if not ops.mma:
+        return 0.0
+    rate = gpu.tensor_flops_per_cycle_per_sm
+    if ops.mma_kind.startswith("HMMA") and gpu.arch >= 90:
+        rate *= gpu.mma_sync_fraction
+    if ops.mma_kind.endswith("TF32"):
+        rate /= 2
+    issuers = warps / 4 if ops.mma_kind.startswith("HGMMA") else warps  # wgmma: per warpgroup
+    return ops.mma_flops * issuers / rate
 
 
 def estimate_copy(name: str, nbytes: int, gpu: Gpu, gap_us: float) -> LaunchEstimate:

@@ -63,6 +63,8 @@ class KernelSpec:
       (the innermost loop with MMAs in the SASS; in a kernel without a dot in a loop, its innermost
       loop with the most instructions; 0 when the kernel has no loop). For nested loops, count the
       total iterations of that innermost loop per CTA.
+    * `outer_steps`: iterations per CTA of the loop directly around the main loop, when the kernel has
+      one (the estimator then counts that loop's own body this many times); None when there is none.
     * `flops`: useful floating-point work (2 per multiply-add of the math, no padding or super-group
       zeros counted; 0 for data movement).
     * `min_bytes`: the least DRAM traffic the launch can do: every input, weight and output byte once.
@@ -83,6 +85,7 @@ class KernelSpec:
     # Launch facts for the performance model (see the contract above); not part of the compile key.
     grid: tuple[int, ...] = ()
     k_steps: int | None = None
+    outer_steps: int | None = None
     flops: int | None = None
     min_bytes: int | None = None
     l2_bytes: int | None = None
@@ -160,6 +163,7 @@ def make_spec(
     config: str,
     grid: tuple[int, ...] = (),
     k_steps: int | None = None,
+    outer_steps: int | None = None,
     flops: int | None = None,
     min_bytes: int | None = None,
     l2_bytes: int | None = None,
@@ -167,7 +171,7 @@ def make_spec(
     """Build the spec a launch `fn[grid](**args, **constexprs)` would compile.
 
     `args` values are tensors, `Pointer`s, ints, floats or bools; `constexprs` covers every constexpr param.
-    `grid`, `k_steps`, `flops`, `min_bytes` and `l2_bytes` are the launch facts of `KernelSpec`'s contract.
+    `grid`, `k_steps`, `outer_steps`, `flops`, `min_bytes`, `l2_bytes`: the launch facts (see `KernelSpec`).
     """
     names = _param_names(fn)
     missing = set(names) - set(args) - set(constexprs)
@@ -216,6 +220,7 @@ def make_spec(
         config=config,
         grid=tuple(grid),
         k_steps=k_steps,
+        outer_steps=outer_steps,
         flops=flops,
         min_bytes=min_bytes,
         l2_bytes=l2_bytes,

@@ -176,6 +176,7 @@ class HeadLayer:
             grid=grid,
             # The main loop is the pixel loop, nested in the channel-slice loop.
             k_steps=triton.cdiv(shape[3], block_c) * shape[1] * shape[2],
+            outer_steps=triton.cdiv(shape[3], block_c),
             flops=self.flops(shape),
             min_bytes=self.min_bytes(shape),
         )

@@ -5,10 +5,12 @@ from target to a inclusive. The *main loop* is the innermost loop whose body hol
 (HGMMA = wgmma on sm_90, HMMA = mma.sync on sm_80+); in a kernel with no MMA in any loop (fp32 dots on
 FMA units, pooling, the head) it is the innermost loop with the most instructions. Per main-loop
 iteration ("K-step") this module counts warp instructions, MMA instructions and their FLOPs, barriers,
-and the bytes each thread asks of global memory (LDG / LDGSTS / STG widths); outside the main loop it
-counts the same once. These are static counts: predicated-off instructions and masked lanes still count,
-a TMA load (UTMALDG) moves an unknown number of bytes (it is reported, never guessed), and loops other
-than the main loop count once.
+and the bytes each thread asks of global memory (LDG / LDGSTS / STG widths); the same per iteration of
+the innermost loop around the main loop, if any (`enclosing`, main loop excluded); outside both, once.
+These are static counts: predicated-off instructions and masked lanes still count, a TMA load (UTMALDG)
+moves an unknown number of bytes (it is reported, never guessed), and other loops count once per
+iteration of whatever encloses them. A loop without MMA that ptxas unrolled u times (with a one-copy
+remainder loop beside it) is recognised and reported as `unroll`.
 
 Works on any SASS text with one kernel (Triton's cubins hold one); imports nothing but the standard library.
 """
@@ -53,10 +55,13 @@ class OpCounts:
 @dataclass
 class SassSummary:
     main_loop: OpCounts | None  # per iteration; None when the kernel has no loop
-    outside: OpCounts  # everything not in the main loop, once per CTA
+    outside: OpCounts  # everything not in the main loop nor the loop enclosing it, once per CTA
     loops: int  # backward branches found
     main_loop_span: tuple[int, int] | None = None  # first and last address of the main loop body
     notes: list[str] = field(default_factory=list)
+    unroll: int = 1  # source iterations per main-loop iteration (ptxas unrolled a loop without MMA)
+    # The innermost loop around the main loop, without the main loop's body (per iteration); None if none.
+    enclosing: OpCounts | None = None
 
 
 def parse_instructions(sass: str) -> list[Instruction]:
@@ -136,23 +141,56 @@ def summarize(sass: str) -> SassSummary:
     ]
     with_mma = [(a, b) for a, b in loops if any(_is_mma(i.opcode) for i in instructions[a : b + 1])]
     notes = []
+    unroll = 1
     if with_mma:
         main = min(with_mma, key=lambda span: span[1] - span[0])  # the innermost loop holding MMAs
     elif innermost:
         main = max(innermost, key=lambda span: span[1] - span[0])
         notes.append("no MMA in any loop: main loop = largest innermost loop")
+        unroll = _unroll_factor(instructions, main, innermost)
+        if unroll > 1:
+            notes.append(f"ptxas unrolled it x{unroll} (a remainder loop has 1/{unroll} of its loads)")
     else:
         main = None
     if main is None:
         return SassSummary(None, count_ops(instructions), len(loops), None, ["no loop"])
     a, b = main
-    if len(loops) > 1:
-        notes.append(f"{len(loops)} loops; the others count once")
-    outside = count_ops(instructions[:a] + instructions[b + 1 :])
+    around = [(c, d) for c, d in loops if c <= a and b <= d and (c, d) != (a, b) and d - c > b - a]
+    enclosing = None
+    if around:
+        c, d = min(around, key=lambda span: span[1] - span[0])
+        enclosing = count_ops(instructions[c:a] + instructions[b + 1 : d + 1])
+        outside = count_ops(instructions[:c] + instructions[d + 1 :])
+    else:
+        outside = count_ops(instructions[:a] + instructions[b + 1 :])
+    others = len({start for start, _ in loops}) - 1 - bool(around)
+    if others > 0:
+        notes.append(f"{others} other loop(s) count once per enclosing iteration")
     if outside.mma:
         notes.append(f"{outside.mma} MMA outside the main loop count once")
     span = (instructions[a].address, instructions[b].address)
-    return SassSummary(count_ops(instructions[a : b + 1]), outside, len(loops), span, notes)
+    return SassSummary(
+        count_ops(instructions[a : b + 1]), outside, len(loops), span, notes, unroll, enclosing
+    )
+
+
+def _loads(instructions: list[Instruction]) -> list[str]:
+    return sorted(i.opcode for i in instructions if i.opcode.startswith("LDG") and i.opcode != "LDGDEPBAR")
+
+
+def _unroll_factor(instructions, main: tuple[int, int], innermost: list[tuple[int, int]]) -> int:
+    """u when ptxas unrolled a runtime-trip-count loop u times and left a remainder loop of one copy:
+    another innermost loop whose loads, repeated u times, are exactly the main loop's."""
+    main_loads = _loads(instructions[main[0] : main[1] + 1])
+    best = 1
+    for a, b in innermost:
+        loads = _loads(instructions[a : b + 1])
+        if (a, b) == main or not loads or len(main_loads) % len(loads):
+            continue
+        u = len(main_loads) // len(loads)
+        if u > 1 and sorted(loads * u) == main_loads:
+            best = max(best, u)
+    return best
 
 
 __all__ = [

@@ -56,6 +56,43 @@ def test_synthetic_sass_nested_loops_and_the_mma_loop():
     assert (s.outside.instructions, s.outside.store_bytes) == (4, 2)
 
 
+_UNROLLED = """
+        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0010*/                   LDG.E.128 R8, desc[UR4][R2.64+0x10] ;
+        /*0020*/                   LDG.E.128 R12, desc[UR4][R2.64+0x20] ;
+        /*0030*/                   LDG.E.128 R16, desc[UR4][R2.64+0x30] ;
+        /*0040*/                   FADD R9, R9, R4 ;
+        /*0050*/               @P0 BRA 0x0 ;
+        /*0060*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0070*/                   FADD R9, R9, R4 ;
+        /*0080*/               @P1 BRA 0x60 ;
+        /*0090*/                   EXIT ;
+"""
+
+
+def test_a_loop_unrolled_by_ptxas_is_recognised_by_its_remainder_loop():
+    s = summarize(_UNROLLED)
+    assert s.unroll == 4 and s.main_loop.load_bytes == 64 and s.main_loop_span == (0x0, 0x50)
+    # Without the remainder loop there is nothing to compare with: no unrolling assumed.
+    assert summarize(_UNROLLED.split("/*0060*/")[0]).unroll == 1
+
+
+def test_the_loop_around_the_main_loop_is_counted_apart():
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E R4, desc[UR4][R2.64] ;
+        /*0020*/                   HMMA.16816.F32 R12, R16, R20, R12 ;
+        /*0030*/               @P0 BRA 0x20 ;
+        /*0040*/                   STG.E desc[UR4][R2.64], R9 ;
+        /*0050*/               @P1 BRA 0x10 ;
+        /*0060*/                   EXIT ;
+    """
+    s = summarize(sass)
+    assert s.main_loop_span == (0x20, 0x30) and s.main_loop.instructions == 2
+    assert (s.enclosing.instructions, s.enclosing.load_bytes, s.enclosing.store_bytes) == (3, 4, 4)
+    assert s.outside.instructions == 2
+
+
 def test_summarize_refuses_text_without_sass():
     with pytest.raises(ValueError, match="no SASS"):
         summarize("not a disassembly")
@@ -129,6 +166,7 @@ class _Spec:
 
     def __init__(self, grid, k_steps, flops, min_bytes, num_warps=4, l2_bytes=None):
         self.name, self.grid, self.k_steps, self.flops = "synthetic", grid, k_steps, flops
+        self.outer_steps = None
         self.min_bytes, self.num_warps, self.l2_bytes = min_bytes, num_warps, l2_bytes
         self.ctas = grid[0]
 
