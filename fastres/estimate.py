@@ -9,20 +9,24 @@ instance per card in `GPUS`, printed with every estimate and overridable (`--ass
 Per launch, on the busiest SM (it receives c = ceil(CTAs / SMs) CTAs, `resident` at a time):
 
     resident  = min(blocks, warps, registers, shared-memory limits per SM)
-    waves     = ceil(CTAs / (SMs * resident))
-    tensor    = c * k * (MMA FLOPs per step / tensor FLOPs per cycle per SM)
-    issue     = c * W * (k * instructions per step + instructions outside the loop) / issue slots per cycle
-    latency   = waves * (k * (load latency / pipeline depth + barriers * barrier cost) + CTA overhead)
+    waves     = ceil(CTAs / (SMs * resident)), each of r <= resident CTAs
+    per wave  = k * max(r * tensor cycles per step, issue cycles per step for r CTAs' W warps,
+                        load latency / pipeline depth + barriers * barrier cost)
+                + the same for the loop around the main loop (outer_steps iterations) and the rest
+                + CTA overhead (launch, pipeline fill, epilogue drain)
+    compute   = sum over waves (tensor, issue, latency: each term alone, summed the same way)
     L2        = max(all CTAs' bytes / L2 bandwidth, the busiest SM's bytes / its L2 port)
     DRAM      = minimum bytes / (HBM bandwidth * efficiency)
-    time      = max(tensor, issue, latency, L2, DRAM) + per-node gap; the bound is the term that won.
+    time      = max(compute, L2, DRAM) + per-node gap; the bound is L2 or DRAM when one of them won,
+                else whichever of tensor / issue / latency is largest alone.
 
 The forward pass adds the engine's copy of the input into the CUDA graph's static input (a launch
 outside the graph), one graph launch, and the backend's non-Triton graph nodes (the NCHW -> NHWC copy).
 
 Known blind spots (why this is a rough guide, not a prediction):
-* Throughput terms take the max, not a sum: tensor work, issue, memory and latency are assumed to overlap
-  perfectly within a launch. Real kernels overlap partly, so the estimate leans optimistic.
+* Per K-step the max is taken, not a sum, and memory time overlaps compute completely: tensor work,
+  issue, memory and latency are assumed to overlap perfectly. Real kernels overlap partly, so the
+  estimate leans optimistic.
 * Instruction counts are static: predicated-off instructions and masked lanes count as executed (the
   edges of a tile, the padding taps of a 3x3 conv), so issue and L2 terms lean pessimistic there.
 * Only the main loop is multiplied by K-steps; other loops count once (the head's outer channel-slice
@@ -30,6 +34,8 @@ Known blind spots (why this is a rough guide, not a prediction):
 * Load latency is one number (an L2 hit when the launch's data fits in half the L2, else a DRAM access),
   divided by the cp.async / TMA pipeline depth; bank conflicts, smem bandwidth, the wgmma wait chain,
   L2 partition crossings, clock throttling under load and DRAM page effects are not modelled.
+* The prologue/epilogue (CTA overhead) is paid once per wave and never hidden behind co-resident CTAs:
+  pessimistic for launches of many waves (the stem at batch 256).
 * Inter-kernel overlap (programmatic dependent launch) and the L2 staying warm across launches are not
   modelled except through the latency choice; the per-node gap is a constant.
 * TMA loads carry no byte count in the SASS: a launcher using TMA must give `l2_bytes`.
@@ -184,8 +190,8 @@ class LaunchEstimate:
     flops: int | None
     min_bytes: int | None
     l2_bytes: int | None
-    terms_us: dict[str, float]  # tensor, issue, latency, L2, DRAM
-    time_us: float  # max of the terms + the node gap
+    terms_us: dict[str, float]  # tensor, issue, latency (each alone), compute (combined), L2, DRAM
+    time_us: float  # max(compute, L2, DRAM) + the node gap
     bound: str
     notes: list[str] = dataclasses.field(default_factory=list)
 
@@ -235,43 +241,58 @@ def estimate_launch(spec, stats, gpu: Gpu) -> LaunchEstimate:
         notes.append("the loop around the main loop counts once (outer_steps not given)")
     # (ops per iteration, iterations per CTA, loads pipelined?) for the main loop, the loop around it
     # and the rest of the kernel; the rest's load latency is in `overhead`.
-    segments = [(loop, k, True), (enclosing, outer or 1, False), (outside, 1, None)]
-    step = {"tensor": 0.0, "issue": 0.0, "latency": 0.0}
-    cta = {"tensor": 0.0, "instructions": 0.0, "latency": 0.0, "thread_bytes": 0.0}
-    for ops, trips, pipelined in segments:
+    segments = []
+    for ops, trips, pipelined in ((loop, k, True), (enclosing, outer or 1, False), (outside, 1, None)):
         if ops is None:
             continue
-        tensor, latency = _tensor_cycles(ops, gpu, warps), ops.barriers * gpu.barrier_cycles
+        latency = ops.barriers * gpu.barrier_cycles
         if pipelined is not None and (ops.load_bytes or ops.async_copies):
             depth = max(1, (stats.num_stages or 1) - 1) if pipelined and ops.async_copies else 1
             latency += mem_latency / depth
-        if ops is loop:
-            step = {"tensor": tensor, "issue": ops.instructions * max(warps / gpu.issue_per_cycle_per_sm, 1),
-                    "latency": latency}  # fmt: skip
-        cta["tensor"] += trips * tensor
-        cta["instructions"] += trips * ops.instructions
-        cta["latency"] += trips * latency if pipelined is not None else 0
-        cta["thread_bytes"] += trips * (ops.load_bytes + ops.store_bytes)
+        segments.append(
+            (
+                trips,
+                _tensor_cycles(ops, gpu, warps),
+                ops.instructions,
+                latency if pipelined is not None else 0,
+            )
+        )
     overhead = gpu.cta_overhead_cycles + 2 * mem_latency  # first loads in, last stores out
-    issue_total = max(
-        per_sm * warps * cta["instructions"] / gpu.issue_per_cycle_per_sm,
-        # A CTA cannot issue faster than its warps' own partitions.
-        waves * cta["instructions"] * max(warps / gpu.issue_per_cycle_per_sm, 1),
+
+    def issue(instructions: float, r: int) -> float:
+        # r CTAs share the SM's issue slots; one warp issues at most one instruction per cycle.
+        return instructions * max(r * warps / gpu.issue_per_cycle_per_sm, 1)
+
+    # The busiest SM runs its CTAs in waves of `resident`; within a wave every iteration takes the
+    # slowest of the tensor cores, the issue slots and the load latency, then the CTAs drain.
+    pure = {"tensor": 0.0, "issue": 0.0, "latency": 0.0}
+    compute = 0.0
+    for r in [resident] * (per_sm // resident) + ([per_sm % resident] if per_sm % resident else []):
+        compute += overhead
+        pure["latency"] += overhead
+        for trips, tensor, instructions, latency in segments:
+            t, i = r * tensor, issue(instructions, r)
+            compute += trips * max(t, i, latency)
+            pure["tensor"] += trips * t
+            pure["issue"] += trips * i
+            pure["latency"] += trips * latency
+    thread_bytes = sum(
+        trips * (ops.load_bytes + ops.store_bytes)
+        for ops, trips in ((loop, k), (enclosing, outer or 1), (outside, 1))
+        if ops is not None
     )
-    l2_bytes = spec.l2_bytes if spec.l2_bytes is not None else cta["thread_bytes"] * 32 * warps * ctas
+    l2_bytes = spec.l2_bytes if spec.l2_bytes is not None else thread_bytes * 32 * warps * ctas
     if spec.l2_bytes is None and (outside.tma_loads or (loop and loop.tma_loads)):
         notes.append("TMA loads not counted in L2 bytes")
     l2_port_bytes = (l2_bytes / ctas) * per_sm
-    terms = {
-        "tensor": per_sm * cta["tensor"] * cycle_us,
-        "issue": issue_total * cycle_us,
-        "latency": waves * (cta["latency"] + overhead) * cycle_us,
-        "L2": max(l2_bytes / (gpu.l2_gbs * 1e3), l2_port_bytes / gpu.l2_bytes_per_cycle_per_sm * cycle_us),
-        "DRAM": data_bytes / (gpu.dram_gbs * gpu.dram_efficiency * 1e3),
-    }
+    terms = {name: cycles * cycle_us for name, cycles in pure.items()}
+    terms["compute"] = compute * cycle_us  # the three above combined per iteration, plus prologue/epilogue
+    terms["L2"] = max(l2_bytes / (gpu.l2_gbs * 1e3), l2_port_bytes / gpu.l2_bytes_per_cycle_per_sm * cycle_us)
+    terms["DRAM"] = data_bytes / (gpu.dram_gbs * gpu.dram_efficiency * 1e3)
     if spec.min_bytes is None:
         notes.append("min_bytes unknown: DRAM term is 0")
-    bound = max(terms, key=terms.get)
+    winner = max(("compute", "L2", "DRAM"), key=terms.get)
+    bound = max(pure, key=pure.get) if winner == "compute" else winner
     notes += stats.sass.notes
     return LaunchEstimate(
         name=spec.name,
@@ -281,14 +302,14 @@ def estimate_launch(spec, stats, gpu: Gpu) -> LaunchEstimate:
         k_steps=spec.k_steps,
         instr_per_step=loop.instructions if loop else None,
         mma_per_step=loop.mma if loop else None,
-        tensor_cycles_per_step=step["tensor"] if loop else None,
-        issue_cycles_per_step=step["issue"] if loop else None,
-        latency_cycles_per_step=step["latency"] if loop else None,
+        tensor_cycles_per_step=segments[0][1] if loop else None,
+        issue_cycles_per_step=issue(loop.instructions, 1) if loop else None,
+        latency_cycles_per_step=segments[0][3] if loop else None,
         flops=spec.flops,
         min_bytes=spec.min_bytes,
         l2_bytes=int(l2_bytes),
         terms_us=terms,
-        time_us=terms[bound] + gap,
+        time_us=terms[winner] + gap,
         bound=bound,
         notes=notes,
     )
