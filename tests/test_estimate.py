@@ -273,3 +273,30 @@ def test_bad_estimate_options_exit_2_with_one_line(capsys, argv, message):
 def test_compile_report_without_estimate_still_needs_arch_and_dtype(capsys):
     assert main(["compile-report", "resnet18", "--dtype", "fp16"]) == 2
     assert "needs --arch and --dtype" in capsys.readouterr().err
+
+
+_LAYERS_SCRIPT = r"""
+import json, sys, torch
+sys.path.insert(0, "benchmarks")
+import bench_layers
+from fastres.estimate import GPUS
+shape = next(s for s in bench_layers.distinct_convs("resnet18", 2, 64) if s.kernel == 3 and s.stride == 1)
+gpu = GPUS["h100"]
+est = {fused: bench_layers.estimate_ms(shape, torch.float16, fused, gpu) for fused in (False, True)}
+rows = [{"comparison": "conv", "layer": shape.label, "est_over_measured": r} for r in (0.5, 1.5, 2.0, None)]
+print(json.dumps([shape.label, est[False], est[True], bench_layers.estimate_error_by_kind(rows)]))
+"""
+
+
+def test_bench_layers_estimate_column_runs_without_a_gpu():
+    """benchmarks/bench_layers.py's per-layer estimate (the GPU run writes it beside each measurement)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", _LAYERS_SCRIPT], capture_output=True, text=True, cwd=root,
+                          env=_env_without_interpreter(), timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    label, plain, fused, by_kind = json.loads(done.stdout.strip().splitlines()[-1])
+    assert label.startswith("3x3s1") and 0 < plain < 1 and 0 < fused < 1, (label, plain, fused)
+    # The fused epilogue reads the residual too: never estimated cheaper than the plain conv.
+    assert fused >= plain
+    # The per-kind summary: median of the estimate/measured ratios, rows without an estimate left out.
+    assert by_kind == {"conv 3x3s1": [1.5, 3]}
