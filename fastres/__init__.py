@@ -9,10 +9,12 @@ from .errors import (
     BackendUnavailableError,
     CheckpointError,
     FastresError,
+    ImageDecodeError,
     InputError,
     UnknownModelError,
 )
 from .specs import MODEL_SPECS, ResNetSpec, get_spec, list_models
+from .transforms import transforms  # shadows the module name; `from fastres.transforms import X` works
 
 __version__ = "0.1.0"
 
@@ -24,6 +26,7 @@ __all__ = [
     "CheckpointError",
     "Engine",
     "FastresError",
+    "ImageDecodeError",
     "InputError",
     "MODEL_SPECS",
     "ResNetSpec",
@@ -36,4 +39,5 @@ __all__ = [
     "reference",
     "load_checkpoint",
     "resolve_model",
+    "transforms",
 ]
