@@ -24,7 +24,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
-def _pil():
+def require_pillow():
+    """Pillow's Image and ImageOps modules, or an ImportError that says how to install them."""
     try:
         from PIL import Image, ImageOps
     except ImportError:
@@ -36,7 +37,7 @@ def _pil():
 
 def _to_rgb(img):
     """A PIL image in any mode -> a PIL image in mode RGB (8 bits per channel)."""
-    Image, _ = _pil()
+    Image, _ = require_pillow()
     if img.mode == "RGB":
         return img
     if img.mode in _WIDE_GRAY_MODES:
@@ -54,7 +55,7 @@ def _to_rgb(img):
 
 def pil_to_tensor(img) -> torch.Tensor:
     """A PIL image (any mode, EXIF orientation applied) -> uint8 3 x H x W RGB, contiguous."""
-    _, ImageOps = _pil()
+    _, ImageOps = require_pillow()
     img = _to_rgb(ImageOps.exif_transpose(img))
     array = np.array(img, dtype=np.uint8)  # H x W x 3, a writable copy torch can own
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
@@ -66,7 +67,7 @@ def decode_image(source: bytes | str | os.PathLike) -> torch.Tensor:
     Raises ImageDecodeError (an InputError, so a ValueError) naming the file when Pillow cannot read
     it, FileNotFoundError when the path does not exist, and ImportError when Pillow is missing.
     """
-    Image, _ = _pil()
+    Image, _ = require_pillow()
     if isinstance(source, (bytes, bytearray, memoryview)):
         what, stream = f"<{len(source)} bytes of image data>", io.BytesIO(bytes(source))
     elif isinstance(source, (str, os.PathLike)):

@@ -1,0 +1,181 @@
+"""Image files in, top-k labels out: the work behind `fastres classify`.
+
+Decoding and preprocessing (Pillow, then fastres.transforms on the CPU) run in a small thread pool
+that stays a bounded number of images ahead of the engine, so the engine is not idle while JPEGs
+decode; Pillow and torch release the GIL while they work. Preprocessed uint8 images are batched by
+size (with a centre crop they all have one size) and run through engine.predict. Results come back
+in the order of the files; a file that cannot be decoded becomes a result with an error and the
+others still run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .images import decode_image
+from .transforms import ImageTransform
+
+DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+
+
+@dataclass
+class Classified:
+    """One file's outcome: its top-k predictions (best first), or why it could not be read."""
+
+    path: Path
+    predictions: list | None = None  # list[fastres.Prediction]
+    error: str | None = None
+
+    def to_json(self) -> str:
+        topk = [{"label": p.label, "index": p.index, "prob": p.prob} for p in self.predictions or []]
+        return json.dumps({"file": str(self.path), "topk": topk})
+
+
+def _load(path: Path, transform: ImageTransform) -> torch.Tensor | Exception:
+    try:
+        return transform(decode_image(path))
+    except (ValueError, OSError) as exc:  # ImageDecodeError (a ValueError), unreadable file
+        return exc
+
+
+def preprocessed(
+    files: Sequence[Path], transform: ImageTransform, *, workers: int = DEFAULT_WORKERS, prefetch: int = 64
+) -> Iterator[tuple[int, Path, torch.Tensor | Exception]]:
+    """(index, path, uint8 3 x H x W or the error) per file, in order.
+
+    workers > 0: decoded by that many threads, at most `prefetch` files in flight ahead of the
+    consumer (bounded memory). workers = 0: decoded in the caller's thread, one at a time.
+    """
+    if workers <= 0:
+        for i, path in enumerate(files):
+            yield i, path, _load(path, transform)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastres-decode") as pool:
+        in_flight: deque = deque()
+        upcoming = iter(enumerate(files))
+        try:
+            for i, path in upcoming:
+                in_flight.append((i, path, pool.submit(_load, path, transform)))
+                if len(in_flight) >= max(prefetch, 1):
+                    i0, path0, future = in_flight.popleft()
+                    yield i0, path0, future.result()
+            while in_flight:
+                i0, path0, future = in_flight.popleft()
+                yield i0, path0, future.result()
+        finally:  # the consumer stopped early (error, Ctrl-C): drop what has not started
+            for _, _, future in in_flight:
+                future.cancel()
+
+
+def classify_files(
+    engine,
+    files: Sequence[Path],
+    transform: ImageTransform,
+    *,
+    topk: int = 5,
+    batch: int = 64,
+    workers: int = DEFAULT_WORKERS,
+    prefetch: int | None = None,
+) -> Iterator[Classified]:
+    """Classify `files` with `engine` (its mean/std must be the transform's); one result per file, in order.
+
+    Images of one size are batched up to `batch`; when `batch` images are waiting in all, the size
+    group holding the oldest is run, so results keep flowing when sizes vary (no crop).
+    """
+    if batch < 1 or topk < 1:
+        raise ValueError(f"batch and topk must be at least 1, got {batch} and {topk}")
+    prefetch = 2 * batch if prefetch is None else prefetch
+    groups: dict[tuple[int, int], list[tuple[int, Path, torch.Tensor]]] = {}
+    done: dict[int, Classified] = {}
+    next_out = 0
+
+    def run(size: tuple[int, int]) -> None:
+        group = groups.pop(size)
+        images = torch.stack([image for _, _, image in group])
+        for (i, path, _), predictions in zip(group, engine.predict(images, topk=topk)):
+            done[i] = Classified(path, predictions)
+
+    def ready() -> Iterator[Classified]:
+        nonlocal next_out
+        while next_out in done:
+            yield done.pop(next_out)
+            next_out += 1
+
+    for i, path, image in preprocessed(files, transform, workers=workers, prefetch=prefetch):
+        if isinstance(image, Exception):
+            done[i] = Classified(path, error=str(image))
+        else:
+            size = tuple(image.shape[-2:])
+            groups.setdefault(size, []).append((i, path, image))
+            if len(groups[size]) >= batch:
+                run(size)
+            elif sum(map(len, groups.values())) >= batch:
+                run(min(groups, key=lambda s: groups[s][0][0]))
+        yield from ready()
+    while groups:
+        run(min(groups, key=lambda s: groups[s][0][0]))
+        yield from ready()
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def format_predictions(predictions: list) -> str:
+    return "  ".join(f"{p.label} ({p.prob:.1%})" for p in predictions)
+
+
+def table_header(files: Sequence[Path], topk: int) -> tuple[str, int]:
+    """The header line and the width of the file column (the longest path, at most 60)."""
+    width = min(max(len(str(f)) for f in files), 60)
+    return f"{'file':<{width}}  top-{topk} (probability)", width
+
+
+def table_row(result: Classified, width: int) -> str:
+    return f"{str(result.path):<{width}}  {format_predictions(result.predictions)}"
+
+
+def run_classify(
+    engine,
+    files: Sequence[Path],
+    transform: ImageTransform,
+    *,
+    topk: int,
+    batch: int,
+    workers: int,
+    as_json: bool,
+    progress: bool,
+    out: Callable[[str], None],
+    err: Callable[[str], None],
+) -> tuple[int, int, float]:
+    """Classify and print; returns (images classified, files failed, seconds)."""
+    from .bench import Progress
+
+    header, width = table_header(files, topk)
+    if not as_json:
+        out(header)
+    bar = Progress(len(files), "classify", progress)
+    ok = failed = 0
+    start = time.perf_counter()
+    try:
+        for result in classify_files(engine, files, transform, topk=topk, batch=batch, workers=workers):
+            bar.update()
+            if result.error is not None:
+                failed += 1
+                where = "" if str(result.path) in result.error else f" {result.path}"
+                err(f"fastres: skipped{where}: {result.error}")
+                continue
+            ok += 1
+            out(result.to_json() if as_json else table_row(result, width))
+    finally:
+        bar.close()
+    return ok, failed, time.perf_counter() - start
