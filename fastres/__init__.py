@@ -3,7 +3,7 @@
 from . import reference
 from .api import load, optimize
 from .checkpoints import Architecture, load_checkpoint, resolve_model
-from .engine import CheckResult, Engine
+from .engine import CheckResult, Engine, Prediction
 from .errors import (
     ArchitectureMismatchError,
     BackendUnavailableError,
@@ -13,7 +13,7 @@ from .errors import (
     InputError,
     UnknownModelError,
 )
-from .specs import MODEL_SPECS, ResNetSpec, get_spec, list_models
+from .specs import IMAGENET_MEAN, IMAGENET_STD, MODEL_SPECS, ResNetSpec, get_spec, list_models
 from .transforms import transforms  # shadows the module name; `from fastres.transforms import X` works
 
 __version__ = "0.1.0"
@@ -25,10 +25,13 @@ __all__ = [
     "CheckResult",
     "CheckpointError",
     "Engine",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "FastresError",
     "ImageDecodeError",
     "InputError",
     "MODEL_SPECS",
+    "Prediction",
     "ResNetSpec",
     "UnknownModelError",
     "__version__",

@@ -21,11 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .specs import get_spec
-
-# ImageNet statistics every torchvision ResNet weight set was trained with
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
+from .specs import IMAGENET_MEAN, IMAGENET_STD, get_spec
 
 # (resize, crop) of each published weight set, from torchvision 0.29's models/resnet.py: V1 weights use
 # ImageClassification's default resize of 256, every V2 recipe (and resnext101_64x4d's only weights) 232.
@@ -253,7 +249,7 @@ def transforms(
     return ImageTransform(
         resize=base[0] if resize is None else _positive_or_off("resize", resize),
         crop=base[1] if crop is None else _positive_or_off("crop", crop),
-        mean=_IMAGENET_MEAN if mean is None else _triple("mean", mean),
-        std=_IMAGENET_STD if std is None else _triple("std", std),
+        mean=IMAGENET_MEAN if mean is None else _triple("mean", mean),
+        std=IMAGENET_STD if std is None else _triple("std", std),
         source=f"{source}, customised" if custom else source,
     )
