@@ -179,3 +179,10 @@ def run_classify(
     finally:
         bar.close()
     return ok, failed, time.perf_counter() - start
+
+
+def summary(ok: int, failed: int, seconds: float) -> str:
+    line = f"classified {ok} images in {seconds:.2f} s ({ok / max(seconds, 1e-9):.1f} img/s)"
+    return line + (
+        f"; skipped {failed} file{'s' if failed != 1 else ''} that could not be read" if failed else ""
+    )

@@ -397,7 +397,7 @@ def cmd_classify(args) -> int:
     import fastres
 
     from .checkpoints import _is_weight_name
-    from .classify import DEFAULT_WORKERS, run_classify
+    from .classify import DEFAULT_WORKERS, run_classify, summary
     from .images import find_images, require_pillow
     from .specs import MODEL_SPECS
 
@@ -433,7 +433,7 @@ def cmd_classify(args) -> int:
         )
     weight_name = args.weights if args.weights is not None and _is_weight_name(args.weights) else None
     transform = fastres.transforms(weight_name, model=engine.architecture.spec.name, **custom)
-    print(f"fastres: {engine!r}; preprocessing {transform}; {len(files)} files", file=sys.stderr)
+    print(f"fastres: {engine!r}; {len(files)} files; preprocessing: {transform}", file=sys.stderr)
     ok, failed, seconds = run_classify(
         engine,
         files,
@@ -446,11 +446,7 @@ def cmd_classify(args) -> int:
         out=lambda line: print(line, flush=True),
         err=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    print(
-        f"fastres: classified {ok} images in {seconds:.2f} s ({ok / max(seconds, 1e-9):.1f} img/s)"
-        + (f"; {failed} files skipped" if failed else ""),
-        file=sys.stderr,
-    )
+    print(f"fastres: {summary(ok, failed, seconds)}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -105,6 +105,13 @@ class ImageTransform:
     std: tuple[float, float, float]
     source: str = "custom"
 
+    def __str__(self) -> str:
+        steps = [
+            f"resize {self.resize}" if self.resize else "no resize",
+            f"crop {self.crop}" if self.crop else "no crop",
+        ]
+        return f"{', '.join(steps)}, mean {self.mean}, std {self.std} ({self.source})"
+
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """The (H, W) an image of height x width comes out as."""
         if self.resize is not None:
