@@ -57,8 +57,9 @@ def pil_to_tensor(img) -> torch.Tensor:
     """A PIL image (any mode, EXIF orientation applied) -> uint8 3 x H x W RGB, contiguous."""
     _, ImageOps = require_pillow()
     img = _to_rgb(ImageOps.exif_transpose(img))
-    array = np.array(img, dtype=np.uint8)  # H x W x 3, a writable copy torch can own
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    # H x W x 3 -> 3 x H x W in one numpy copy: several times faster than torch's permute().contiguous()
+    # on uint8, and a writable array torch can own
+    return torch.from_numpy(np.array(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1), order="C"))
 
 
 def decode_image(source: bytes | str | os.PathLike) -> torch.Tensor:
