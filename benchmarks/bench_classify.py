@@ -23,28 +23,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import fastres
 from fastres.classify import DEFAULT_WORKERS, classify_files, preprocessed
-from fastres.testing import make_calibrated_model
-
-
-def write_jpegs(folder: Path, count: int, height: int, width: int, seed: int = 0) -> list[Path]:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
-    files = []
-    for i in range(count):
-        a, b, c = rng.uniform(-3, 3, (3, 3))
-        field = np.stack([np.sin(a[k] * xx + b[k] * yy + c[k]) for k in range(3)], axis=2)
-        pixels = 127.5 + 100 * field + rng.normal(0, 12, (height, width, 3))
-        path = folder / f"img_{i:04d}.jpg"
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
-        files.append(path)
-    return files
+from fastres.testing import make_calibrated_model, write_sample_images
 
 
 def git_rev() -> str:
@@ -91,7 +74,7 @@ def main() -> int:
         f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}, load_avg_1m {load:.2f}"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        files = write_jpegs(Path(tmp), args.images, height, width)
+        files = write_sample_images(Path(tmp), args.images, height, width)
         modes = {"no prefetch (workers=0)": 0, f"prefetch (workers={args.workers})": args.workers}
 
         def classify(workers: int) -> None:

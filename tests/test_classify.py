@@ -15,7 +15,7 @@ import fastres
 from fastres.classify import classify_files
 from fastres.cli import main
 from fastres.images import decode_image
-from fastres.testing import make_calibrated_model
+from fastres.testing import make_calibrated_model, write_sample_images
 
 Image = pytest.importorskip("PIL.Image", reason="Pillow (the images extra) is not installed")
 
@@ -142,12 +142,21 @@ def test_labels_file_with_the_wrong_count_is_exit_2(capsys, tmp_path, model_file
     assert "9" in err and "10" in err
 
 
-def test_random_weights_warn_once(capsys, folder):
-    _, good = folder
+def test_random_weights_warn_once_on_generated_samples(capsys, tmp_path):
+    samples = write_sample_images(tmp_path / "samples", count=3, height=40, width=60, seed=1)
+    assert [decode_image(p).shape for p in samples] == [(3, 40, 60)] * 3
     code, out, err = run(
-        capsys, "classify", good[0], "--model", "resnet18", "--device", "cpu", "--no-progress", *SIZE
+        capsys,
+        "classify",
+        tmp_path / "samples",
+        "--model",
+        "resnet18",
+        "--device",
+        "cpu",
+        "--no-progress",
+        *SIZE,
     )
-    assert code == 0 and len(out.splitlines()) == 2
+    assert code == 0 and [line.split()[0] for line in out.splitlines()[1:]] == [str(p) for p in samples]
     assert err.count("random weights") == 1 and "UserWarning" not in err
 
 
