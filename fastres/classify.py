@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -195,3 +197,60 @@ def summary(ok: int, failed: int, seconds: float) -> str:
     return line + (
         f"; skipped {failed} file{'s' if failed != 1 else ''} that could not be read" if failed else ""
     )
+
+
+def classify_command(args) -> int:
+    """`fastres classify` after argument parsing (fastres.cli): exit status 0, or 1 if a file failed.
+
+    Mistakes a user can fix raise ValueError/FastresError, which the CLI prints as one line (exit 2).
+    """
+    import fastres
+
+    from .api import parse_dtype
+    from .checkpoints import _is_weight_name
+    from .images import find_images
+    from .specs import MODEL_SPECS
+
+    workers = DEFAULT_WORKERS if args.workers is None else args.workers
+    if args.topk < 1 or args.batch < 1 or workers < 0:
+        raise ValueError(
+            f"need --topk >= 1, --batch >= 1, --workers >= 0; got {args.topk}, {args.batch}, {workers}"
+        )
+    files = find_images(args.paths)
+    custom = {"resize": args.resize, "crop": args.crop, "mean": args.mean, "std": args.std}
+    norm = fastres.transforms(**custom)  # bad options fail here, before the model loads
+    with warnings.catch_warnings():  # said once below, without a Python warning's file and line
+        warnings.filterwarnings("ignore", message=r"fastres\.load\(.*without weights")
+        engine = fastres.load(
+            args.model,
+            args.weights,
+            device=args.device,
+            dtype=None if args.dtype is None else parse_dtype(args.dtype),
+            backend=args.backend,
+            mean=norm.mean,
+            std=norm.std,
+            labels=args.labels,
+        )
+    if args.weights is None and args.model in MODEL_SPECS:
+        print(
+            f"fastres: warning: no --weights: {args.model} has random weights, its labels mean nothing; "
+            "pass --weights DEFAULT (torchvision's) or a checkpoint",
+            file=sys.stderr,
+        )
+    weight_name = args.weights if args.weights is not None and _is_weight_name(args.weights) else None
+    transform = fastres.transforms(weight_name, model=engine.architecture.spec.name, **custom)
+    print(f"fastres: {engine!r}; {len(files)} files; preprocessing: {transform}", file=sys.stderr)
+    ok, failed, seconds = run_classify(
+        engine,
+        files,
+        transform,
+        topk=min(args.topk, engine.num_classes),
+        batch=args.batch,
+        workers=workers,
+        as_json=args.json,
+        progress=not args.no_progress and not sys.stdout.isatty(),  # on a terminal the rows are progress
+        out=lambda line: print(line, flush=True),
+        err=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(f"fastres: {summary(ok, failed, seconds)}", file=sys.stderr)
+    return 1 if failed else 0

@@ -392,62 +392,14 @@ def cmd_check(args) -> int:
 
 
 def cmd_classify(args) -> int:
-    import warnings
+    from .classify import classify_command
+    from .images import require_pillow
 
-    import fastres
-
-    from .checkpoints import _is_weight_name
-    from .classify import DEFAULT_WORKERS, run_classify, summary
-    from .images import find_images, require_pillow
-    from .specs import MODEL_SPECS
-
-    workers = DEFAULT_WORKERS if args.workers is None else args.workers
-    if args.topk < 1 or args.batch < 1 or workers < 0:
-        raise UsageError(
-            f"need --topk >= 1, --batch >= 1, --workers >= 0; got {args.topk}, {args.batch}, {workers}"
-        )
     try:
         require_pillow()
     except ImportError as exc:
         raise UsageError(str(exc)) from None
-    files = find_images(args.paths)
-    custom = {"resize": args.resize, "crop": args.crop, "mean": args.mean, "std": args.std}
-    norm = fastres.transforms(**custom)  # bad options fail here, before the model loads
-    with warnings.catch_warnings():  # said once below, without a Python warning's file and line
-        warnings.filterwarnings("ignore", message=r"fastres\.load\(.*without weights")
-        engine = fastres.load(
-            args.model,
-            args.weights,
-            device=args.device,
-            dtype=_dtype(args.dtype),
-            backend=args.backend,
-            mean=norm.mean,
-            std=norm.std,
-            labels=args.labels,
-        )
-    if args.weights is None and args.model in MODEL_SPECS:
-        print(
-            f"fastres: warning: no --weights: {args.model} has random weights, its labels mean nothing; "
-            "pass --weights DEFAULT (torchvision's) or a checkpoint",
-            file=sys.stderr,
-        )
-    weight_name = args.weights if args.weights is not None and _is_weight_name(args.weights) else None
-    transform = fastres.transforms(weight_name, model=engine.architecture.spec.name, **custom)
-    print(f"fastres: {engine!r}; {len(files)} files; preprocessing: {transform}", file=sys.stderr)
-    ok, failed, seconds = run_classify(
-        engine,
-        files,
-        transform,
-        topk=min(args.topk, engine.num_classes),
-        batch=args.batch,
-        workers=workers,
-        as_json=args.json,
-        progress=not args.no_progress and not sys.stdout.isatty(),  # on a terminal the rows are progress
-        out=lambda line: print(line, flush=True),
-        err=lambda line: print(line, file=sys.stderr, flush=True),
-    )
-    print(f"fastres: {summary(ok, failed, seconds)}", file=sys.stderr)
-    return 1 if failed else 0
+    return classify_command(args)
 
 
 def cmd_compile_report(args, argv: list[str]) -> int:

@@ -6,6 +6,7 @@ in float64 on fastres.transforms' output, normalised by hand.
 
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -192,3 +193,9 @@ def test_bad_batch_or_topk_is_a_value_error(engine, folder):
 def test_help_shows_examples(capsys):
     code, out, _ = run(capsys, "classify", "--help")
     assert code == 0 and "examples:" in out and "fastres classify " in out and "--json" in out
+
+
+def test_without_pillow_the_command_says_which_extra_to_install(capsys, monkeypatch, folder):
+    monkeypatch.setitem(sys.modules, "PIL", None)  # `from PIL import ...` now raises ImportError
+    code, out, err = run(capsys, "classify", folder[0], "--model", "resnet18", "--device", "cpu")
+    assert code == 2 and out == "" and err.count("\n") == 1 and "fastres[images]" in err
