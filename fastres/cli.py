@@ -420,7 +420,9 @@ def cmd_compile_report(args, argv: list[str]) -> int:
     from . import compile_report
 
     if args.estimate:
-        return _estimate(args, argv)
+        from .estimate_report import estimate_command
+
+        return estimate_command(args, argv)
     if args.arch is None or args.dtype is None:
         raise UsageError("compile-report needs --arch and --dtype (or --estimate)")
     compile_report.parse_arch(args.arch)  # bad input fails here, in this process, as one line
@@ -435,22 +437,6 @@ def cmd_compile_report(args, argv: list[str]) -> int:
         args.out,
         progress=not args.no_progress,
     )
-
-
-def _estimate(args, argv: list[str]) -> int:
-    from . import compile_report
-    from .estimate import get_gpu
-    from .estimate_report import run_estimate
-
-    gpu = get_gpu(args.gpu, args.assume)  # bad --gpu / --assume fail here, as one line
-    if args.arch is not None and compile_report.parse_arch(args.arch) != gpu.arch:
-        raise UsageError(f"--arch {args.arch} does not match --gpu {gpu.name} (sm_{gpu.arch}); drop --arch")
-    if args.batch < 1 or args.image_size < 32:
-        raise UsageError(f"need --batch >= 1 and --image-size >= 32, got {args.batch} and {args.image_size}")
-    if compile_report.interpreter_enabled():
-        return compile_report.rerun_without_interpreter(argv)
-    dtype = _dtype(args.dtype or "fp16")
-    return run_estimate(args.model, dtype, args.batch, args.image_size, gpu, args.out, not args.no_progress)
 
 
 def main(argv: list[str] | None = None) -> int:

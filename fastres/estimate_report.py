@@ -168,3 +168,22 @@ def run_estimate(
     print(text)
     print(f"(compiling and estimating took {time.perf_counter() - start:.1f} s)")
     return 0
+
+
+def estimate_command(args, argv: list[str]) -> int:
+    """`fastres compile-report MODEL --estimate ...` (parsed by fastres.cli): check, then run in a child
+    process without TRITON_INTERPRET when it is set."""
+    from . import compile_report
+    from .api import parse_dtype
+    from .errors import InputError
+    from .estimate import get_gpu
+
+    gpu = get_gpu(args.gpu, args.assume)  # bad --gpu / --assume fail here, as one line
+    if args.arch is not None and compile_report.parse_arch(args.arch) != gpu.arch:
+        raise InputError(f"--arch {args.arch} does not match --gpu {gpu.name} (sm_{gpu.arch}); drop --arch")
+    if args.batch < 1 or args.image_size < 32:
+        raise InputError(f"need --batch >= 1 and --image-size >= 32, got {args.batch} and {args.image_size}")
+    if compile_report.interpreter_enabled():
+        return compile_report.rerun_without_interpreter(argv)
+    dtype = parse_dtype(args.dtype or "fp16")
+    return run_estimate(args.model, dtype, args.batch, args.image_size, gpu, args.out, not args.no_progress)
