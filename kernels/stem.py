@@ -24,12 +24,16 @@ stay zero-filled), and the bias absorbs sum_{r,s,c} W[:, c, r, s] * pad_value[c]
 weights as given). In real arithmetic this is "pad with pad_value, then conv"; the MMA operands are
 the centred values, the same magnitude as a normalised image, rounded once to the compute dtype.
 
-Why the 3x3/2 max-pool is not fused: a pooled row needs three stem rows, two of them shared with the
-neighbouring pooled rows, so a fused tile either recomputes a third of its stem rows (the stem is
-the busiest conv per output byte: 147 MACs per output value) or exchanges halos between programs.
-At 224x224 the unfused pool adds one read of the stem output (N*112*112*64 values) and one write of
-a quarter of that: about 1.6 MB per image in fp16, 0.5 us per image at 3 TB/s (estimate), while the
-stem kernel has to be restructured around 2-D output tiles to fuse it. Left separate.
+The A loads are scalar (a filter row of a stride-2 conv is neither contiguous nor aligned in the
+input, whatever its layout), so Triton cannot turn them into cp.async; they are issued one K-step
+ahead by hand, to overlap the previous step's MMA.
+
+Why the 3x3/2 max-pool is not fused: a pooled row needs three stem rows, one shared with each
+neighbouring pooled row, so a fused tile either recomputes a third of its stem rows (the stem is
+the costliest conv per output value: 147 MACs each) or exchanges halos between programs, and the
+kernel would need 2-D output tiles instead of flat pixel ranges. What fusion would save: one read of
+the stem output and one write of a quarter of it, about 2 MB per 224x224 image in fp16, ~0.6 us per
+image at 3.35 TB/s (estimate; ~2% of the batch-256 goal), plus one launch. Left separate.
 
 Limitations: int32 offsets (the input's addressed span and the output below 2**31 elements).
 """
@@ -49,7 +53,6 @@ from .conv import device_arch
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 STEM_IN_CHANNELS = 3
 _INT32_LIMIT = 2**31
-
 
 
 @dataclass(frozen=True)
@@ -75,20 +78,25 @@ class StemConfig:
         return options
 
 
-# Config table: (arch family, operand width) -> tile config, by rule (never autotuned).
+# Config table: (arch family, operand width) -> tile config, by rule (never autotuned). One filter row
+# per K-step (K = 21 of 32 used for 7x7x3): the loop's per-element work is the same at any rows per
+# step, and one row keeps 16 A elements per thread, so registers stay low. 64-row tiles: the A loads
+# are scalar (an image row is not aligned to vectors at stride 2), so latency is hidden by resident
+# programs (3-4 per SM at 127-192 registers) and 64-row tiles give 196 programs at batch 1, 224x224
+# (128-row tiles: 98, fewer than the 132 SMs of an H100, and 190-252 registers).
+# Main loop per K-step from the SASS (float16 input / uint8 input): sm_90 144 / 350 instructions
+# per 2 wgmma; sm_80 170 / 292 per 16 mma.sync. fp32 runs on FMA units (1024 FFMA per thread per step).
 STEM_CONFIGS: dict[tuple[str, str], StemConfig] = {
-    ("sm90", "16bit"): StemConfig(128, 64, 1, 4, 3),
-    ("sm80", "16bit"): StemConfig(128, 64, 1, 4, 3),
+    ("sm90", "16bit"): StemConfig(64, 64, 1, 4, 3),
+    ("sm80", "16bit"): StemConfig(64, 64, 1, 4, 3),
     ("sm90", "fp32"): StemConfig(64, 64, 1, 4, 2),
     ("sm80", "fp32"): StemConfig(64, 64, 1, 4, 2),
-    # Triton's interpreter pays per program and per loop step: the largest tiles, fewest steps.
+    # Triton's interpreter pays per program and per loop step: large tiles, few steps.
     ("interp", "any"): StemConfig(128, 64, 3, 4, 1),
 }
 
 
-@triton.jit(
-    do_not_specialize=["M", "H", "W", "OH", "OW", "stride_xn", "stride_xc", "stride_xh", "stride_xw"]
-)
+@triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW", "stride_xn", "stride_xc", "stride_xh", "stride_xw"])
 def _stem_kernel(
     # pointers
     x_ptr,
@@ -146,23 +154,34 @@ def _stem_kernel(
     k_ok = k < ROWS_PER_STEP * K_ROW
     iw = iw0[:, None] + s[None, :]
     col_ok = m_mask[:, None] & k_ok[None, :] & (iw >= 0) & (iw < W)
-    col_off = batch[:, None] * stride_xn + iw * stride_xw + (c * stride_xc + rl * stride_xh)[None, :]
+    # Per element, the rows it may read: [0, H) where its column is valid, none where it is not. With
+    # the row index in unsigned arithmetic (negative -> huge) the bounds check is then one compare.
+    row_limit = tl.where(col_ok, H, 0).to(tl.uint32)
+    ih = ih0[:, None] + rl[None, :]  # input row per element, advanced by ROWS_PER_STEP each step
+    a_ptrs = x_ptr + (batch[:, None] * stride_xn + ih * stride_xh + iw * stride_xw + (c * stride_xc)[None, :])
     if HAS_PAD_VALUE:
         pad = tl.load(pad_ptr + c, mask=k_ok, other=0.0)
     w_ptrs = w_ptr + k[:, None] * C_OUT + offs_n[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
+    # A is loaded one step ahead, by hand: the loads are scalar (no cp.async), so Triton's pipeliner
+    # would leave their latency exposed; here it overlaps the previous step's MMA. The extra load after
+    # the last step reads rows past the filter (in bounds by the mask) and is discarded.
+    a_mask = ih.to(tl.uint32) < row_limit
+    a_next = tl.load(a_ptrs, mask=a_mask, other=0)
     for step in range(0, tl.cdiv(R, ROWS_PER_STEP)):
-        ih_first = ih0 + step * ROWS_PER_STEP  # input row of this step's first filter row, per pixel
-        a_off = col_off + (ih_first * stride_xh)[:, None]
-        if ROWS_PER_STEP == 1:
-            a_mask = col_ok & ((ih_first >= 0) & (ih_first < H))[:, None]
-        else:
-            ih = ih_first[:, None] + rl[None, :]
-            a_mask = col_ok & (ih >= 0) & (ih < H) & (step * ROWS_PER_STEP + rl < R)[None, :]
-        a = tl.load(x_ptr + a_off, mask=a_mask, other=0)
+        a = a_next
+        if ROWS_PER_STEP > 1 and R % ROWS_PER_STEP != 0:
+            a_mask &= (step * ROWS_PER_STEP + rl < R)[None, :]  # rows past the filter (zero weights)
+            a = tl.where(a_mask, a, 0)
         if HAS_PAD_VALUE:
+            # Recomputed, not carried from the load: a carried mask costs predicate-register shuffles.
+            a_mask = ih.to(tl.uint32) < row_limit
             a = tl.where(a_mask, a.to(tl.float32) - pad[None, :], 0.0)
+        a_ptrs += ROWS_PER_STEP * stride_xh
+        ih += ROWS_PER_STEP
+        a_mask = ih.to(tl.uint32) < row_limit
+        a_next = tl.load(a_ptrs, mask=a_mask, other=0)
         b = tl.load(w_ptrs + step * (BLOCK_K * C_OUT), mask=n_mask[None, :], other=0.0)
         acc = tl.dot(a.to(w_ptr.dtype.element_ty), b, acc, input_precision=INPUT_PRECISION)
 
@@ -348,8 +367,11 @@ class StemLayer:
         if any(st < 0 for st in x.stride()):
             raise ValueError(f"StemLayer: negative strides are not supported, got {x.stride()}")
         span = sum((size - 1) * st for size, st in zip(x.shape, x.stride())) if x.numel() else 0
-        if span >= _INT32_LIMIT:
-            raise ValueError("StemLayer: inputs spanning 2**31 elements or more need int64 indexing (unsupported)")
+        # The pointer of the discarded prefetch past the last filter row must not wrap either.
+        if span + (self.kernel_size[0] + 1) * x.stride(2) >= _INT32_LIMIT:
+            raise ValueError(
+                "StemLayer: inputs spanning 2**31 elements or more need int64 indexing (unsupported)"
+            )
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input(x)
@@ -387,7 +409,11 @@ class StemLayer:
         return out
 
     def aot_specs(
-        self, input_shape_nchw, arch: int, input_dtype: torch.dtype | None = None, config: StemConfig | None = None
+        self,
+        input_shape_nchw,
+        arch: int,
+        input_dtype: torch.dtype | None = None,
+        config: StemConfig | None = None,
     ) -> list[KernelSpec]:
         """What `__call__` compiles for this input shape on `arch`, without launching.
 
