@@ -262,7 +262,9 @@ class StemLayer:
             self.pad_value = pad64.to(torch.float32).contiguous()
         self.has_bias = bias is not None or pad_value is not None
         self.bias = b64.to(torch.float32).contiguous() if self.has_bias else None
-        self._configs: dict[tuple, StemConfig] = {}
+        self._configs: dict[int, StemConfig] = {}
+        # Packed now for this device's config, so that no forward pass (or CUDA-graph capture) packs.
+        self.packed_weight(self.config_for(device_arch(self.device)).rows_per_step)
 
     def __repr__(self) -> str:
         pad = "" if self.pad_value is None else ", pad_value"

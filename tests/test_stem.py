@@ -206,3 +206,13 @@ def test_stem_aot_specs_cover_both_input_dtypes():
     assert spec_f.name != spec_u.name
     # Strides and sizes are not specialized: one binary serves every layout and image size.
     assert spec_f.signature_dict()["stride_xw"] == "i32" and spec_f.signature_dict()["H"] == "i32"
+
+
+@pytest.mark.interpreter
+def test_stem_packs_weights_at_construction():
+    weight, bias = _weights(c_out=16)
+    layer = StemLayer(weight.to(DEVICE), bias.to(DEVICE), dtype=torch.float32)
+    packed = {rows: w.data_ptr() for rows, w in layer._packed.items()}
+    assert packed
+    layer(torch.randn(1, 3, 9, 9).to(DEVICE))
+    assert {rows: w.data_ptr() for rows, w in layer._packed.items()} == packed
