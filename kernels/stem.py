@@ -85,7 +85,7 @@ class StemConfig:
 # programs (3-4 per SM at 127-192 registers) and 64-row tiles give 196 programs at batch 1, 224x224
 # (128-row tiles: 98, fewer than the 132 SMs of an H100, and 190-252 registers).
 # Main loop per K-step from the SASS (float16 input / uint8 input): sm_90 144 / 350 instructions
-# per 2 wgmma; sm_80 170 / 292 per 16 mma.sync. fp32 runs on FMA units (1024 FFMA per thread per step).
+# per 2 wgmma; sm_80 170 / 287 per 16 mma.sync. fp32 runs on FMA units (1024 FFMA per thread per step).
 STEM_CONFIGS: dict[tuple[str, str], StemConfig] = {
     ("sm90", "16bit"): StemConfig(64, 64, 1, 4, 3),
     ("sm80", "16bit"): StemConfig(64, 64, 1, 4, 3),
