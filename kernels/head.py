@@ -47,13 +47,14 @@ POOL_INTERP_CONFIG = (64, 256, 4)  # the interpreter pays per program: wide chan
 
 
 # fc configs by batch: (max batch, (BLOCK_B, BLOCK_J, BLOCK_K, num_warps, num_stages)). Each row keeps
-# roughly 64-128 programs on 1000 classes (J_PAD 1024). While the batch is tiny, a GEMV with 8-class
-# tiles (one 16-byte load per fp16 weight row) and BLOCK_K 2048: ResNet's whole K in one round of loads
-# per program (no pipelining needed; 80-121 registers, 256 threads). Then 16-row dot tiles (the smallest
-# tl.dot takes), then wider ones; those loads go through cp.async (16-byte copies), 3 stages.
+# 64-128 programs on 1000 classes (J_PAD 1024), whatever the channel count. While the batch is tiny, a
+# GEMV with 8-class tiles (one 16-byte load per fp16 weight row) and BLOCK_K 2048: ResNet's whole K in
+# one round of loads per program (no pipelining needed; 80-127 registers, 256 threads). Then 16-row dot
+# tiles (the smallest tl.dot takes), then wider ones, loaded by cp.async (16-byte copies), 3 stages.
 FC_CONFIGS = (
     (4, (1, 8, 2048, 8, 1)),
-    (32, (16, 16, 128, 4, 3)),
+    (16, (16, 16, 128, 4, 3)),
+    (64, (16, 32, 64, 4, 3)),  # BLOCK_K 128 takes 234 registers for the fp32 (FMA) dot on sm_80
     (128, (32, 32, 64, 4, 3)),
     (None, (64, 32, 32, 4, 3)),  # BLOCK_K 64 spills the fp32 (FMA) dot on sm_80
 )

@@ -75,7 +75,8 @@ def gpu_configs(monkeypatch):
     [
         pytest.param((1, 3, 3, 200), 1000, id="gemv_row"),
         pytest.param((17, 3, 3, 200), 70, id="dot16_row"),
-        pytest.param((33, 2, 2, 100), 40, id="dot32_row"),
+        pytest.param((20, 2, 2, 100), 40, id="dot16x32_row"),
+        pytest.param((65, 1, 1, 100), 40, id="dot32_row"),
         pytest.param((129, 1, 1, 40), 33, id="dot64_row"),
     ],
 )
@@ -150,11 +151,14 @@ def test_aot_specs_match_launches(gpu_configs, monkeypatch, batch):
 
 
 def test_grids_fill_the_gpu():
-    """Programs per launch for ResNet-50's head (C=2048, 1000 classes) at batch 1 and 256."""
+    """Programs per launch for ResNet-50's head (C=2048, 1000 classes) and ResNet-18's (C=512)."""
     layer = HeadLayer(torch.randn(1000, 2048), None, dtype=torch.float16)
     assert layer.padded_classes == 1024 and layer.weight_packed.shape == (2048, 1024)
     assert layer.grids((1, 7, 7, 2048)) == [(1, 64), (1, 128)]
+    assert layer.grids((64, 7, 7, 2048)) == [(64, 64), (4, 32)]
     assert layer.grids((256, 7, 7, 2048)) == [(256, 64), (4, 32)]
+    resnet18 = HeadLayer(torch.randn(1000, 512), None, dtype=torch.float16)
+    assert resnet18.grids((1, 7, 7, 512)) == [(1, 16), (1, 128)]
 
 
 @pytest.mark.interpreter
@@ -193,7 +197,7 @@ from fastres.kernels import HeadLayer, compile_spec
 result = {}
 for dtype in (torch.float16, torch.bfloat16, torch.float32):
     layer = HeadLayer(torch.randn(1000, 2048), torch.randn(1000), dtype=dtype)
-    for batch in (1, 8, 256):
+    for batch in (1, 8, 64, 256):
         for arch in (90, 80):
             for spec in layer.aot_specs((batch, 7, 7, 2048), arch):
                 stats = dataclasses.asdict(compile_spec(spec, arch))
@@ -217,7 +221,7 @@ def test_compiles_clean_and_vectorised():
     )
     assert proc.returncode == 0, f"AOT compile subprocess failed:\n{proc.stderr[-4000:]}"
     compiled = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(compiled) == 3 * 3 * 2 * 2
+    assert len(compiled) == 3 * 4 * 2 * 2
     for label, stats in compiled.items():
         assert stats["compiled_ok"], f"{label}: {stats['error']}"
         assert stats["spill_bytes"] == 0, f"{label} spills {stats['spill_bytes']} bytes"
