@@ -25,6 +25,7 @@ from .base import Backend, Observer
 class TritonWorkspace:
     values: dict[str, Tensor]  # NHWC views into the slot buffers
     logits: Tensor
+    pooled: Tensor  # the head's fp32 (N, C) scratch: per workspace, so concurrent graphs never share it
     buffers: list[Tensor]
 
 
@@ -89,7 +90,8 @@ class TritonBackend(Backend):
             n, c, h, w = shapes[value]
             values[value] = buffers[slot][: n * h * w * c].view(n, h, w, c)
         logits = torch.empty(batch, self.plan.num_classes, device=self.device, dtype=torch.float32)
-        return TritonWorkspace(values, logits, [*buffers, logits])
+        pooled = torch.empty(batch, self.plan.spec.feature_channels, device=self.device, dtype=torch.float32)
+        return TritonWorkspace(values, logits, pooled, [*buffers, logits, pooled])
 
     def run(self, x: Tensor, workspace: TritonWorkspace, observer: Observer | None = None) -> Tensor:
         values = workspace.values
@@ -119,7 +121,7 @@ class TritonBackend(Backend):
                     out=values[op.output],
                 )
             elif isinstance(op, HeadOp):
-                out = self.layers[op.name](src, out=workspace.logits)
+                out = self.layers[op.name](src, out=workspace.logits, pooled=workspace.pooled)
             else:
                 raise TypeError(f"triton backend cannot run op kind {op.kind!r} ({op.name})")
             if observer is not None:
