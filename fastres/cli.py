@@ -177,18 +177,81 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_examples(
             "fastres compile-report resnet50 --arch sm_90 --dtype fp16",
             "fastres compile-report resnext50_32x4d --arch sm_80 --dtype bf16 --batch 1",
+            "fastres compile-report resnet50 --batch 256 --estimate --gpu h100 --assume node_gap_us=1",
         ),
     )
     report.add_argument("model", help="a model name")
-    report.add_argument("--arch", required=True, help="sm_90 or sm_80 (also sm_86, sm_89)")
-    report.add_argument("--dtype", choices=DTYPES, required=True, help="compute dtype")
+    report.add_argument("--arch", help="sm_90 or sm_80 (also sm_86, sm_89); with --estimate, the GPU's")
+    report.add_argument("--dtype", choices=DTYPES, help="compute dtype (required; fp16 with --estimate)")
     report.add_argument("--batch", type=int, default=8, metavar="N", help="batch size (default 8)")
     report.add_argument(
         "--image-size", type=int, default=224, metavar="PX", help="square input size (default 224)"
     )
     report.add_argument("--out", metavar="DIR", help="also write the report as JSON into DIR")
     report.add_argument("--no-progress", action="store_true", help="no progress bar")
+    report.add_argument(
+        "--estimate",
+        action="store_true",
+        help="instead: estimate each launch's time on --gpu with an analytical model (not a measurement)",
+    )
+    report.add_argument("--gpu", default="h100", help="with --estimate: h100, h200 or a100 (default h100)")
+    report.add_argument(
+        "--assume",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --estimate: override one GPU assumption (repeatable; the output lists the keys)",
+    )
+    _add_classify_parser(sub)
     return parser
+
+
+def _add_classify_parser(sub) -> None:
+    classify = sub.add_parser(
+        "classify",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="image files or folders in, top-k labels out",
+        description="Classify image files (JPEG, PNG, WebP, BMP; folders searched recursively) with\n"
+        "torchvision's evaluation preprocessing for the weights (resize, centre crop), decoded with\n"
+        "Pillow in a thread pool ahead of the engine. One table row, or with --json one JSON object,\n"
+        "per file on stdout. A file that cannot be decoded is reported on stderr and skipped; the\n"
+        "exit status is then 1. Without --weights the network is random (a warning says so).",
+        epilog=_examples(
+            "fastres classify photos/ --weights DEFAULT",
+            "fastres classify cat.jpg dog.png --model resnet18 --weights IMAGENET1K_V1 --topk 3",
+            "fastres classify data/ --weights finetune.pth --labels classes.txt --json > preds.jsonl",
+            "fastres classify data/ --model resnet50 --weights best.pt --resize 160 --crop 144",
+        ),
+    )
+    classify.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders")
+    classify.add_argument(
+        "--model", default="resnet50", help="model name or checkpoint path (default resnet50)"
+    )
+    classify.add_argument("--weights", metavar="W", help="checkpoint path or torchvision weight name")
+    classify.add_argument("--device", choices=("cuda", "cpu"), help="default cuda when available, else cpu")
+    classify.add_argument("--dtype", choices=DTYPES, help="default fp16 on CUDA, fp32 on the CPU")
+    classify.add_argument("--backend", choices=("triton", "torch", "reference"), help="fastres backend")
+    classify.add_argument("--topk", type=int, default=5, metavar="K", help="labels per image (default 5)")
+    classify.add_argument("--batch", type=int, default=64, metavar="N", help="images per batch (default 64)")
+    classify.add_argument(
+        "--labels", metavar="FILE", help="class names, one per line (default: ImageNet's for 1000 classes)"
+    )
+    classify.add_argument(
+        "--resize", type=int, metavar="PX", help="short side before the crop (default: the weights'; 0: none)"
+    )
+    classify.add_argument(
+        "--crop", type=int, metavar="PX", help="centre crop size (default: the weights'; 0: none)"
+    )
+    classify.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="default ImageNet's")
+    classify.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="default ImageNet's")
+    classify.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="decoding threads (default min(8, CPUs)); 0 decodes in the main thread, no prefetch",
+    )
+    classify.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    classify.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,9 +405,26 @@ def cmd_check(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_classify(args) -> int:
+    from .classify import classify_command
+    from .images import require_pillow
+
+    try:
+        require_pillow()
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    return classify_command(args)
+
+
 def cmd_compile_report(args, argv: list[str]) -> int:
     from . import compile_report
 
+    if args.estimate:
+        from .estimate_report import estimate_command
+
+        return estimate_command(args, argv)
+    if args.arch is None or args.dtype is None:
+        raise UsageError("compile-report needs --arch and --dtype (or --estimate)")
     compile_report.parse_arch(args.arch)  # bad input fails here, in this process, as one line
     if compile_report.interpreter_enabled():
         return compile_report.rerun_without_interpreter(argv)
@@ -372,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_info(args)
         if args.command == "check":
             return cmd_check(args)
+        if args.command == "classify":
+            return cmd_classify(args)
         return cmd_compile_report(args, argv)
     except (UsageError, FastresError, ValueError, FileNotFoundError) as exc:
         message = str(exc).strip().splitlines() or [type(exc).__name__]

@@ -187,6 +187,29 @@ def test_triton_backend_runs_merged_shortcuts(dtype, one_gemm, monkeypatch):
     model = calibrated("resnet50", 10)
     engine = fastres.optimize(model, device=device, dtype=dtype, backend="triton")
     assert engine.backend.kconcat == one_gemm and len(engine.backend.split) == (0 if one_gemm else 4)
-    convs = sum(isinstance(op, ConvOp) for op in engine.plan.ops)
+    convs = sum(isinstance(op, ConvOp) for op in engine.plan.ops[1:])  # the stem is a StemLayer
     assert len([n for n in engine.backend.layers if n != "head"]) == convs + (0 if one_gemm else 4)
     assert_parity(engine, model, random_images(1, 40, 36, seed=16), dtype, device=device)
+
+
+def test_triton_split_path_launches_what_the_unfused_plan_does(monkeypatch):
+    """Without the K-concatenated kernel, the merged plan compiles and launches the unfused plan's kernels."""
+    from fastres.backends import triton_backend
+
+    monkeypatch.setattr(triton_backend, "conv_layer_takes_shortcut", lambda: False)
+    spec, state = get_spec("resnet50"), build_resnet(get_spec("resnet50"), 10).state_dict()
+    fused = triton_backend.TritonBackend(plan_resnet(spec, 10, state), "cpu", torch.float16)
+    unfused = triton_backend.TritonBackend(
+        plan_resnet(spec, 10, state, fuse_shortcuts=False), "cpu", torch.float16
+    )
+    # The split projection has no bias of its own (the summed bias stays on the main conv).
+    key = lambda s: (s.fn, {k: v for k, v in s.constexpr_dict().items() if k != "HAS_BIAS"}, s.num_warps)
+    for arch in (90, 80):
+        a, b = fused.kernel_specs(2, 64, 64, arch), unfused.kernel_specs(2, 64, 64, arch)
+        assert len(a) == len(b) and [key(s) for s in a] == [key(s) for s in b]
+        assert (
+            sum(
+                x.constexpr_dict().get("HAS_BIAS") != y.constexpr_dict().get("HAS_BIAS") for x, y in zip(a, b)
+            )
+            == 4
+        )
