@@ -3,7 +3,7 @@
 from . import reference
 from .api import load, optimize
 from .checkpoints import Architecture, load_checkpoint, resolve_model
-from .engine import CheckResult, Engine
+from .engine import CheckResult, Engine, Prediction
 from .errors import (
     ArchitectureMismatchError,
     BackendUnavailableError,
@@ -12,7 +12,7 @@ from .errors import (
     InputError,
     UnknownModelError,
 )
-from .specs import MODEL_SPECS, ResNetSpec, get_spec, list_models
+from .specs import IMAGENET_MEAN, IMAGENET_STD, MODEL_SPECS, ResNetSpec, get_spec, list_models
 
 __version__ = "0.1.0"
 
@@ -23,9 +23,12 @@ __all__ = [
     "CheckResult",
     "CheckpointError",
     "Engine",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "FastresError",
     "InputError",
     "MODEL_SPECS",
+    "Prediction",
     "ResNetSpec",
     "UnknownModelError",
     "__version__",
