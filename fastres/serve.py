@@ -67,12 +67,8 @@ class ServeConfig:
     backend: str | None = None
     num_classes: int | None = None
     labels: str | None = None  # a text file, one class name per line
-    mean: tuple[float, float, float] = (
-        fastres.IMAGENET_MEAN if hasattr(fastres, "IMAGENET_MEAN") else (0.485, 0.456, 0.406)
-    )
-    std: tuple[float, float, float] = (
-        fastres.IMAGENET_STD if hasattr(fastres, "IMAGENET_STD") else (0.229, 0.224, 0.225)
-    )
+    mean: tuple[float, float, float] = fastres.IMAGENET_MEAN  # uint8 input is normalised in the stem
+    std: tuple[float, float, float] = fastres.IMAGENET_STD
     max_batch: int = 64
     batch_wait_ms: float = 2.0
     max_body_bytes: int = 128 << 20
@@ -384,7 +380,10 @@ def start(
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network calls from a server
     owns_ray = address is None and not ray.is_initialized()
     if not ray.is_initialized():
-        ray.init(address=address or "local", include_dashboard=False if address is None else None)
+        if address is None:  # a private instance: nothing joins it, so it listens on loopback only
+            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+        else:
+            ray.init(address=address)
     owns_serve = False
     try:
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -405,7 +404,8 @@ def start(
             # Room for a full batch in flight and the next one queueing behind it.
             max_ongoing_requests=max(2 * config.max_batch, 8),
         ).bind(dataclasses.replace(config, device=device))
-        serve.run(app, name=config.model_name, route_prefix="/")
+        # Per-request access logs cost more than a small model's inference on a loaded CPU.
+        serve.run(app, name=config.model_name, route_prefix="/", logging_config={"enable_access_log": False})
         loopback = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         server = Server(f"http://{loopback}:{port}", config.model_name, owns_ray, owns_serve)
         _wait_ready(server.url + "/v2/health/ready", ready_timeout_s)
