@@ -194,13 +194,14 @@ def parse_infer_request(
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
     ):
         raise OIPError(f"input shape must be 4 positive integers (a batch of images), got {shape!r}")
-    layout = _layout(shape, datatype, params.get("layout"))
+    tensor_params = _parameters(tensor, "the input")
+    layout = _layout(shape, datatype, tensor_params.get("layout", params.get("layout")))
     if shape[0] > max_batch:
         raise OIPError(
             f"batch of {shape[0]} images is over this server's limit of {max_batch}; split the request"
         )
     count = math.prod(shape)
-    size = _parameters(tensor, "the input").get("binary_data_size")
+    size = tensor_params.get("binary_data_size")
     if size is not None:
         nbytes = count * INPUT_DATATYPES[datatype].itemsize
         if "data" in tensor:
