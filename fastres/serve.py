@@ -22,7 +22,6 @@ import logging
 import os
 import re
 import signal
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -362,6 +361,7 @@ def start(
     port: int = 8000,
     address: str | None = None,
     ready_timeout_s: float = 600.0,
+    _after_ray_init=None,
 ) -> Server:
     """Deploy `config` on Ray Serve and return once GET /v2/health/ready answers over HTTP.
 
@@ -386,6 +386,8 @@ def start(
             ray.init(address=address)
     owns_serve = False
     try:
+        if _after_ray_init is not None:
+            _after_ray_init()
         gpus = ray.cluster_resources().get("GPU", 0)
         device = config.device or ("cuda" if gpus else "cpu")
         if device.startswith("cuda"):
@@ -453,18 +455,32 @@ def _wait_ready(url: str, timeout_s: float) -> None:
         time.sleep(0.2)
 
 
+def _interrupt(signum, frame):
+    # SIGTERM acts as Ctrl-C: unwinds start() or the wait below into a clean shutdown. Installed after
+    # ray.init, whose own SIGTERM handlers would otherwise exit without stopping what it started.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)  # one shutdown, not interrupted by a second signal
+    raise KeyboardInterrupt
+
+
 def serve_forever(config: ServeConfig, **start_options) -> int:
     """`fastres serve`: deploy, print the URL, run until SIGTERM or Ctrl-C, then shut down cleanly."""
-    stop = threading.Event()
-    server = start(config, **start_options)
-    try:
+
+    def handle_signals():
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-        name = config.model_name
-        print(f"fastres: serving {name} at {server.url}/v2/models/{name} (Ctrl-C to stop)", flush=True)
-        while not stop.wait(0.5):
-            pass
-    finally:
-        print("fastres: shutting down", flush=True)
-        server.shutdown()
+            signal.signal(sig, _interrupt)
+
+    try:
+        server = start(config, _after_ray_init=handle_signals, **start_options)
+    except KeyboardInterrupt:
+        return 130  # start() has already shut down what it started
+    name = config.model_name
+    print(f"fastres: serving {name} at {server.url}/v2/models/{name} (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    print("fastres: shutting down", flush=True)
+    server.shutdown()
     return 0
