@@ -65,11 +65,6 @@ class InferRequest:
     def batch(self) -> int:
         return int(self.images.shape[0])
 
-    @property
-    def image_size(self) -> tuple[int, int]:
-        h, w = self.images.shape[1:3] if self.layout == "NHWC" else self.images.shape[2:4]
-        return int(h), int(w)
-
 
 @dataclass
 class OutputTensor:
@@ -169,6 +164,7 @@ def parse_infer_request(
     *,
     num_classes: int,
     max_batch: int,
+    max_pixels: int | None = None,
 ) -> InferRequest:
     """Validate an OIP infer request body and return its images and requested outputs."""
     length = parse_header_length(header_length, len(body))
@@ -199,6 +195,12 @@ def parse_infer_request(
     if shape[0] > max_batch:
         raise OIPError(
             f"batch of {shape[0]} images is over this server's limit of {max_batch}; split the request"
+        )
+    height, width = shape[1:3] if layout == "NHWC" else shape[2:4]
+    if max_pixels is not None and shape[0] * height * width > max_pixels:
+        raise OIPError(
+            f"{shape[0]} images of {height}x{width} are over this server's limit of {max_pixels} pixels "
+            "per request; send fewer or smaller images"
         )
     count = math.prod(shape)
     size = tensor_params.get("binary_data_size")

@@ -71,6 +71,9 @@ class ServeConfig:
     max_batch: int = 64
     batch_wait_ms: float = 2.0
     max_body_bytes: int = 128 << 20
+    # Pixels per request and per engine call (a full batch of 512x512 images): bounds a replica's
+    # memory whatever the image size; larger merged batches run in chunks.
+    max_pixels: int = 64 * 512 * 512
     warmup_size: int = 224  # image size the replica runs once before it reports ready
     resize: int | None = None  # /v1/classify preprocessing: shorter side to `resize`, centre crop `crop`
     crop: int | None = None
@@ -82,8 +85,8 @@ class ServeConfig:
         return os.path.splitext(os.path.basename(str(self.model)))[0]
 
     def __post_init__(self):
-        if self.max_batch < 1 or self.batch_wait_ms < 0 or self.max_body_bytes < 1:
-            raise ValueError("max_batch and max_body_bytes must be positive and batch_wait_ms non-negative")
+        if min(self.max_batch, self.max_body_bytes, self.max_pixels) < 1 or self.batch_wait_ms < 0:
+            raise ValueError("max_batch, max_body_bytes and max_pixels must be positive, batch_wait_ms >= 0")
         if not re.fullmatch(r"[\w.\-]+", self.model_name):
             raise ValueError(
                 f"model name {self.model_name!r} must be letters, digits, '_', '-' or '.'; use --name"
@@ -131,7 +134,7 @@ class ImageClassifier:
             std=config.std,
             labels=config.labels,
             max_batch=config.max_batch,
-            max_cached_shapes=16,
+            max_cached_shapes=32,  # batch-size buckets x image sizes x layouts seen
         )
         self.labels = list(self.engine.labels)
         self.stats = oip.InferenceStats()
@@ -189,7 +192,8 @@ class ImageClassifier:
     @torch.inference_mode()
     def _forward(self, x: torch.Tensor, layout: str) -> torch.Tensor:
         outputs = []
-        for chunk in x.split(self.config.max_batch):
+        pixels = x.shape[1] * x.shape[2] if layout == "NHWC" else x.shape[2] * x.shape[3]
+        for chunk in x.split(max(1, min(self.config.max_batch, self.config.max_pixels // pixels))):
             n = chunk.shape[0]
             if self._buckets is not None:
                 padded = next(b for b in self._buckets if b >= n)
@@ -198,7 +202,7 @@ class ImageClassifier:
             outputs.append(self.engine(chunk, layout=layout)[:n].float().cpu())
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
-    async def _classify_images(self, images: torch.Tensor, layout: str) -> torch.Tensor:
+    async def _submit(self, images: torch.Tensor, layout: str) -> torch.Tensor:
         result = await self._infer_batch(_Item(images, layout))
         if isinstance(result, Exception):
             raise result
@@ -274,9 +278,10 @@ class ImageClassifier:
             request.headers.get("inference-header-content-length"),
             num_classes=len(self.labels),
             max_batch=self.config.max_batch,
+            max_pixels=self.config.max_pixels,
         )
         images = torch.from_numpy(np.array(parsed.images))  # a writable copy: frombuffer is read-only
-        logits = await self._classify_images(images, parsed.layout)
+        logits = await self._submit(images, parsed.layout)
         outputs = oip.build_outputs(parsed, logits.numpy(), self.labels)
         payload, headers = oip.encode_infer_response(self.name, outputs, parsed.id)
         return Response(payload, headers=headers)
@@ -290,7 +295,7 @@ class ImageClassifier:
             raise OIPError(f"{len(files)} images are over this server's limit of {self.config.max_batch}")
         loop = asyncio.get_running_loop()
         images = await loop.run_in_executor(None, lambda: torch.stack([self._preprocess(f) for f in files]))
-        logits = await self._classify_images(images, "NCHW")
+        logits = await self._submit(images, "NCHW")
         return _json({"model": self.name, "predictions": oip.top_predictions(logits.numpy(), self.labels, k)})
 
     def _preprocess(self, data: bytes) -> torch.Tensor:

@@ -130,6 +130,17 @@ def test_bad_requests_say_what_is_wrong(body, header_length, message):
     assert json.loads(oip.error_body(str(info.value))) == {"error": str(info.value)}
 
 
+def test_pixel_limit_counts_every_image_of_the_request():
+    images = _images((2, 6, 5, 3))
+    assert _parse_limited(_request(images), 60).batch == 2
+    with pytest.raises(OIPError, match="2 images of 6x5 are over this server's limit of 59 pixels"):
+        _parse_limited(_request(images), 59)
+
+
+def _parse_limited(body, max_pixels):
+    return oip.parse_infer_request(body, None, num_classes=CLASSES, max_batch=8, max_pixels=max_pixels)
+
+
 def test_binary_data_length_must_match_the_shape():
     body, length = _binary_request(_images((1, 3, 4, 4)))
     with pytest.raises(OIPError, match="needs 48"):

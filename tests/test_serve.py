@@ -33,6 +33,7 @@ from fastres.testing import make_calibrated_model  # noqa: E402
 pytestmark = pytest.mark.slow
 
 CLASSES, SIZE, MAX_BATCH, MAX_BODY = 10, 32, 16, 1 << 20
+MAX_PIXELS = 2 * MAX_BATCH * SIZE * SIZE
 LABELS = [f"bird {i}" for i in range(CLASSES)]
 RTOL = LAYER_RTOL[torch.float32]  # batching changes the batch size, hence CPU kernels' rounding
 
@@ -144,6 +145,7 @@ def server(checkpoint):
         max_batch=MAX_BATCH,
         batch_wait_ms=5,
         max_body_bytes=MAX_BODY,
+        max_pixels=MAX_PIXELS,
         warmup_size=SIZE,
         resize=38,
         crop=SIZE,
@@ -390,6 +392,13 @@ BAD = [
     ),
     pytest.param(
         "/v2/models/birds/infer", b"1" * (MAX_BODY + 1), {}, "over this server's limit", id="body-size"
+    ),
+    pytest.param(
+        "/v2/models/birds/infer",
+        _infer_body(_uint8((1, 3, 200, 200), seed=13)),
+        {},
+        f"limit of {MAX_PIXELS} pixels",
+        id="pixels",
     ),
     pytest.param(
         "/v1/classify", b"not an image", {"Content-Type": "image/jpeg"}, "does not decode", id="image"
