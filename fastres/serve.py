@@ -380,8 +380,8 @@ def start(
         raise ValueError(
             "replicas must be at least 1 and gpus_per_replica in (0, 1]; add replicas for more GPUs"
         )
-    if address is None:
-        _check_files(config)
+    if address is None:  # on a cluster the files need only exist on the nodes that run replicas
+        _preflight(config)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network calls from a server
     owns_ray = address is None and not ray.is_initialized()
     if not ray.is_initialized():
@@ -412,7 +412,12 @@ def start(
             max_ongoing_requests=max(2 * config.max_batch, 8),
         ).bind(dataclasses.replace(config, device=device))
         # Per-request access logs cost more than a small model's inference on a loaded CPU.
-        serve.run(app, name=config.model_name, route_prefix="/", logging_config={"enable_access_log": False})
+        try:
+            serve.run(
+                app, name=config.model_name, route_prefix="/", logging_config={"enable_access_log": False}
+            )
+        except RuntimeError as exc:
+            raise BackendUnavailableError(f"{exc} (the replicas' errors are in the log above)") from None
         loopback = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         server = Server(f"http://{loopback}:{port}", config.model_name, owns_ray, owns_serve)
         _wait_ready(server.url + "/v2/health/ready", ready_timeout_s)
@@ -422,13 +427,19 @@ def start(
         raise
 
 
-def _check_files(config: ServeConfig) -> None:
-    """Fail in one line before Ray starts rather than in a replica's traceback."""
-    for what, path in (("--weights", config.weights), ("--labels", config.labels)):
-        if path and (os.sep in path or "." in path) and not os.path.exists(path):
-            raise FileNotFoundError(f"{what} {path}: no such file")
-    if not os.path.exists(config.model):
-        fastres.get_spec(config.model)  # UnknownModelError with the list of models
+def _preflight(config: ServeConfig) -> None:
+    """Load the model once on this machine's CPU, so that a bad checkpoint, labels file or option
+    fails here in one line before Ray starts, not as three replica tracebacks after it."""
+    fastres.load(
+        config.model,
+        config.weights,
+        device="cpu",
+        backend="torch",
+        num_classes=config.num_classes,
+        mean=config.mean,
+        std=config.std,
+        labels=config.labels,
+    )
 
 
 def _even_cpu_share(ray, replicas: int) -> float:
@@ -446,11 +457,14 @@ def _serve_running(ray) -> bool:
         return False
 
 
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, whatever http_proxy says
+
+
 def _wait_ready(url: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:
+            with _NO_PROXY.open(url, timeout=5) as response:
                 if response.status == 200:
                     return
         except OSError:
