@@ -406,10 +406,8 @@ def _add_serve_parser(sub) -> None:
 
 
 def cmd_serve(args) -> int:
-    try:
-        from . import serve
-    except ImportError as exc:
-        raise UsageError(f"{exc}") from None
+    from . import serve
+
     options = {} if args.mean is None else {"mean": tuple(args.mean)}
     options.update({} if args.std is None else {"std": tuple(args.std)})
     config = serve.ServeConfig(
