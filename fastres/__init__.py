@@ -9,10 +9,12 @@ from .errors import (
     BackendUnavailableError,
     CheckpointError,
     FastresError,
+    ImageDecodeError,
     InputError,
     UnknownModelError,
 )
 from .specs import IMAGENET_MEAN, IMAGENET_STD, MODEL_SPECS, ResNetSpec, get_spec, list_models
+from .transforms import transforms  # shadows the module name; `from fastres.transforms import X` works
 
 __version__ = "0.1.0"
 
@@ -26,6 +28,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "FastresError",
+    "ImageDecodeError",
     "InputError",
     "MODEL_SPECS",
     "Prediction",
@@ -39,4 +42,5 @@ __all__ = [
     "reference",
     "load_checkpoint",
     "resolve_model",
+    "transforms",
 ]

@@ -48,7 +48,8 @@ class ServeConfig:
     # memory whatever the image size; larger merged batches run in chunks.
     max_pixels: int = 64 * 512 * 512
     warmup_size: int = 224  # image size the replica runs once before it reports ready
-    resize: int | None = None  # /v1/classify preprocessing: shorter side to `resize`, centre crop `crop`
+    # /v1/classify: fastres.transforms for the weights (resize the short side, centre crop), overridable
+    resize: int | None = None
     crop: int | None = None
 
     @property

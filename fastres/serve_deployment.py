@@ -30,7 +30,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 import fastres
 
 from . import oip
+from .checkpoints import _is_weight_name
 from .errors import InputError
+from .images import decode_image
 from .oip import OIPError
 from .serve import ServeConfig
 
@@ -90,6 +92,11 @@ class ImageClassifier:
             max_cached_shapes=32,  # batch-size buckets x image sizes x layouts seen
         )
         self.labels = list(self.engine.labels)
+        # /v1/classify's preprocessing: torchvision's evaluation recipe for these weights, as `fastres
+        # classify` uses (resize and crop overridable).
+        weight_name = config.weights if config.weights and _is_weight_name(config.weights) else None
+        model = self.engine.architecture.spec.name
+        self.transform = fastres.transforms(weight_name, model=model, resize=config.resize, crop=config.crop)
         self.stats = oip.InferenceStats()
         # One engine thread: the event loop keeps parsing requests (and queueing the next batch)
         # while a batch runs.
@@ -253,33 +260,6 @@ class ImageClassifier:
 
     def _preprocess(self, data: bytes) -> torch.Tensor:
         try:
-            return _decode_resize_crop(data, self.config.resize, self.config.crop)
-        except InputError as exc:
+            return self.transform(decode_image(data))
+        except InputError as exc:  # ImageDecodeError included
             raise OIPError(str(exc)) from None
-
-
-def _decode_resize_crop(data: bytes, resize: int | None, crop: int | None) -> torch.Tensor:
-    """uint8 3 x crop x crop RGB: shorter side resized to `resize`, centre crop (torchvision's eval recipe).
-
-    Private stand-in until fastres.images / fastres.transforms are on main.
-    """
-    import io
-
-    from PIL import Image, UnidentifiedImageError
-
-    crop = crop or 224
-    resize = resize or round(crop * 256 / 224)
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(
-            f"the image does not decode ({exc}); send a JPEG, PNG or other Pillow-readable file"
-        ) from None
-    w, h = img.size
-    scale = resize / min(w, h)
-    img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
-    w, h = img.size
-    left, top = (w - crop) // 2, (h - crop) // 2
-    img = img.crop((left, top, left + crop, top + crop))
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()

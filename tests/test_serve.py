@@ -328,7 +328,7 @@ def test_classify_raw_and_multipart(server, engine):
     _, client = server
     square = _uint8((38, 38, 3), seed=6)
     tall = _uint8((52, 38, 3), seed=7)
-    # resize=38 leaves the shorter side as is; the centre crop is then exact pixels
+    # resize=38 leaves the shorter side as it is; the centre crop is then exact pixels
     crops = [square[3:35, 3:35], tall[10:42, 3:35]]
     expected = engine.predict(torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous(), topk=2)
 
@@ -401,7 +401,7 @@ BAD = [
         id="pixels",
     ),
     pytest.param(
-        "/v1/classify", b"not an image", {"Content-Type": "image/jpeg"}, "does not decode", id="image"
+        "/v1/classify", b"not an image", {"Content-Type": "image/jpeg"}, "cannot decode", id="image"
     ),
     pytest.param("/v1/classify?topk=0", _png(_uint8((8, 8, 3), seed=11)), {}, "from 1 to 10", id="topk"),
 ]
