@@ -254,8 +254,13 @@ class ImageClassifier:
         if len(files) > self.config.max_batch:
             raise OIPError(f"{len(files)} images are over this server's limit of {self.config.max_batch}")
         loop = asyncio.get_running_loop()
-        images = await loop.run_in_executor(None, lambda: torch.stack([self._preprocess(f) for f in files]))
-        logits = await self._submit(images, "NCHW")
+        images = await loop.run_in_executor(None, lambda: [self._preprocess(f) for f in files])
+        pixels = sum(image.shape[1] * image.shape[2] for image in images)
+        if pixels > self.config.max_pixels:  # only without a crop: --crop 0
+            raise OIPError(f"{pixels} pixels are over this server's limit of {self.config.max_pixels}")
+        # One batcher item per image: same-size images share engine calls (with other requests' too),
+        # images of different sizes (no crop) run apart.
+        logits = torch.cat(await asyncio.gather(*(self._submit(x.unsqueeze(0), "NCHW") for x in images)))
         return _json({"model": self.name, "predictions": oip.top_predictions(logits.numpy(), self.labels, k)})
 
     def _preprocess(self, data: bytes) -> torch.Tensor:
