@@ -7,6 +7,11 @@ as time, TFLOP/s and GB/s:
 * fused epilogue, on the layers that end a residual block: one `ConvLayer` launch doing
   conv + bias + residual add + ReLU vs cuDNN's conv followed by a separate `add_` and `relu_`.
 
+Each fastres row also carries the performance model's estimate for that launch (`est_ms`, from
+`fastres.estimate`, GPU model picked from the device name with the real SM count, kernel time without the
+CUDA-graph node gap) and `est_over_measured`; the script prints the model's median error per layer kind,
+so the first GPU run calibrates the estimator.
+
 FLOPs are the useful 2*MACs of the convolution; bytes are the minimum traffic, input + weights + output
 (+ residual), in the compute dtype -- the same count for both implementations, so GB/s compares like
 with like (cuDNN's unfused path really moves more). Each row also carries the relative error of the two
@@ -19,6 +24,7 @@ As a script (writes CSV and JSON):  python benchmarks/bench_layers.py --batch 64
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -138,6 +144,32 @@ def layer_callables(shape: ConvShape, dtype: torch.dtype, fused: bool, device: s
     return ours, cudnn, error
 
 
+def gpu_model():
+    """The estimator's assumptions for the visible GPU (by name; SM count from the device itself)."""
+    from fastres.estimate import GPUS, apply_assumptions, gpu_for_device_name
+
+    props = torch.cuda.get_device_properties(0)
+    name = gpu_for_device_name(props.name) or ("h100" if props.major >= 9 else "a100")
+    return apply_assumptions(GPUS[name], [f"sms={props.multi_processor_count}"])
+
+
+def estimate_ms(shape: ConvShape, dtype: torch.dtype, fused: bool, gpu) -> float | None:
+    """The model's time for this layer's one launch, without the graph node gap; None if it cannot."""
+    from fastres.kernels import ConvLayer
+
+    from fastres.estimate_report import estimate_specs
+
+    try:
+        weight = torch.randn(shape.c_out, shape.c_in // shape.groups, shape.kernel, shape.kernel)
+        layer = ConvLayer(weight, torch.randn(shape.c_out), stride=shape.stride, padding=shape.padding,
+                          groups=shape.groups, relu=fused, has_residual=fused, dtype=dtype)  # fmt: skip
+        specs = layer.aot_specs((shape.batch, shape.height, shape.width, shape.c_in), gpu.arch)
+        return sum(e.time_us - gpu.node_gap_us for e in estimate_specs(specs, gpu)) / 1e3
+    except Exception as exc:  # the measurement matters more than its estimate
+        print(f"bench_layers: no estimate for {shape.label}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+
+
 def compare_layers(
     model: str = "resnet50",
     batch: int = 64,
@@ -153,6 +185,7 @@ def compare_layers(
     work = [("conv", s) for s in distinct_convs(model, batch, image_size)]
     work += [("conv+residual+relu", s) for s in distinct_convs(model, batch, image_size, residual_only=True)]
     rows = []
+    gpu = gpu_model()
     bar = bench.Progress(len(work), f"{model} layers", progress)
     try:
         for comparison, shape in work:
@@ -162,7 +195,9 @@ def compare_layers(
             with torch.inference_mode(), bench.cudnn_benchmark(True):
                 for impl, fn in (("fastres", ours), ("cudnn", cudnn)):
                     timings[impl] = do_bench(fn, quantiles=QUANTILES)
+            est = estimate_ms(shape, dtype, fused, gpu)
             for impl, (median, p20, p80) in timings.items():
+                ours_est = est if impl == "fastres" else None
                 rows.append(
                     {
                         **env,
@@ -181,6 +216,9 @@ def compare_layers(
                         "gbps": shape.bytes_moved(elem, fused) / (median * 1e-3) / 1e9,
                         "speedup_vs_cudnn": timings["cudnn"][0] / median,
                         "rel_error_vs_cudnn": error,
+                        "est_ms": ours_est,
+                        "est_over_measured": None if ours_est is None else ours_est / median,
+                        "est_gpu_model": gpu.name if ours_est is not None else None,
                     }
                 )
             bar.update()
@@ -190,17 +228,37 @@ def compare_layers(
 
 
 def format_rows(rows: list[dict]) -> str:
-    columns = ("median ms", "TFLOP/s", "GB/s", "x cuDNN")
+    columns = ("median ms", "TFLOP/s", "GB/s", "x cuDNN", "est ms", "est/meas")
     header = f"{'comparison':<20} {'layer':<28} {'impl':<8} {columns[0]:>10} " + " ".join(
         f"{c:>8}" for c in columns[1:]
     )
     lines = [header, "-" * len(header)]
     for r in rows:
+        est, ratio = r.get("est_ms"), r.get("est_over_measured")
         lines.append(
             f"{r['comparison']:<20} {r['layer']:<28} {r['impl']:<8} {r['median_ms']:>10.4f} "
-            f"{r['tflops']:>8.1f} {r['gbps']:>8.0f} {r['speedup_vs_cudnn']:>8.2f}"
+            f"{r['tflops']:>8.1f} {r['gbps']:>8.0f} {r['speedup_vs_cudnn']:>8.2f} "
+            f"{_opt(est, '.4f'):>8} {_opt(ratio, '.2f'):>8}"
         )
+    lines += ["", "estimate (fastres.estimate) / measured, median per layer kind (1.00 = exact):"]
+    lines += [
+        f"  {kind}: {ratio:.2f} over {n} layers" for kind, (ratio, n) in estimate_error_by_kind(rows).items()
+    ]
     return "\n".join(lines)
+
+
+def _opt(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def estimate_error_by_kind(rows: list[dict]) -> dict[str, tuple[float, int]]:
+    """Median estimate/measured ratio of the fastres rows, per (comparison, kernel size) kind."""
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get("est_over_measured") is not None:
+            kind = f"{r['comparison']} {r['layer'].split('_')[0]}"
+            groups.setdefault(kind, []).append(r["est_over_measured"])
+    return {k: (statistics.median(v), len(v)) for k, v in sorted(groups.items())}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,8 @@
 #
 # For a machine with no package registry (torch, Triton and Python preinstalled): installs fastres
 # without network, prints the GPU and versions, runs the GPU tests, the model benchmarks, the per-layer
-# conv benchmark (the sm_90/sm_80 compile reports run in CI, no GPU needed). Logs, CSV, JSON and plots go to $OUT when set, else
+# conv benchmark with the performance model's estimate beside each layer, and the model's full-network
+# estimate for this card at batch 1 and 256 (estimate/*.json; the sm_90/sm_80 compile reports run in CI). Logs, CSV, JSON and plots go to $OUT when set, else
 # ./gpu-check-results/. Each stage has its own time budget (timeout) and a failing stage does not stop
 # the next; the budgets add up to under 8 minutes. A short summary table (stage, status, seconds) is
 # printed last.
@@ -41,10 +42,11 @@ fi
 STAGES=(
   "install 15 0"
   "versions 15 0"
-  "pytest-gpu 200 1"
+  "pytest-gpu 165 1"
   "bench-resnet50 130 1"
-  "bench-resnet18 35 1"
+  "bench-resnet18 30 1"
   "layers-resnet50 50 1"
+  "estimate-resnet50 35 1"
 )
 total=0
 for s in "${STAGES[@]}"; do set -- $s; total=$((total + $2 + GRACE)); done
@@ -69,6 +71,12 @@ tail -n 12 '$OUT_DIR'/pytest-gpu-*.log; exit \$rc" ;;
 --compile-budget 40 --no-progress --out '$OUT_DIR/bench'" ;;
     bench-resnet18) echo "$PY -m fastres bench resnet18 --batch 1 64 --no-progress --out '$OUT_DIR/bench'" ;;
     layers-resnet50) echo "$PY benchmarks/bench_layers.py --model resnet50 --batch 64 --dtype fp16 --out '$OUT_DIR/layers'" ;;
+    # The model's estimate for the bench stage's batches, this card's name and SM count (kernels come
+    # from Triton's cache by now). An estimate, written beside the measurements to calibrate the model.
+    estimate-resnet50) echo "set -- \$($PY -c 'import torch; from fastres.estimate import gpu_for_device_name as g; \
+p = torch.cuda.get_device_properties(0); print(g(p.name) or (\"h100\" if p.major >= 9 else \"a100\"), p.multi_processor_count)'); \
+rc=0; for b in 1 256; do $PY -m fastres compile-report resnet50 --estimate --batch \$b --gpu \$1 --assume sms=\$2 \
+--no-progress --out '$OUT_DIR/estimate' || rc=1; done; exit \$rc" ;;
   esac
 }
 
@@ -102,9 +110,9 @@ done
 
 echo
 echo "=== summary (logs, CSV, JSON, plots in $OUT_DIR) ==="
-printf '%-16s %-14s %8s %8s\n' stage status seconds budget
+printf '%-18s %-14s %8s %8s\n' stage status seconds budget
 for row in "${SUMMARY[@]}"; do
   IFS='|' read -r name status secs budget <<<"$row"
-  printf '%-16s %-14s %8s %8s\n' "$name" "$status" "$secs" "$budget"
+  printf '%-18s %-14s %8s %8s\n' "$name" "$status" "$secs" "$budget"
 done
-printf '%-16s %-14s %8s\n' total "" "$(( $(date +%s) - START ))"
+printf '%-18s %-14s %8s\n' total "" "$(( $(date +%s) - START ))"

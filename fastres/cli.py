@@ -177,17 +177,31 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_examples(
             "fastres compile-report resnet50 --arch sm_90 --dtype fp16",
             "fastres compile-report resnext50_32x4d --arch sm_80 --dtype bf16 --batch 1",
+            "fastres compile-report resnet50 --batch 256 --estimate --gpu h100 --assume node_gap_us=1",
         ),
     )
     report.add_argument("model", help="a model name")
-    report.add_argument("--arch", required=True, help="sm_90 or sm_80 (also sm_86, sm_89)")
-    report.add_argument("--dtype", choices=DTYPES, required=True, help="compute dtype")
+    report.add_argument("--arch", help="sm_90 or sm_80 (also sm_86, sm_89); with --estimate, the GPU's")
+    report.add_argument("--dtype", choices=DTYPES, help="compute dtype (required; fp16 with --estimate)")
     report.add_argument("--batch", type=int, default=8, metavar="N", help="batch size (default 8)")
     report.add_argument(
         "--image-size", type=int, default=224, metavar="PX", help="square input size (default 224)"
     )
     report.add_argument("--out", metavar="DIR", help="also write the report as JSON into DIR")
     report.add_argument("--no-progress", action="store_true", help="no progress bar")
+    report.add_argument(
+        "--estimate",
+        action="store_true",
+        help="instead: estimate each launch's time on --gpu with an analytical model (not a measurement)",
+    )
+    report.add_argument("--gpu", default="h100", help="with --estimate: h100, h200 or a100 (default h100)")
+    report.add_argument(
+        "--assume",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --estimate: override one GPU assumption (repeatable; the output lists the keys)",
+    )
     _add_classify_parser(sub)
     _add_serve_parser(sub)
     return parser
@@ -406,6 +420,12 @@ def cmd_classify(args) -> int:
 def cmd_compile_report(args, argv: list[str]) -> int:
     from . import compile_report
 
+    if args.estimate:
+        from .estimate_report import estimate_command
+
+        return estimate_command(args, argv)
+    if args.arch is None or args.dtype is None:
+        raise UsageError("compile-report needs --arch and --dtype (or --estimate)")
     compile_report.parse_arch(args.arch)  # bad input fails here, in this process, as one line
     if compile_report.interpreter_enabled():
         return compile_report.rerun_without_interpreter(argv)

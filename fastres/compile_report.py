@@ -7,6 +7,9 @@ merged, and each distinct one is compiled ahead of time for the requested comput
 report gives per kernel its registers, spill (stack + local) bytes, shared memory and, on sm_90, whether
 the SASS uses wgmma; a kernel that fails to compile or spills makes the exit status non-zero.
 
+With `--estimate` the same compiled kernels feed the performance model instead (fastres.estimate,
+fastres.estimate_report): an estimated time per launch on a modelled GPU, never a measurement.
+
 Compilation needs a process in which TRITON_INTERPRET is unset (under the interpreter `@triton.jit`
 gives interpreted functions that cannot be lowered); `main` runs itself in a child process without it
 when it is set.
@@ -59,7 +62,7 @@ class KernelReport:
 
 def _spec_key(spec) -> tuple:
     # Names differ between layers that compile to the same binary; what the compiler sees does not.
-    return (spec.fn, spec.signature, spec.constexprs, spec.divisible_args, spec.num_warps, spec.num_stages)
+    return spec.compile_key()
 
 
 def collect_specs(

@@ -15,14 +15,17 @@ pipelining, and its register count no longer says anything about what a launch g
 
 `compile_spec` compiles a spec for `cuda:<arch>` (no GPU needed: ptxas ships with Triton) and reads the
 resource usage of the cubin with `cuobjdump -res-usage` (registers, stack, local memory) and, on sm_90,
-looks for HGMMA (wgmma) instructions in the SASS. Compilation needs a process in which
-TRITON_INTERPRET is unset: under the interpreter `@triton.jit` yields an `InterpretedFunction` that
-cannot be lowered. This module still imports (and builds specs) under the interpreter.
+looks for HGMMA (wgmma) instructions in the SASS; `kernels.sass` reads the SASS's main loop
+(instructions, MMAs and bytes per K-step) for the performance estimate (`fastres.estimate`).
+Compilation needs a process in which TRITON_INTERPRET is unset: under the interpreter `@triton.jit`
+yields an `InterpretedFunction` that cannot be lowered. This module still imports (and builds specs)
+under the interpreter.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import re
 import shutil
@@ -33,6 +36,8 @@ from typing import Any
 
 import torch
 import triton
+
+from .sass import SassSummary, summarize
 
 _TRITON_PTR_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _INT32_MAX = 2**31 - 1
@@ -47,7 +52,26 @@ class Pointer:
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """One kernel specialization: what `triton.compile` needs, plus a readable name and config string."""
+    """One kernel launch's specialization: what `triton.compile` needs, a readable name and config string,
+    and the launch facts a performance model needs (filled by each launcher's `aot_specs`).
+
+    Launch-fact contract (all per launch, for the input shape the spec was built for; None = unknown,
+    and the estimate then says so instead of guessing):
+
+    * `grid`: the launch grid, as passed to `kernel[grid]` (CTAs = the product).
+    * `k_steps`: iterations of the kernel's main loop per CTA -- the loop that holds the `tl.dot`
+      (the innermost loop with MMAs in the SASS; in a kernel without a dot in a loop, its innermost
+      loop with the most instructions; 0 when the kernel has no loop). For nested loops, count the
+      total iterations of that innermost loop per CTA.
+    * `outer_steps`: iterations per CTA of the loop directly around the main loop, when the kernel has
+      one (the estimator then counts that loop's own body this many times); None when there is none.
+    * `flops`: useful floating-point work (2 per multiply-add of the math, no padding or super-group
+      zeros counted; 0 for data movement).
+    * `min_bytes`: the least DRAM traffic the launch can do: every input, weight and output byte once.
+    * `l2_bytes`: optional; bytes the CTAs load from and store to L2 in all. None lets the estimator
+      count them from the SASS (load/store widths per thread), which cannot see TMA loads: a launcher
+      whose kernel uses TMA should give it.
+    """
 
     fn: Any  # the @triton.jit function (a JITFunction outside the interpreter)
     signature: tuple[tuple[str, str], ...]  # (param name, Triton type or "constexpr"), in param order
@@ -58,6 +82,29 @@ class KernelSpec:
     name: str
     config: str
     maxnreg: int | None = None  # register cap handed to ptxas, when the config sets one
+    # Launch facts for the performance model (see the contract above); not part of the compile key.
+    grid: tuple[int, ...] = ()
+    k_steps: int | None = None
+    outer_steps: int | None = None
+    flops: int | None = None
+    min_bytes: int | None = None
+    l2_bytes: int | None = None
+
+    @property
+    def ctas(self) -> int | None:
+        return math.prod(self.grid) if self.grid else None
+
+    def compile_key(self) -> tuple:
+        """What the compiler sees: two launches with equal keys run the same binary."""
+        return (
+            self.fn,
+            self.signature,
+            self.constexprs,
+            self.divisible_args,
+            self.num_warps,
+            self.num_stages,
+            self.maxnreg,
+        )
 
     def signature_dict(self) -> dict[str, str]:
         return dict(self.signature)
@@ -85,6 +132,9 @@ class KernelStats:
     spill_bytes: int | None = None  # stack frame + local memory per thread (spills land there)
     shared_mem_bytes: int | None = None
     uses_wgmma: bool | None = None  # HGMMA in the SASS; None when arch < 90
+    sass: SassSummary | None = None  # main loop and the rest, counted from the SASS
+    num_warps: int | None = None
+    num_stages: int | None = None
     compiled_ok: bool = False
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -111,10 +161,17 @@ def make_spec(
     maxnreg: int | None = None,
     name: str,
     config: str,
+    grid: tuple[int, ...] = (),
+    k_steps: int | None = None,
+    outer_steps: int | None = None,
+    flops: int | None = None,
+    min_bytes: int | None = None,
+    l2_bytes: int | None = None,
 ) -> KernelSpec:
     """Build the spec a launch `fn[grid](**args, **constexprs)` would compile.
 
     `args` values are tensors, `Pointer`s, ints, floats or bools; `constexprs` covers every constexpr param.
+    `grid`, `k_steps`, `outer_steps`, `flops`, `min_bytes`, `l2_bytes`: the launch facts (see `KernelSpec`).
     """
     names = _param_names(fn)
     missing = set(names) - set(args) - set(constexprs)
@@ -161,6 +218,12 @@ def make_spec(
         maxnreg=maxnreg,
         name=name,
         config=config,
+        grid=tuple(grid),
+        k_steps=k_steps,
+        outer_steps=outer_steps,
+        flops=flops,
+        min_bytes=min_bytes,
+        l2_bytes=l2_bytes,
     )
 
 
@@ -182,7 +245,9 @@ def compile_spec(spec: KernelSpec, arch: int) -> KernelStats:
 
     Never raises for a kernel that fails to compile: the error lands in `KernelStats.error`.
     """
-    stats = KernelStats(name=spec.name, config=spec.config)
+    stats = KernelStats(
+        name=spec.name, config=spec.config, num_warps=spec.num_warps, num_stages=spec.num_stages
+    )
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         stats.error = (
             "TRITON_INTERPRET is set: kernels are interpreted and cannot be compiled in this process"
@@ -214,11 +279,12 @@ def compile_spec(spec: KernelSpec, arch: int) -> KernelStats:
             stats.registers = regs
             stats.spill_bytes = stack + local
             stats.shared_mem_bytes = max(stats.shared_mem_bytes, shared)
+            sass = subprocess.run(
+                [_cuda_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True
+            ).stdout
             if arch >= 90:
-                sass = subprocess.run(
-                    [_cuda_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True
-                ).stdout
                 stats.uses_wgmma = "HGMMA" in sass
+            stats.sass = summarize(sass)
         stats.compiled_ok = True
     except Exception as exc:  # a report, not a crash: the caller decides what a failure means
         stats.error = f"{type(exc).__name__}: {exc}"

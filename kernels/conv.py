@@ -34,6 +34,7 @@ few output tiles (batch 1, 7x7 maps) cannot fill a large GPU; tiny super-groups 
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -469,7 +470,7 @@ class ConvLayer:
         x = _ShapeOnly(shape, self.dtype)
         out = _ShapeOnly(out_shape, self.dtype)
         residual = _ShapeOnly(out_shape, self.dtype) if self.has_residual else None
-        args, constexprs, _ = self._kernel_args(x, residual, out, config)
+        args, constexprs, grid = self._kernel_args(x, residual, out, config)
         args = {k: (Pointer(v.dtype) if isinstance(v, _ShapeOnly) else v) for k, v in args.items()}
         r, s = self.kernel_size
         name = (
@@ -485,8 +486,45 @@ class ConvLayer:
             maxnreg=config.maxnreg,
             name=name,
             config=str(config),
+            grid=grid,
+            k_steps=self.k_steps(config),
+            flops=flops(self, shape),
+            min_bytes=self.min_bytes(shape),
+            l2_bytes=self.l2_bytes(shape, config),
         )
         return [spec]
+
+    def k_steps(self, config: ConvConfig) -> int:
+        """Main-loop iterations per program (the same in the three loop modes' terms)."""
+        r, s = self.kernel_size
+        if self.gather_cg:
+            return triton.cdiv(r * s * self.gather_cg, config.block_k)
+        return r * s * triton.cdiv(self.kernel_cg, config.block_k)
+
+    def min_bytes(self, input_shape_nhwc) -> int:
+        """Input, packed weights, bias, residual and output, each once: the least DRAM traffic."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        n, h, w, c = input_shape_nhwc
+        out = math.prod(self.output_shape(input_shape_nhwc))
+        bias = 0 if self.bias is None else 4 * self.out_channels
+        acts = n * h * w * c + out * (2 if self.has_residual else 1)
+        return elem * (acts + self.weight_packed.numel()) + bias
+
+    def l2_bytes(self, input_shape_nhwc, config: ConvConfig) -> int:
+        """Bytes all programs load and store: each A row once per output-channel tile of its group, the
+        packed weights once per pixel tile, the output (and residual) once. Masked lanes move nothing."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        n, oh, ow, c_out = self.output_shape(input_shape_nhwc)
+        m = n * oh * ow
+        m_tiles = triton.cdiv(m, config.block_m)
+        n_tiles = triton.cdiv(self.kernel_ng, config.block_n)
+        k = self.weight_packed.shape[0]  # R*S*CG per (super-)group
+        a = m * k * self.kernel_groups * n_tiles
+        bias = 0 if self.bias is None else 4 * c_out * m_tiles
+        return (
+            elem * (a + self.weight_packed.numel() * m_tiles + m * c_out * (2 if self.has_residual else 1))
+            + bias
+        )
 
 
 @dataclass(frozen=True)

@@ -159,7 +159,7 @@ class HeadLayer:
         """What `__call__` compiles for this input shape on compute capability `arch` (same for all archs)."""
         shape = tuple(input_shape_nhwc)
         x, out = _Shaped(shape), _Shaped((shape[0], self.num_classes))
-        args, constexprs, _ = self._kernel_args(x, out, HEAD_CONFIG)
+        args, constexprs, grid = self._kernel_args(x, out, HEAD_CONFIG)
         args.update(x_ptr=Pointer(self.dtype), out_ptr=Pointer(torch.float32))
         if self.bias is None:
             args["bias_ptr"] = Pointer(torch.float32)
@@ -173,8 +173,26 @@ class HeadLayer:
             num_stages=HEAD_NUM_STAGES,
             name=f"head_{'x'.join(map(str, shape))}_to{self.num_classes}_{dtype_name}",
             config=f"BB{block_b}_BJ{block_j}_BC{block_c}_w{num_warps}",
+            grid=grid,
+            # The main loop is the pixel loop, nested in the channel-slice loop.
+            k_steps=triton.cdiv(shape[3], block_c) * shape[1] * shape[2],
+            outer_steps=triton.cdiv(shape[3], block_c),
+            flops=self.flops(shape),
+            min_bytes=self.min_bytes(shape),
         )
         return [spec]
+
+    def flops(self, input_shape_nhwc) -> int:
+        """The pooling sums and the matmul's multiply-adds (2 each)."""
+        n, h, w, c = input_shape_nhwc
+        return n * h * w * c + 2 * n * c * self.num_classes
+
+    def min_bytes(self, input_shape_nhwc) -> int:
+        """Activations, packed weight, bias and fp32 logits, each once."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        n, h, w, c = input_shape_nhwc
+        bias = 0 if self.bias is None else 4 * self.num_classes
+        return elem * (n * h * w * c + self.weight_packed.numel()) + bias + 4 * n * self.num_classes
 
 
 class _Shaped:

@@ -8,6 +8,7 @@ a coalesced (BLOCK_P, BLOCK_C) load. NaN propagates, as in torch.nn.functional.m
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -160,7 +161,7 @@ def max_pool_aot_specs(input_shape_nhwc, dtype, arch, kernel_size=3, stride=2, p
     out_shape = pool_output_shape(tuple(input_shape_nhwc), kernel_size, stride, padding)
     block_p, block_c = _blocks(False)
     shaped = _Shaped(tuple(input_shape_nhwc)), _Shaped(out_shape)
-    args, constexprs, _ = _pool_args(*shaped, kernel_size, stride, padding, block_p, block_c)
+    args, constexprs, grid = _pool_args(*shaped, kernel_size, stride, padding, block_p, block_c)
     args.update(x_ptr=Pointer(dtype), out_ptr=Pointer(dtype))
     shape = "x".join(map(str, input_shape_nhwc))
     spec = make_spec(
@@ -171,6 +172,11 @@ def max_pool_aot_specs(input_shape_nhwc, dtype, arch, kernel_size=3, stride=2, p
         num_stages=1,
         name=f"maxpool{kernel_size}x{kernel_size}_s{stride}_{shape}_{str(dtype).replace('torch.', '')}",
         config=f"BP{block_p}_BC{block_c}_w{POOL_NUM_WARPS}",
+        grid=grid,
+        k_steps=0,  # the taps are unrolled (static_range): no loop
+        flops=0,
+        min_bytes=torch.empty((), dtype=dtype).element_size()
+        * (math.prod(input_shape_nhwc) + math.prod(out_shape)),
     )
     return [spec]
 

@@ -93,6 +93,11 @@ class TritonBackend(Backend):
                 observer(op.name, out.permute(0, 3, 1, 2) if out.dim() == 4 else out)
         return out
 
+    def copy_nodes(self, batch: int, height: int, width: int) -> list[tuple[str, int]]:
+        """Graph nodes of a forward that are not Triton kernels, as (name, bytes read + written)."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return [("input NCHW -> NHWC copy", 2 * batch * 3 * height * width * elem)]
+
     def kernel_specs(self, batch: int, height: int, width: int, arch: int) -> list:
         """Every (kernel, config) this plan launches for one input size, for ahead-of-time compilation."""
         from ..kernels import max_pool_aot_specs
