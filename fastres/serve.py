@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import fastres
 
+from .api import parse_dtype
 from .errors import BackendUnavailableError
 
 
@@ -166,6 +167,8 @@ def start(
 def _preflight(config: ServeConfig) -> None:
     """Load the model once on this machine's CPU, so that a bad checkpoint, labels file or option
     fails here in one line before Ray starts, not as three replica tracebacks after it."""
+    if config.dtype is not None:
+        parse_dtype(config.dtype)  # the replicas' dtype; this check loads in float32 on the CPU
     fastres.load(
         config.model,
         config.weights,
