@@ -5,8 +5,9 @@ Parses an infer request (JSON `data`, or the binary tensor data extension: a JSO
 and encodes the response (JSON data, or binary outputs appended after the JSON header). Everything a
 client can get wrong raises OIPError with an HTTP status and a message saying what to send instead.
 
-The model has one input, `input`: UINT8 images (N x 3 x H x W or N x H x W x 3, normalised inside the
-engine) or FP32 images already normalised (N x 3 x H x W). Outputs: `logits` (FP32, N x classes),
+The model has one input, `input`: UINT8 images (normalised inside the engine) or FP32 images already
+normalised, N x 3 x H x W or N x H x W x 3 (the layout is where the 3 is; when dims 1 and 3 are both 3,
+the `layout` parameter says which). Outputs: `logits` (FP32, N x classes),
 and top-k `labels` (BYTES, N x k) and `probs` (FP32, N x k) when requested, k from the output's or the
 request's `topk` parameter (default 5). `logits` also honours Triton's classification extension
 (`"classification": k` gives "logit:index:label" strings, as tritonclient's class_count asks).
@@ -57,7 +58,7 @@ class RequestedOutput:
 class InferRequest:
     images: np.ndarray  # as sent: uint8 N x 3 x H x W or N x H x W x 3, or float32 N x 3 x H x W
     datatype: str
-    layout: str  # "NCHW" or "NHWC" (FP32 is always NCHW)
+    layout: str  # "NCHW" or "NHWC"
     outputs: list[RequestedOutput] = field(default_factory=list)
     id: str | None = None
 
@@ -119,13 +120,6 @@ def parse_topk(value: Any, num_classes: int, where: str) -> int:
 def _layout(shape: list[int], datatype: str, requested: Any) -> str:
     if requested is not None and requested not in LAYOUTS:
         raise OIPError(f"parameter 'layout' must be 'NCHW' or 'NHWC', got {requested!r}")
-    if datatype == "FP32":
-        if shape[1] != 3 or requested == "NHWC":
-            raise OIPError(
-                f"FP32 input must be normalised images N x 3 x H x W, got shape {shape}; "
-                "send channels-last images as UINT8 (N x H x W x 3) or permute them"
-            )
-        return "NCHW"
     nchw, nhwc = shape[1] == 3, shape[3] == 3
     if requested is not None:
         if (requested == "NCHW" and not nchw) or (requested == "NHWC" and not nhwc):
@@ -137,7 +131,7 @@ def _layout(shape: list[int], datatype: str, requested: Any) -> str:
             '"layout": "NCHW" or "NHWC"'
         )
     if not (nchw or nhwc):
-        raise OIPError(f"UINT8 images must be N x 3 x H x W or N x H x W x 3 (RGB), got shape {shape}")
+        raise OIPError(f"{datatype} images must be N x 3 x H x W or N x H x W x 3 (RGB), got shape {shape}")
     return "NCHW" if nchw else "NHWC"
 
 
@@ -180,8 +174,8 @@ def parse_infer_request(
     datatype = tensor.get("datatype")
     if datatype not in INPUT_DATATYPES:
         raise OIPError(
-            f"input datatype {datatype!r} is not supported; send UINT8 images (N x 3 x H x W or "
-            "N x H x W x 3) or FP32 normalised images (N x 3 x H x W)"
+            f"input datatype {datatype!r} is not supported; send UINT8 images or FP32 normalised "
+            "images, N x 3 x H x W or N x H x W x 3"
         )
     shape = tensor.get("shape")
     if (
@@ -348,8 +342,8 @@ def model_metadata(name: str, num_classes: int, platform: str = "fastres") -> di
         "name": name,
         "versions": ["1"],
         "platform": platform,
-        # UINT8 N x 3 x H x W is the advertised form; N x H x W x 3 UINT8 and FP32 normalised
-        # N x 3 x H x W are accepted too (OIP metadata has one datatype per input).
+        # UINT8 N x 3 x H x W is the advertised form; N x H x W x 3 and FP32 (normalised) are
+        # accepted too (OIP metadata has one datatype and shape per input).
         "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, 3, -1, -1]}],
         "outputs": [
             {"name": "logits", "datatype": "FP32", "shape": [-1, num_classes]},

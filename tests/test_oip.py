@@ -72,6 +72,9 @@ def test_fp32_and_binary_inputs_are_bit_exact():
     body, length = _binary_request(images, "FP32")
     parsed = _parse(body, length)
     assert parsed.images.dtype == np.float32 and np.array_equal(parsed.images, images)
+    nhwc = _images((2, 5, 6, 3), np.float32, seed=2)
+    parsed = _parse(_request(nhwc, "FP32"))
+    assert parsed.layout == "NHWC" and np.array_equal(parsed.images, nhwc)
     body, length = _binary_request(_images((1, 4, 4, 3)), id="req-7")
     parsed = _parse(body, length)
     assert parsed.layout == "NHWC" and parsed.id == "req-7"
@@ -109,7 +112,10 @@ BAD_REQUESTS = [
     pytest.param(_tensor_body(data="abc"), None, "JSON list", id="data-string"),
     pytest.param(_tensor_body(data=None), None, "JSON list", id="data-null"),
     pytest.param(
-        _tensor_body(datatype="FP32", shape=[1, 2, 2, 3]), None, "FP32 input must be", id="fp32-nhwc"
+        _tensor_body(datatype="FP32", shape=[1, 2, 2, 2], data=[0.5] * 8),
+        None,
+        "FP32 images must be",
+        id="fp32-2ch",
     ),
     pytest.param(_tensor_body(datatype="FP32", data=[float("nan")] * 12), None, "NaN", id="fp32-nan"),
     pytest.param(

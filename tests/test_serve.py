@@ -262,6 +262,10 @@ def test_json_infer_uint8_layouts_and_fp32_match_the_engine(server, engine):
     status, answer = client.json("POST", "/v2/models/birds/infer", _infer_body(normalised.numpy(), "FP32"))
     assert status == 200, answer
     assert_close(_logits(answer), engine(normalised), RTOL, "FP32 logits")
+    channels_last = normalised.permute(0, 2, 3, 1).contiguous().numpy()
+    status, answer = client.json("POST", "/v2/models/birds/infer", _infer_body(channels_last, "FP32"))
+    assert status == 200, answer
+    assert_close(_logits(answer), engine(normalised), RTOL, "FP32 NHWC logits")
 
 
 def test_binary_infer_request_and_response(server, engine):
