@@ -84,6 +84,9 @@ def collect_specs(
     distinct: dict[tuple, list] = {}
     for s in specs:
         distinct.setdefault(_spec_key(s), [s, 0])[1] += 1
+    # uint8 pixels swap in a stem variant of their own: compiled and checked too, not an extra launch.
+    for s in backend.kernel_specs(batch, height, width, arch, input_dtype=torch.uint8):
+        distinct.setdefault(_spec_key(s), [s, 0])
     return [(s, n) for s, n in distinct.values()], len(specs)
 
 

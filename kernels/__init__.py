@@ -4,6 +4,7 @@ from .aot import KernelSpec, KernelStats, compile_spec
 from .conv import CONV_CONFIGS, ConvConfig, ConvLayer, conv_out_shape
 from .head import HeadLayer
 from .pool import max_pool2d_nhwc, max_pool_aot_specs, pool_output_shape
+from .stem import STEM_CONFIGS, StemConfig, StemLayer
 
 __all__ = [
     "CONV_CONFIGS",
@@ -12,6 +13,9 @@ __all__ = [
     "HeadLayer",
     "KernelSpec",
     "KernelStats",
+    "STEM_CONFIGS",
+    "StemConfig",
+    "StemLayer",
     "compile_spec",
     "conv_out_shape",
     "max_pool2d_nhwc",

@@ -39,7 +39,12 @@ import triton
 
 from .sass import SassSummary, summarize
 
-_TRITON_PTR_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+_TRITON_PTR_TYPES = {
+    torch.float16: "*fp16",
+    torch.bfloat16: "*bf16",
+    torch.float32: "*fp32",
+    torch.uint8: "*u8",  # the stem reads uint8 images directly
+}
 _INT32_MAX = 2**31 - 1
 
 

@@ -1,16 +1,27 @@
-"""Classifier head: global average pool + fully connected + bias in one kernel, fp32 logits.
+"""Classifier head: global average pool, then fully connected + bias, fp32 logits. Two launches.
 
-    logits[b, j] = bias[j] + sum_c W[j, c] * (1/HW) * sum_p x[b, p, c]        p over the H*W pixels
+    pooled[b, c] = (1/HW) * sum_p x[b, p, c]                         p over the H*W pixels   (launch 1)
+    logits[b, j] = bias[j] + sum_c pooled[b, c] * W[j, c]                                      (launch 2)
 
-In GEMM terms: M = batch, N = num_classes, K = C, with the A operand (the pooled features) produced on the
-fly: each program owns BLOCK_B images x BLOCK_J classes and, per BLOCK_C slice of channels, sums the H*W
-pixels of its images in fp32, then does an fp32 `tl.dot` (IEEE) with the (BLOCK_C, BLOCK_J) weight tile.
-The 1/HW scale is applied once to the accumulator (sum-then-scale, the same value as mean-then-matmul up
-to fp32 rounding). Activations are contiguous NHWC in the model dtype; the weight is packed once as
-W^T (C, num_classes) in the model dtype and upcast to fp32 in the kernel; the bias stays fp32.
+Launch 1 (`_head_pool_kernel`) spreads the pooling over the GPU: one program per (image, BLOCK_C
+channels) sums its H*W pixels in fp32 with coalesced (BLOCK_P, BLOCK_C) loads and writes the fp32 mean
+to a small scratch buffer `pooled` (N, C), cached on the layer per batch size (allocated on the first
+call for that batch, never during a CUDA-graph replay).
 
-Limitation: each class tile re-reads its images' activations (num_classes / BLOCK_J times, from L2), and a
-program walks H*W pixels serially; the head is well under 1% of a ResNet's time, so it is kept simple.
+Launch 2 (`_head_fc_kernel`) is a GEMM in the usual terms: M = batch, N = classes, K = C, A = pooled
+(fp32), B = W^T. The weight is packed once as W^T (C, J_PAD) in the model dtype, with the class axis
+zero-padded to J_PAD (a multiple of 64) so every weight row load is unmasked along classes and
+vectorises (16-byte loads); the bias is padded likewise in fp32. The logits keep num_classes columns.
+Two paths, chosen by batch (a constexpr, so each is its own binary):
+* GEMV (BLOCK_B == 1, small batch): one image x BLOCK_J classes per program, fp32 FMAs and a fixed-order
+  tree sum over K; many narrow class tiles fill the GPU while the 4 MB (ResNet-50, fp16) weight streams.
+* tiled `tl.dot` (larger batch): fp32 models use an IEEE fp32 dot. 16-bit models run on tensor cores
+  without rounding the pooled features to 16 bits: the fp32 pooled tile is split into 16-bit terms
+  (hi = rn(p), lo = rn(p - hi), ...) and each term is multiplied by the (exact) 16-bit weight with fp32
+  accumulation. Two fp16 terms keep 22 significant bits (absolute floor 2**-25 where the low term is
+  subnormal, i.e. for |p| < 2**-3); three bf16 terms keep 24 (a full fp32 mantissa).
+
+Every sum runs in a fixed order (no atomics, no split-K): the logits are bitwise identical run to run.
 """
 
 from __future__ import annotations
@@ -25,60 +36,140 @@ from .aot import KernelSpec, Pointer, make_spec
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# (BLOCK_B, BLOCK_J, BLOCK_C, num_warps). BLOCK_B = 16 is the smallest tile `tl.dot` takes; the fp32 dot
-# runs on FMA units, so a 16x128 accumulator over 4 warps is 16 registers per thread.
-HEAD_CONFIG = (16, 128, 64, 4)
-HEAD_INTERP_CONFIG = (16, 128, 128, 4)  # the interpreter pays per loop step: wider channel slices
-HEAD_NUM_STAGES = 2  # the pixel loop's loads are independent: let Triton prefetch one ahead
+# The class axis of the packed weight is padded to this multiple: every fc class tile (BLOCK_J <= 64)
+# then lies inside the padded rows, and a row stride divisible by 16 elements lets loads vectorise.
+CLASS_PAD = 64
+
+# Pooling: (BLOCK_P, BLOCK_C, num_warps). 64 pixels cover a 7x7 map in one masked load round; 32
+# channels give C/32 programs per image (64 at batch 1 for C=2048) so the pooling is spread out.
+POOL_CONFIG = (64, 32, 4)
+POOL_INTERP_CONFIG = (64, 256, 4)  # the interpreter pays per program: wide channel slices
+
+
+# fc configs by batch: (max batch, (BLOCK_B, BLOCK_J, BLOCK_K, num_warps, num_stages)). Each row keeps
+# 64-128 programs on 1000 classes (J_PAD 1024), whatever the channel count. While the batch is tiny, a
+# GEMV with 8-class tiles (one 16-byte load per fp16 weight row) and BLOCK_K 2048: ResNet's whole K in
+# one round of loads per program (no pipelining needed; 80-127 registers, 256 threads). Then 16-row dot
+# tiles (the smallest tl.dot takes), then wider ones, loaded by cp.async (16-byte copies), 3 stages.
+FC_CONFIGS = (
+    (4, (1, 8, 2048, 8, 1)),
+    (16, (16, 16, 128, 4, 3)),
+    (64, (16, 32, 64, 4, 3)),  # BLOCK_K 128 takes 234 registers for the fp32 (FMA) dot on sm_80
+    (128, (32, 32, 64, 4, 3)),
+    (None, (64, 32, 32, 4, 3)),  # BLOCK_K 64 spills the fp32 (FMA) dot on sm_80
+)
+# The interpreter pays per program and per loop step: wide tiles, the same two paths.
+FC_INTERP_CONFIGS = (
+    (4, (1, 64, 1024, 4, 1)),
+    (None, (16, 64, 256, 4, 1)),
+)
 
 
 # Batch and pixel count only bound loops and masks: not specialized, so one binary fits all shapes.
 @triton.jit(do_not_specialize=["BATCH", "HW"])
-def _head_kernel(
+def _head_pool_kernel(
     # pointers
     x_ptr,
+    pooled_ptr,
+    # sizes
+    BATCH,
+    HW,
+    C,
+    # compile-time
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    row = x_ptr + b * HW * C
+    # A 2-d accumulator: one cross-thread reduction at the end instead of one per pixel block.
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for p0 in range(0, HW, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask = (offs_p < HW)[:, None] & c_mask[None, :]
+        acc += tl.load(row + offs_p[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
+    pooled = tl.sum(acc, axis=0) / HW
+    tl.store(pooled_ptr + b * C + offs_c, pooled, mask=c_mask)
+
+
+@triton.jit
+def _split_dot(p, w, acc, TERMS: tl.constexpr):
+    """acc + p @ w for fp32 `p` and 16-bit `w` on tensor cores: p split into TERMS 16-bit parts."""
+    rest = p
+    for _ in tl.static_range(TERMS):
+        part = rest.to(w.dtype)
+        acc = tl.dot(part, w, acc)
+        rest = rest - part.to(tl.float32)  # exact in fp32: part is rest rounded to fewer bits
+    return acc
+
+
+@triton.jit(do_not_specialize=["BATCH"])
+def _head_fc_kernel(
+    # pointers
+    pooled_ptr,
     w_ptr,
     bias_ptr,
     out_ptr,
     # sizes
     BATCH,
-    HW,
     C,
     NUM_CLASSES,
+    J_PAD,  # row stride of the packed weight, a multiple of CLASS_PAD
     # compile-time
     HAS_BIAS: tl.constexpr,
+    SPLIT_TERMS: tl.constexpr,  # 0: fp32 weight, IEEE fp32 dot; else 16-bit terms per pooled value
     BLOCK_B: tl.constexpr,
     BLOCK_J: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     b_mask = offs_b < BATCH
-    j_mask = offs_j < NUM_CLASSES
-    rows = x_ptr + offs_b * (HW * C)
-    acc = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        c_mask = offs_c < C
-        x_mask = b_mask[:, None] & c_mask[None, :]
-        pooled = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
-        for p in range(0, HW):
-            pooled += tl.load(rows[:, None] + p * C + offs_c[None, :], mask=x_mask, other=0.0).to(tl.float32)
-        w = tl.load(
-            w_ptr + offs_c[:, None] * NUM_CLASSES + offs_j[None, :],
-            mask=c_mask[:, None] & j_mask[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(pooled, w.to(tl.float32), acc, input_precision="ieee")
-    acc = acc / HW
+    if BLOCK_B == 1:
+        b = tl.program_id(0)  # the grid has exactly BATCH rows on this path
+        acc = tl.zeros((BLOCK_J,), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < C
+        # Unmasked along classes (padded rows): the mask is constant along j, so loads stay vectorised.
+        w = tl.load(w_ptr + offs_k[:, None] * J_PAD + offs_j[None, :], mask=k_mask[:, None], other=0.0)
+        if BLOCK_B == 1:
+            p = tl.load(pooled_ptr + b * C + offs_k, mask=k_mask, other=0.0)
+            acc += tl.sum(p[:, None] * w.to(tl.float32), axis=0)
+        else:
+            p_mask = b_mask[:, None] & k_mask[None, :]
+            p = tl.load(pooled_ptr + offs_b[:, None] * C + offs_k[None, :], mask=p_mask, other=0.0)
+            if SPLIT_TERMS == 0:
+                acc = tl.dot(p, w, acc, input_precision="ieee")
+            else:
+                acc = _split_dot(p, w, acc, SPLIT_TERMS)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_j, mask=j_mask, other=0.0)[None, :]
-    out_offs = offs_b[:, None] * NUM_CLASSES + offs_j[None, :]
-    tl.store(out_ptr + out_offs, acc, mask=b_mask[:, None] & j_mask[None, :])
+        acc += tl.load(bias_ptr + offs_j)  # padded to J_PAD: no mask
+    j_mask = offs_j < NUM_CLASSES
+    if BLOCK_B == 1:
+        tl.store(out_ptr + b * NUM_CLASSES + offs_j, acc, mask=j_mask)
+    else:
+        out_offs = offs_b[:, None] * NUM_CLASSES + offs_j[None, :]
+        tl.store(out_ptr + out_offs, acc, mask=b_mask[:, None] & j_mask[None, :])
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fc_config(batch: int, interpreter: bool = False) -> tuple[int, int, int, int, int]:
+    """(BLOCK_B, BLOCK_J, BLOCK_K, num_warps, num_stages) of the fc launch for this batch size."""
+    for max_batch, config in FC_INTERP_CONFIGS if interpreter else FC_CONFIGS:
+        if max_batch is None or batch <= max_batch:
+            return config
+    raise AssertionError("the last config row takes every batch")
+
+
+# Terms per fp32 pooled value for the 16-bit tensor-core dot (see the module docstring).
+_SPLIT_TERMS = {torch.float32: 0, torch.float16: 2, torch.bfloat16: 3}
 
 
 class HeadLayer:
@@ -96,33 +187,82 @@ class HeadLayer:
             )
         self.dtype = dtype
         self.device = weight.device
-        self.weight_packed = weight.detach().t().to(dtype).contiguous()  # W^T: (C, num_classes)
-        self.bias = None if bias is None else bias.detach().to(device=weight.device, dtype=torch.float32)
-        if self.bias is not None:
-            self.bias = self.bias.contiguous()
+        self.padded_classes = triton.cdiv(self.num_classes, CLASS_PAD) * CLASS_PAD
+        # W^T (C, padded_classes) in the model dtype, zero columns past num_classes: packed once here.
+        packed = torch.zeros(self.in_channels, self.padded_classes, dtype=dtype, device=self.device)
+        packed[:, : self.num_classes] = weight.detach().t().to(dtype)
+        self.weight_packed = packed
+        self.bias = None
+        if bias is not None:
+            self.bias = torch.zeros(self.padded_classes, dtype=torch.float32, device=self.device)
+            self.bias[: self.num_classes] = bias.detach().to(device=self.device, dtype=torch.float32)
+        self._pooled: dict[int, torch.Tensor] = {}  # batch -> fp32 (batch, C) scratch, reused by every call
 
     def __repr__(self) -> str:
         return f"HeadLayer({self.in_channels}->{self.num_classes}, dtype={self.dtype})"
 
-    def _kernel_args(self, x, out, config):
+    def pooled_buffer(self, batch: int) -> torch.Tensor:
+        """The fp32 (batch, C) pooled-feature scratch, allocated on first use for this batch, then reused.
+
+        Shared by every call with this batch size: calls must not run concurrently on different streams.
+        """
+        buf = self._pooled.get(batch)
+        if buf is None:
+            buf = torch.empty(batch, self.in_channels, dtype=torch.float32, device=self.device)
+            self._pooled[batch] = buf
+        return buf
+
+    def _launches(self, x, pooled, out, interpreter: bool):
+        """[(kernel, args, constexprs, grid, num_warps, num_stages, config string)], in launch order."""
         n, h, w, c = x.shape
-        block_b, block_j, block_c, _ = config
+        block_p, block_c, pool_warps = POOL_INTERP_CONFIG if interpreter else POOL_CONFIG
+        pool = (
+            _head_pool_kernel,
+            dict(x_ptr=x, pooled_ptr=pooled, BATCH=n, HW=h * w, C=c),
+            dict(BLOCK_P=block_p, BLOCK_C=block_c),
+            (n, triton.cdiv(c, block_c)),
+            pool_warps,
+            1,
+            f"BP{block_p}_BC{block_c}_w{pool_warps}",
+        )
+        block_b, block_j, block_k, fc_warps, fc_stages = fc_config(n, interpreter)
         has_bias = self.bias is not None
-        args = dict(
-            x_ptr=x,
+        fc_args = dict(
+            pooled_ptr=pooled,
             w_ptr=self.weight_packed,
             bias_ptr=self.bias if has_bias else out,  # dummy when absent: HAS_BIAS is off
             out_ptr=out,
             BATCH=n,
-            HW=h * w,
             C=c,
             NUM_CLASSES=self.num_classes,
+            J_PAD=self.padded_classes,
         )
-        constexprs = dict(HAS_BIAS=has_bias, BLOCK_B=block_b, BLOCK_J=block_j, BLOCK_C=block_c)
-        grid = (triton.cdiv(n, block_b), triton.cdiv(self.num_classes, block_j))
-        return args, constexprs, grid
+        split = _SPLIT_TERMS[self.dtype]
+        fc_constexprs = dict(
+            HAS_BIAS=has_bias, SPLIT_TERMS=split, BLOCK_B=block_b, BLOCK_J=block_j, BLOCK_K=block_k
+        )
+        fc = (
+            _head_fc_kernel,
+            fc_args,
+            fc_constexprs,
+            (triton.cdiv(n, block_b), self.padded_classes // block_j),
+            fc_warps,
+            fc_stages,
+            f"BB{block_b}_BJ{block_j}_BK{block_k}_S{split}_w{fc_warps}_s{fc_stages}",
+        )
+        return [pool, fc]
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def grids(self, input_shape_nhwc, interpreter: bool = False) -> list[tuple[int, int]]:
+        """The grid of each launch for this input shape (programs per launch = product)."""
+        shape = tuple(input_shape_nhwc)
+        x, pooled, out = _Shaped(shape), _Shaped((shape[0], shape[3])), _Shaped((shape[0], self.num_classes))
+        return [launch[3] for launch in self._launches(x, pooled, out, interpreter)]
+
+    def __call__(
+        self, x: torch.Tensor, out: torch.Tensor | None = None, pooled: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits for NHWC `x`. pooled: an fp32 (N, C) scratch the caller owns (e.g. one per CUDA graph);
+        without it the layer's own per-batch buffer is used (not safe for concurrent streams)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"HeadLayer: x must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype != self.dtype:
@@ -150,49 +290,66 @@ class HeadLayer:
                     f"HeadLayer: out must be a contiguous {out_shape} tensor on {self.device}, "
                     f"got {tuple(out.shape)} on {out.device}"
                 )
-        config = HEAD_INTERP_CONFIG if _interpreting() else HEAD_CONFIG
-        args, constexprs, grid = self._kernel_args(x, out, config)
-        _head_kernel[grid](**args, **constexprs, num_warps=config[3], num_stages=HEAD_NUM_STAGES)
+        if pooled is None:
+            pooled = self.pooled_buffer(x.shape[0])
+        elif pooled.dtype != torch.float32 or tuple(pooled.shape) != (x.shape[0], self.in_channels):
+            raise ValueError(f"HeadLayer: pooled must be fp32 ({x.shape[0]}, {self.in_channels})")
+        for kernel, args, constexprs, grid, num_warps, num_stages, _ in self._launches(
+            x, pooled, out, _interpreting()
+        ):
+            kernel[grid](**args, **constexprs, num_warps=num_warps, num_stages=num_stages)
         return out
 
     def aot_specs(self, input_shape_nhwc, arch: int) -> list[KernelSpec]:
-        """What `__call__` compiles for this input shape on compute capability `arch` (same for all archs)."""
+        """What `__call__` compiles for this input shape on compute capability `arch`: one spec per launch
+        (the same for all archs)."""
         shape = tuple(input_shape_nhwc)
-        x, out = _Shaped(shape), _Shaped((shape[0], self.num_classes))
-        args, constexprs, grid = self._kernel_args(x, out, HEAD_CONFIG)
-        args.update(x_ptr=Pointer(self.dtype), out_ptr=Pointer(torch.float32))
-        if self.bias is None:
-            args["bias_ptr"] = Pointer(torch.float32)
-        block_b, block_j, block_c, num_warps = HEAD_CONFIG
-        dtype_name = str(self.dtype).replace("torch.", "")
-        spec = make_spec(
-            _head_kernel,
-            args,
-            constexprs,
-            num_warps=num_warps,
-            num_stages=HEAD_NUM_STAGES,
-            name=f"head_{'x'.join(map(str, shape))}_to{self.num_classes}_{dtype_name}",
-            config=f"BB{block_b}_BJ{block_j}_BC{block_c}_w{num_warps}",
-            grid=grid,
-            # The main loop is the pixel loop, nested in the channel-slice loop.
-            k_steps=triton.cdiv(shape[3], block_c) * shape[1] * shape[2],
-            outer_steps=triton.cdiv(shape[3], block_c),
-            flops=self.flops(shape),
-            min_bytes=self.min_bytes(shape),
+        x, pooled, out = _Shaped(shape), _Shaped((shape[0], shape[3])), _Shaped((shape[0], self.num_classes))
+        pointers = dict(
+            x_ptr=Pointer(self.dtype),
+            pooled_ptr=Pointer(torch.float32),
+            out_ptr=Pointer(torch.float32),
+            bias_ptr=Pointer(torch.float32),
         )
-        return [spec]
-
-    def flops(self, input_shape_nhwc) -> int:
-        """The pooling sums and the matmul's multiply-adds (2 each)."""
-        n, h, w, c = input_shape_nhwc
-        return n * h * w * c + 2 * n * c * self.num_classes
-
-    def min_bytes(self, input_shape_nhwc) -> int:
-        """Activations, packed weight, bias and fp32 logits, each once."""
+        dtype_name = str(self.dtype).replace("torch.", "")
+        names = (
+            f"head_pool_{'x'.join(map(str, shape))}_{dtype_name}",
+            f"head_fc_{shape[0]}x{shape[3]}_to{self.num_classes}_{dtype_name}",
+        )
+        n, h, w, c = shape
         elem = torch.empty((), dtype=self.dtype).element_size()
-        n, h, w, c = input_shape_nhwc
-        bias = 0 if self.bias is None else 4 * self.num_classes
-        return elem * (n * h * w * c + self.weight_packed.numel()) + bias + 4 * n * self.num_classes
+        pool_bytes = elem * n * h * w * c + 4 * n * c
+        bias_bytes = 0 if self.bias is None else 4 * self.num_classes
+        fc_bytes = 4 * n * c + elem * self.weight_packed.numel() + bias_bytes + 4 * n * self.num_classes
+        launches = self._launches(x, pooled, out, False)
+        block_p, block_k = launches[0][2]["BLOCK_P"], launches[1][2]["BLOCK_K"]
+        facts = (  # (k_steps, flops, min_bytes) per launch, for the estimator
+            (triton.cdiv(h * w, block_p), n * h * w * c, pool_bytes),
+            (triton.cdiv(c, block_k), 2 * n * c * self.num_classes, fc_bytes),
+        )
+        specs = []
+        for name, (kernel, args, constexprs, grid, num_warps, num_stages, config), (
+            k_steps,
+            flops,
+            nbytes,
+        ) in zip(names, launches, facts):
+            args = {k: pointers.get(k, v) for k, v in args.items()}
+            specs.append(
+                make_spec(
+                    kernel,
+                    args,
+                    constexprs,
+                    num_warps=num_warps,
+                    num_stages=num_stages,
+                    name=name,
+                    config=config,
+                    grid=grid,
+                    k_steps=k_steps,
+                    flops=flops,
+                    min_bytes=nbytes,
+                )
+            )
+        return specs
 
 
 class _Shaped:

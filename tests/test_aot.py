@@ -34,7 +34,8 @@ for arch in (90, 80):
     jobs[f"r50_1x1_b8_sm{arch}"] = (r50_1x1.aot_specs((8, 56, 56, 64), arch)[0], arch)
     jobs[f"maxpool_sm{arch}"] = (max_pool_aot_specs((8, 112, 112, 64), torch.float16, arch)[0], arch)
     head = HeadLayer(torch.randn(1000, 2048), torch.randn(1000), dtype=torch.float16)
-    jobs[f"head_sm{arch}"] = (head.aot_specs((8, 7, 7, 2048), arch)[0], arch)
+    head_pool, head_fc = head.aot_specs((8, 7, 7, 2048), arch)
+    jobs[f"head_pool_sm{arch}"], jobs[f"head_fc_sm{arch}"] = (head_pool, arch), (head_fc, arch)
 for (family, width, kind), config in CONV_CONFIGS.items():
     if family == "interp":
         continue
@@ -84,7 +85,7 @@ def test_resnet50_conv_compiles_clean(compiled, layer, arch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [90, 80])
-@pytest.mark.parametrize("kernel", ["maxpool", "head"])
+@pytest.mark.parametrize("kernel", ["maxpool", "head_pool", "head_fc"])
 def test_pool_and_head_compile_clean(compiled, kernel, arch):
     _assert_clean(compiled[f"{kernel}_sm{arch}"])
 

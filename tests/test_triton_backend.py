@@ -37,6 +37,22 @@ def test_triton_backend_odd_image_and_batch(size):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_triton_stem_reads_float_input_in_place(dtype, channels_last):
+    """The stem kernel reads the caller's tensor by its strides: no NCHW->NHWC copy, same parity."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = calibrated("resnet18", 7)
+    engine = fastres.optimize(model, device=device, dtype=dtype, backend="triton")
+    x = random_images(2, 32, 32, seed=8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert_parity(engine, model, x, dtype, device=device)
+    workspace = engine.backend.make_workspace(2, 32, 32)
+    assert "input" not in workspace.values, "the network input must not be copied into the workspace"
+
+
+@pytest.mark.interpreter
 def test_triton_layer_errors_cover_every_op():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     engine = fastres.optimize(calibrated("resnet18", 7), device=device, dtype=torch.float32, backend="triton")

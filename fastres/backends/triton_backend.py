@@ -1,8 +1,12 @@
 """The plan executed with fastres's Triton kernels on NHWC activations.
 
-Every conv is one fused implicit-GEMM launch (bias, residual, ReLU in the epilogue), then one
-max-pool and one head launch. Per input shape the workspace holds one flat buffer per plan
-slot, so a forward pass allocates nothing and is safe to capture in a CUDA graph.
+The stem (the first op, a 3-input-channel conv) is a StemLayer that reads the network input as
+given: logical NCHW with any strides, in the engine dtype or uint8 (then with the normalisation
+folded into a second StemLayer built from `plan.uint8_stem`, padded with 255 * mean); it writes
+NHWC, so no layout copy precedes it. Every other conv is one fused implicit-GEMM launch (bias,
+residual, ReLU in the epilogue), then one max-pool and one head launch. Per input shape the
+workspace holds one flat buffer per plan slot, so a forward pass allocates nothing and is safe to
+capture in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -12,17 +16,30 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..graph import INPUT, ConvOp, HeadOp, MaxPoolOp, normalize
-from ..kernels import ConvLayer, HeadLayer, max_pool2d_nhwc
+from ..graph import INPUT, ConvOp, HeadOp, MaxPoolOp
+from ..kernels import ConvLayer, HeadLayer, StemLayer, max_pool2d_nhwc
 from .base import Backend, Observer
 
 
 @dataclass
 class TritonWorkspace:
-    input: Tensor  # NHWC copy of the network input
-    values: dict[str, Tensor]  # the NHWC input and NHWC views into the slot buffers
+    values: dict[str, Tensor]  # NHWC views into the slot buffers
     logits: Tensor
+    pooled: Tensor  # the head's fp32 (N, C) scratch: per workspace, so concurrent graphs never share it
     buffers: list[Tensor]
+
+
+def _stem_layer(op: ConvOp, device, dtype, allow_tf32: bool) -> StemLayer:
+    return StemLayer(
+        op.weight.to(device),
+        None if op.bias is None else op.bias.to(device),
+        stride=op.stride,
+        padding=op.padding,
+        relu=op.relu,
+        dtype=dtype,
+        pad_value=op.pad_value,
+        allow_tf32=allow_tf32,
+    )
 
 
 class TritonBackend(Backend):
@@ -30,8 +47,19 @@ class TritonBackend(Backend):
 
     def __init__(self, plan, device, dtype, *, allow_tf32: bool = False):
         super().__init__(plan, device, dtype)
+        stem = plan.ops[0]
+        readers = [op.name for op in plan.ops[1:] if INPUT in op.inputs]
+        if not (isinstance(stem, ConvOp) and stem.inputs == [INPUT] and stem.groups == 1) or readers:
+            raise ValueError(
+                "triton backend: the plan must start with the stem conv, the only op reading the input "
+                f"(got {stem.name!r} first; also reading the input: {readers})"
+            )
+        self.stem = _stem_layer(stem, self.device, dtype, allow_tf32)
+        self.uint8_stem = None
+        if plan.uint8_stem is not None:  # raw pixels: the normalisation folded in, padded with 255*mean
+            self.uint8_stem = _stem_layer(plan.uint8_stem, self.device, dtype, allow_tf32)
         self.layers: dict[str, ConvLayer | HeadLayer] = {}
-        for op in plan.ops:
+        for op in plan.ops[1:]:
             if isinstance(op, ConvOp):
                 self.layers[op.name] = ConvLayer(
                     op.weight.to(self.device),
@@ -62,16 +90,23 @@ class TritonBackend(Backend):
             n, c, h, w = shapes[value]
             values[value] = buffers[slot][: n * h * w * c].view(n, h, w, c)
         logits = torch.empty(batch, self.plan.num_classes, device=self.device, dtype=torch.float32)
-        nhwc_input = torch.empty(batch, height, width, 3, device=self.device, dtype=self.dtype)
-        values[INPUT] = nhwc_input
-        return TritonWorkspace(nhwc_input, values, logits, [*buffers, logits, nhwc_input])
+        pooled = torch.empty(batch, self.plan.spec.feature_channels, device=self.device, dtype=torch.float32)
+        return TritonWorkspace(values, logits, pooled, [*buffers, logits, pooled])
 
     def run(self, x: Tensor, workspace: TritonWorkspace, observer: Observer | None = None) -> Tensor:
-        if x.dtype == torch.uint8:  # interim until the stem kernel reads pixels itself
-            x = normalize(x, self.plan.mean, self.plan.std).to(self.dtype)
-        workspace.input.copy_(x.permute(0, 2, 3, 1))
-        values = workspace.values  # includes INPUT -> workspace.input: no per-call dict building
-        for op in self.plan.ops:
+        values = workspace.values
+        stem_op = self.plan.ops[0]
+        if x.dtype == torch.uint8:
+            if self.uint8_stem is None:
+                raise TypeError("triton backend: this plan has no uint8 stem; pass normalised float input")
+            stem = self.uint8_stem
+        else:
+            stem = self.stem
+        # x is logical NCHW with the caller's strides: the stem reads it in place.
+        out = stem(x, out=values[stem_op.output])
+        if observer is not None:
+            observer(stem_op.name, out.permute(0, 3, 1, 2))
+        for op in self.plan.ops[1:]:
             src = values[op.inputs[0]]
             if isinstance(op, ConvOp):
                 out = self.layers[op.name](
@@ -86,7 +121,7 @@ class TritonBackend(Backend):
                     out=values[op.output],
                 )
             elif isinstance(op, HeadOp):
-                out = self.layers[op.name](src, out=workspace.logits)
+                out = self.layers[op.name](src, out=workspace.logits, pooled=workspace.pooled)
             else:
                 raise TypeError(f"triton backend cannot run op kind {op.kind!r} ({op.name})")
             if observer is not None:
@@ -95,16 +130,22 @@ class TritonBackend(Backend):
 
     def copy_nodes(self, batch: int, height: int, width: int) -> list[tuple[str, int]]:
         """Graph nodes of a forward that are not Triton kernels, as (name, bytes read + written)."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return [("input NCHW -> NHWC copy", 2 * batch * 3 * height * width * elem)]
+        return []  # the stem reads the caller's input in place: no layout copy in the graph
 
-    def kernel_specs(self, batch: int, height: int, width: int, arch: int) -> list:
-        """Every (kernel, config) this plan launches for one input size, for ahead-of-time compilation."""
+    def kernel_specs(
+        self, batch: int, height: int, width: int, arch: int, input_dtype: torch.dtype | None = None
+    ) -> list:
+        """Every (kernel, config) one forward launches for this input size and input dtype (the engine
+        dtype, or torch.uint8 for pixels), in launch order, for ahead-of-time compilation."""
         from ..kernels import max_pool_aot_specs
 
         shapes = self.plan.shapes(batch, height, width)
-        specs = []
-        for op in self.plan.ops:
+        # The stem reads the input directly: its binary depends on the input dtype.
+        if input_dtype == torch.uint8:
+            specs = self.uint8_stem.aot_specs((batch, 3, height, width), arch, input_dtype=torch.uint8)
+        else:
+            specs = self.stem.aot_specs((batch, 3, height, width), arch)
+        for op in self.plan.ops[1:]:
             n, c, h, w = shapes[op.inputs[0]]
             if isinstance(op, (ConvOp, HeadOp)):
                 specs += self.layers[op.name].aot_specs((n, h, w, c), arch)
