@@ -1,0 +1,117 @@
+"""Split-K reduction: sum the conv kernel's fp32 partials in a fixed order, then run its epilogue once.
+
+The conv kernel (kernels/conv.py) with `split_k = S > 1` writes each K-slice's fp32 accumulator to
+`ws[s, m, co]` (a workspace of shape (S, M, C_out), no epilogue). This kernel reads the S partials of one
+(BLOCK_M, BLOCK_N) output tile in slice order 0..S-1, adds the bias and the residual, applies ReLU,
+casts once and stores once. The order of the fp32 additions never depends on scheduling, so the result
+is the same bits on every run (float atomics would not be).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .aot import KernelSpec, Pointer, make_spec
+
+# Memory-bound: a 32x128 fp32 tile per program keeps 4 warps on 16-byte vector loads (32 values per
+# thread per slice) and gives batch-1 layers (M = 49..196) enough programs to spread over the SMs.
+REDUCE_BLOCK_M = 32
+REDUCE_BLOCK_N = 128
+REDUCE_WARPS = 4
+
+
+@triton.jit(do_not_specialize=["M"])
+def _splitk_reduce_kernel(
+    ws_ptr,
+    bias_ptr,
+    res_ptr,
+    out_ptr,
+    M,
+    C_OUT,
+    SPLIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    APPLY_RELU: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    n_tiles = tl.cdiv(C_OUT, BLOCK_N)
+    pid = tl.program_id(0)
+    offs_m = (pid // n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < C_OUT
+    mask = (offs_m < M)[:, None] & n_mask[None, :]
+    offs = offs_m[:, None] * C_OUT + offs_n[None, :]
+    acc = tl.load(ws_ptr + offs, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT):  # fixed order: slice 0, 1, ..., SPLIT-1
+        acc += tl.load(ws_ptr + s * M * C_OUT + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if APPLY_RELU:
+        acc = tl.maximum(acc, 0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _reduce_block_n(c_out: int) -> int:
+    return min(REDUCE_BLOCK_N, max(16, triton.next_power_of_2(c_out)))
+
+
+def reduce_args(ws, bias, residual, out, *, m: int, c_out: int, split: int, relu: bool):
+    """Arguments, constexprs and grid of one reduce launch (tensors or aot.Pointer placeholders)."""
+    block_n = _reduce_block_n(c_out)
+    args = dict(
+        ws_ptr=ws,
+        bias_ptr=bias if bias is not None else ws,  # dummies: never dereferenced when switched off
+        res_ptr=residual if residual is not None else out,
+        out_ptr=out,
+        M=m,
+        C_OUT=c_out,
+    )
+    constexprs = dict(
+        SPLIT=split,
+        HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None,
+        APPLY_RELU=relu,
+        BLOCK_M=REDUCE_BLOCK_M,
+        BLOCK_N=block_n,
+    )
+    grid = (triton.cdiv(m, REDUCE_BLOCK_M) * triton.cdiv(c_out, block_n),)
+    return args, constexprs, grid
+
+
+def splitk_reduce(ws, bias, residual, out, *, m: int, c_out: int, split: int, relu: bool) -> None:
+    """Launch the reduction of `ws[:split]` (fp32, (split, m, c_out)) into `out` (NHWC, m * c_out)."""
+    args, constexprs, grid = reduce_args(ws, bias, residual, out, m=m, c_out=c_out, split=split, relu=relu)
+    _splitk_reduce_kernel[grid](**args, **constexprs, num_warps=REDUCE_WARPS, num_stages=1)
+
+
+def reduce_spec(out_dtype, *, has_bias: bool, has_residual: bool, m: int, c_out: int, split: int,
+                relu: bool, name: str) -> KernelSpec:  # fmt: skip
+    """The AOT spec of the reduce launch `splitk_reduce` would make for these sizes."""
+    out = Pointer(out_dtype)
+    args, constexprs, _ = reduce_args(
+        Pointer(torch.float32),
+        Pointer(torch.float32) if has_bias else None,
+        out if has_residual else None,
+        out,
+        m=m,
+        c_out=c_out,
+        split=split,
+        relu=relu,
+    )
+    return make_spec(
+        _splitk_reduce_kernel,
+        args,
+        constexprs,
+        num_warps=REDUCE_WARPS,
+        num_stages=1,
+        name=name,
+        config=f"reduce_BM{REDUCE_BLOCK_M}_BN{constexprs['BLOCK_N']}_k{split}",
+    )
+
+
+__all__ = ["reduce_spec", "splitk_reduce"]
