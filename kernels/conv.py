@@ -1,40 +1,12 @@
-"""Convolution as an implicit GEMM on NHWC activations, with a fused bias / residual / ReLU epilogue.
+"""`ConvLayer`: a convolution's weights packed once, its launches (conv kernel, split-K reduce) and AOT specs.
 
-GEMM view, per group g (G groups, C_in/G input and C_out/G output channels each):
-
-    out[m, g*NG + n] = sum_k A[m, k] * B[k, g*NG + n]      M = N*OH*OW, N = NG = C_out/G, K = R*S*C_in/G
-    A[m, k] = x[b, oh*stride - pad + r, ow*stride - pad + s, g*CG + c]   (0 outside the image)
-    m = (b*OH + oh)*OW + ow,  k = (r*S + s)*CG + c
-
-Layouts: activations are contiguous NHWC (`x[b, h, w, c]`); weights are packed once, at construction, K-major
-as `B[k, co]` of shape (R*S*CG, C_out) in the compute dtype, so one K-step loads a (BLOCK_K, BLOCK_N) tile
-that is contiguous along the output channels. Each program owns one BLOCK_M x BLOCK_N output tile of one
-group and accumulates in fp32 with `tl.dot` (IEEE fp32 unless `allow_tf32`). The epilogue adds the fp32
-bias, the residual (same NHWC shape as the output), applies ReLU, casts once and stores once.
-
-The K loop has three shapes, chosen per layer at construction (all are the same GEMM):
-* GEMM mode (1x1, stride 1, no padding): A is `x` viewed as an (M, C_in) matrix, no index decoding.
-* Channel-blocked mode: one flat loop over R*S*cdiv(CG, BLOCK_K) steps; each step is one filter tap
-  (r, s) and one BLOCK_K slice of channels, so the pixel bounds check is per row, not per element.
-* Flattened-K gather mode, for layers whose channels per group are fewer than 16 (the stem: C_in = 3,
-  K = 147): k is decoded into (r, s, c) per element with constexpr divisors and masked at K, so no
-  MMA work is spent on 13 padding channels per tap (`tl.dot` needs K >= 16 per step, not per tap).
-
-Small groups (ResNeXt: 4..64 channels per group) would give per-group N and K below the 16 that `tl.dot`
-needs. They are packed at construction into block-diagonal "super-groups" of P consecutive groups
-(P the smallest power of two with P*CG >= 16 and P*NG >= 16): the kernel then runs a dense grouped conv
-with G/P groups and zero off-diagonal blocks. This costs P times the MMA FLOPs on those layers only
-(P = 4 for resnext50_32x4d's first stage and resnext101_64x4d's 4-channel groups, 2 for 8-channel
-groups, 1 from 16 channels on) -- those layers are cheap in FLOPs and bound by memory traffic anyway.
-
-Limitations: int32 index arithmetic (tensors below 2**31 elements, checked); no split-K, so a layer with
-few output tiles (batch 1, 7x7 maps) cannot fill a large GPU; tiny super-groups get BLOCK_N = 16 tiles.
+The kernel and its GEMM view are in kernels/conv_kernel.py; the config table and the rules that pick a
+config and a split-K factor per shape are in kernels/conv_configs.py; the split-K reduction is in
+kernels/splitk.py.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -45,7 +17,9 @@ from .conv_configs import (
     AOT_SM_COUNT,
     CONV_CONFIGS,
     ConvConfig,
+    _interpreting,
     choose_split,
+    device_arch,
     device_sm_count,
     finalize,
     steps_per_split,
@@ -56,23 +30,6 @@ from .splitk import reduce_spec, splitk_reduce
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_LIMIT = 2**31
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@functools.cache
-def _cuda_arch(index: int) -> int:
-    major, minor = torch.cuda.get_device_capability(index)
-    return major * 10 + minor
-
-
-def device_arch(device: torch.device) -> int:
-    """Compute capability as an int (90, 80, ...); 0 under the interpreter or on the CPU."""
-    if _interpreting() or device.type != "cuda":
-        return 0
-    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _pow2_at_least_16(n: int) -> int:

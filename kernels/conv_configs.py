@@ -12,6 +12,7 @@ fixed order and runs the epilogue once. `choose_split` picks the slice count.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -81,6 +82,23 @@ SPLIT_MIN_STEPS = 4  # every split keeps at least this many K-steps, so its pipe
 SPLIT_MAX = 16  # bounds the fp32 workspace (split * M * C_out * 4 bytes) and the reduce kernel's reads
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _cuda_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return major * 10 + minor
+
+
+def device_arch(device: torch.device) -> int:
+    """Compute capability as an int (90, 80, ...); 0 under the interpreter or on the CPU."""
+    if _interpreting() or device.type != "cuda":
+        return 0
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @functools.cache
 def device_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -127,6 +145,7 @@ __all__ = [
     "CONV_CONFIGS",
     "ConvConfig",
     "choose_split",
+    "device_arch",
     "device_sm_count",
     "finalize",
     "steps_per_split",

@@ -1,7 +1,42 @@
-"""The implicit-GEMM convolution kernel: see kernels/conv.py for the GEMM view, layouts and loop modes.
+"""Convolution as an implicit GEMM on NHWC activations, with a fused bias / residual / ReLU epilogue.
 
-Launched by `ConvLayer` (kernels/conv.py) with a config from kernels/conv_configs.py; with split-K its
-partials are summed by kernels/splitk.py.
+GEMM view, per group g (G groups, C_in/G input and C_out/G output channels each):
+
+    out[m, g*NG + n] = sum_k A[m, k] * B[k, g*NG + n]      M = N*OH*OW, N = NG = C_out/G, K = R*S*C_in/G
+    A[m, k] = x[b, oh*stride - pad + r, ow*stride - pad + s, g*CG + c]   (0 outside the image)
+    m = (b*OH + oh)*OW + ow,  k = (r*S + s)*CG + c
+
+Layouts: activations are contiguous NHWC (`x[b, h, w, c]`); weights are packed once, at construction, K-major
+as `B[k, co]` of shape (R*S*CG, C_out) in the compute dtype, so one K-step loads a (BLOCK_K, BLOCK_N) tile
+that is contiguous along the output channels. Each program owns one BLOCK_M x BLOCK_N output tile of one
+group and accumulates in fp32 with `tl.dot` (IEEE fp32 unless `allow_tf32`). The epilogue adds the fp32
+bias, the residual (same NHWC shape as the output), applies ReLU, casts once and stores once.
+
+The K loop has three shapes, chosen per layer at construction (all are the same GEMM):
+* GEMM mode (1x1, stride 1, no padding): A is `x` viewed as an (M, C_in) matrix, no index decoding.
+* Channel-blocked mode: one flat loop over R*S*cdiv(CG, BLOCK_K) steps; each step is one filter tap
+  (r, s) and one BLOCK_K slice of channels, so the pixel bounds check is per row, not per element.
+* Flattened-K gather mode, for layers whose channels per group are fewer than 16 (the stem: C_in = 3,
+  K = 147): k is decoded into (r, s, c) per element with constexpr divisors and masked at K, so no
+  MMA work is spent on 13 padding channels per tap (`tl.dot` needs K >= 16 per step, not per tap).
+
+Small groups (ResNeXt: 4..64 channels per group) would give per-group N and K below the 16 that `tl.dot`
+needs. They are packed at construction into block-diagonal "super-groups" of P consecutive groups
+(P the smallest power of two with P*CG >= 16 and P*NG >= 16): the kernel then runs a dense grouped conv
+with G/P groups and zero off-diagonal blocks. This costs P times the MMA FLOPs on those layers only
+(P = 4 for resnext50_32x4d's first stage and resnext101_64x4d's 4-channel groups, 2 for 8-channel
+groups, 1 from 16 channels on) -- those layers are cheap in FLOPs and bound by memory traffic anyway.
+
+K-concatenated projection shortcut (GEMM mode only): a bottleneck block's last 1x1 conv and its 1x1,
+stride-STRIDE2 projection of the block input x2 are one GEMM over K = C_in + C_in2; B stacks both weights
+(rows C_in.. hold the projection), the bias is their sum, and a second loop reads A from x2.
+
+Split-K (SPLIT > 1, grid (tiles, SPLIT)): program (t, s) runs K-steps [s*STEPS_PER_SPLIT, ...) of the
+concatenated K loop and stores its raw fp32 accumulator into a workspace slice; kernels/splitk.py sums
+the slices in a fixed order and runs the epilogue once.
+
+Limitations: int32 index arithmetic (tensors below 2**31 elements, checked); tiny super-groups get
+BLOCK_N = 16 tiles.
 """
 
 import triton
