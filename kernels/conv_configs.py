@@ -80,6 +80,10 @@ CONV_CONFIGS: dict[tuple[str, str, str], ConvConfig] = {
 AOT_SM_COUNT = 132  # H100/H200 SXM; the SM count assumed when compiling ahead of time
 SPLIT_MIN_STEPS = 4  # every split keeps at least this many K-steps, so its pipeline still fills
 SPLIT_MAX = 16  # bounds the fp32 workspace (split * M * C_out * 4 bytes) and the reduce kernel's reads
+# A split costs one more launch (the reduce kernel: a graph-node gap plus reading split * M * C_out fp32
+# partials, a few microseconds, estimate) and pays ~0.1-0.2 us per K-step a program no longer runs
+# (64x64x64 step on H100, estimate): split only where it removes at least this many serial K-steps.
+SPLIT_MIN_SAVED_STEPS = 12
 
 
 def _interpreting() -> bool:
@@ -119,14 +123,18 @@ def choose_split(tiles: int, k_steps: int, sm_count: int) -> int:
 
     split = min(ceil(sm_count / tiles), k_steps // SPLIT_MIN_STEPS, SPLIT_MAX), then evened out so every
     slice has ceil(k_steps / split) steps but the last (no empty slice). A grid that already fills the
-    SMs (tiles >= sm_count) is never split: its partials would only add traffic.
+    SMs (tiles >= sm_count) is never split (its partials would only add traffic), nor a layer where the
+    split saves fewer than SPLIT_MIN_SAVED_STEPS serial K-steps (not worth the reduce launch).
     """
     if tiles >= sm_count:
         return 1
     split = min(triton.cdiv(sm_count, tiles), k_steps // SPLIT_MIN_STEPS, SPLIT_MAX)
     if split <= 1:
         return 1
-    return triton.cdiv(k_steps, triton.cdiv(k_steps, split))
+    per_split = triton.cdiv(k_steps, split)
+    if k_steps - per_split < SPLIT_MIN_SAVED_STEPS:
+        return 1
+    return triton.cdiv(k_steps, per_split)
 
 
 def steps_per_split(k_steps: int, split: int) -> int:
