@@ -362,7 +362,9 @@ class ConvLayer:
         _check_tensor(shortcut_input, "ConvLayer shortcut_input", shape, self.dtype, self.device)
 
     def _workspace(self, out_shape, split: int) -> torch.Tensor | None:
-        """The fp32 split-K partials buffer, allocated once per (output shape, split) and kept."""
+        """The fp32 split-K partials buffer, allocated once per (output shape, split) and kept: nothing is
+        allocated on the hot path or during CUDA-graph replay (the first call, a warm-up, allocates).
+        One buffer per layer and shape, so launches of one layer on two streams at once would share it."""
         if split == 1:
             return None
         key = (tuple(out_shape), split)
