@@ -34,7 +34,12 @@ from typing import Any
 import torch
 import triton
 
-_TRITON_PTR_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+_TRITON_PTR_TYPES = {
+    torch.float16: "*fp16",
+    torch.bfloat16: "*bf16",
+    torch.float32: "*fp32",
+    torch.int32: "*i32",  # split-K arrival counters
+}
 _INT32_MAX = 2**31 - 1
 
 

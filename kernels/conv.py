@@ -235,7 +235,7 @@ class ConvLayer:
 
     # ---------------------------------------------------------------------------------------- launching
 
-    def _kernel_args(self, x, residual, out, config: ConvConfig, shortcut_input=None, workspace=None):
+    def _kernel_args(self, x, residual, out, config: ConvConfig, shortcut_input=None, workspace=(None, None)):
         """The launch's argument and constexpr dictionaries (tensors or aot.Pointer placeholders)."""
         n, h, w, _ = x.shape
         _, oh, ow, _ = out.shape
@@ -252,7 +252,8 @@ class ConvLayer:
             res_ptr=residual if residual is not None else out,
             out_ptr=out,
             x2_ptr=shortcut_input if shortcut_input is not None else x,
-            ws_ptr=workspace if workspace is not None else out,
+            ws_ptr=workspace[0] if workspace[0] is not None else out,
+            lock_ptr=workspace[1] if workspace[1] is not None else self.weight_packed,
             M=n * oh * ow,
             H=h,
             W=w,
@@ -279,6 +280,7 @@ class ConvLayer:
             KC2=kc2,
             SPLIT=config.split_k,
             STEPS_PER_SPLIT=steps_per_split(k_steps, config.split_k),
+            FUSED_REDUCE=config.fused_reduce,
             HAS_BIAS=has_bias,
             HAS_RESIDUAL=self.has_residual,
             APPLY_RELU=self.relu,
@@ -331,13 +333,13 @@ class ConvLayer:
             limit = max(limit, shortcut_input.numel())
         if limit >= _INT32_LIMIT:
             raise ValueError("ConvLayer: tensors of 2**31 elements or more need int64 indexing (unsupported)")
-        workspace = self._workspace(out_shape, config.split_k)
+        workspace = self._workspace(tuple(x.shape), out_shape, config)
         args, constexprs, grid = self._kernel_args(x, residual, out, config, shortcut_input, workspace)
         _conv_kernel[grid](**args, **constexprs, **config.launch_options())
-        if workspace is not None:
+        if config.split_k > 1 and not config.fused_reduce:
             m = out_shape[0] * out_shape[1] * out_shape[2]
             splitk_reduce(
-                workspace, self.bias, residual, out, m=m, c_out=self.out_channels, split=config.split_k,
+                workspace[0], self.bias, residual, out, m=m, c_out=self.out_channels, split=config.split_k,
                 relu=self.relu,
             )  # fmt: skip
         return out
@@ -361,19 +363,24 @@ class ConvLayer:
         shape = (n2, h2, w2, self.shortcut_channels)
         _check_tensor(shortcut_input, "ConvLayer shortcut_input", shape, self.dtype, self.device)
 
-    def _workspace(self, out_shape, split: int) -> torch.Tensor | None:
-        """The fp32 split-K partials buffer, allocated once per (output shape, split) and kept: nothing is
-        allocated on the hot path or during CUDA-graph replay (the first call, a warm-up, allocates).
-        One buffer per layer and shape, so launches of one layer on two streams at once would share it."""
-        if split == 1:
-            return None
-        key = (tuple(out_shape), split)
+    def _workspace(self, in_shape, out_shape, config: ConvConfig) -> tuple:
+        """(fp32 partials, int32 arrival counters) for a split-K launch, else (None, None).
+
+        Allocated once per (shape, split) and kept: nothing is allocated on the hot path or during
+        CUDA-graph replay (the first call, a warm-up, allocates). The counters start at zero and the
+        last program of each tile re-arms its counter. One workspace per layer and shape, so launches of
+        one layer on two streams at once would share it."""
+        if config.split_k == 1:
+            return None, None
+        key = (tuple(out_shape), config.split_k, config.block_m, config.block_n)
         ws = self._workspaces.get(key)
         if ws is None:
             m = out_shape[0] * out_shape[1] * out_shape[2]
-            ws = self._workspaces[key] = torch.empty(
-                (split, m, self.out_channels), dtype=torch.float32, device=self.device
+            partials = torch.empty(
+                (config.split_k, m, self.out_channels), dtype=torch.float32, device=self.device
             )
+            locks = torch.zeros(self.output_tiles(in_shape, config), dtype=torch.int32, device=self.device)
+            ws = self._workspaces[key] = (partials, locks)
         return ws
 
     def aot_specs(self, input_shape_nhwc, arch: int, config: ConvConfig | None = None) -> list[KernelSpec]:
@@ -391,7 +398,9 @@ class ConvLayer:
             x2 = _ShapeOnly(
                 (shape[0], out_shape[1] * s2, out_shape[2] * s2, self.shortcut_channels), self.dtype
             )
-        ws = _ShapeOnly((config.split_k, 0, 0), torch.float32) if config.split_k > 1 else None
+        ws = (None, None)
+        if config.split_k > 1:
+            ws = (_ShapeOnly((config.split_k, 0, 0), torch.float32), _ShapeOnly((0,), torch.int32))
         args, constexprs, _ = self._kernel_args(x, residual, out, config, x2, ws)
         args = {k: (Pointer(v.dtype) if isinstance(v, _ShapeOnly) else v) for k, v in args.items()}
         r, s = self.kernel_size
@@ -412,7 +421,7 @@ class ConvLayer:
                 config=str(config),
             )
         ]
-        if config.split_k > 1:
+        if config.split_k > 1 and not config.fused_reduce:
             specs.append(
                 reduce_spec(
                     self.dtype,

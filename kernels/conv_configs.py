@@ -5,8 +5,9 @@ grid, K-steps, SM count), so the same binaries are built ahead of time (kernels/
 
 Split-K: a layer whose output-tile grid cannot fill the GPU (batch 1, 7x7 and 14x14 maps: 8-64
 programs on 132 SMs, 32-72 K-steps each) runs its K loop in `split_k` slices, one program per
-(tile, slice); each slice writes fp32 partials and a reduce kernel (kernels/splitk.py) sums them in a
-fixed order and runs the epilogue once. `choose_split` picks the slice count.
+(tile, slice); each slice writes fp32 partials and the tile's last program to finish (or a reduce
+kernel, kernels/splitk.py) sums them in a fixed order and runs the epilogue once. `choose_split` picks
+the slice count.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ class ConvConfig:
     num_warps: int
     num_stages: int
     maxnreg: int | None = None  # register cap for ptxas; None lets ptxas choose
-    split_k: int = 1  # K-loop slices per output tile (> 1: fp32 partials + a reduce kernel)
+    split_k: int = 1  # K-loop slices per output tile (> 1: fp32 partials, reduced in a fixed order)
+    fused_reduce: bool = True  # split_k > 1: the tile's last program reduces (False: a reduce kernel)
 
     def __str__(self) -> str:
         cap = f"_r{self.maxnreg}" if self.maxnreg else ""
-        split = f"_k{self.split_k}" if self.split_k > 1 else ""
+        split = f"_k{self.split_k}{'' if self.fused_reduce else 'r'}" if self.split_k > 1 else ""
         return (
             f"BM{self.block_m}_BN{self.block_n}_BK{self.block_k}_w{self.num_warps}_s{self.num_stages}"
             f"{cap}{split}"
@@ -80,10 +82,10 @@ CONV_CONFIGS: dict[tuple[str, str, str], ConvConfig] = {
 AOT_SM_COUNT = 132  # H100/H200 SXM; the SM count assumed when compiling ahead of time
 SPLIT_MIN_STEPS = 4  # every split keeps at least this many K-steps, so its pipeline still fills
 SPLIT_MAX = 16  # bounds the fp32 workspace (split * M * C_out * 4 bytes) and the reduce kernel's reads
-# A split costs one more launch (the reduce kernel: a graph-node gap plus reading split * M * C_out fp32
-# partials, a few microseconds, estimate) and pays ~0.1-0.2 us per K-step a program no longer runs
-# (64x64x64 step on H100, estimate): split only where it removes at least this many serial K-steps.
-SPLIT_MIN_SAVED_STEPS = 12
+# A split costs a round trip of split * M * C_out fp32 partials through L2 and a serial reduction by the
+# tile's last program (about 1-2 us at batch 1, estimate) and pays ~0.1-0.2 us per K-step a program no
+# longer runs (64x64x64 step on H100, estimate): split only where it removes at least this many steps.
+SPLIT_MIN_SAVED_STEPS = 8
 
 
 def _interpreting() -> bool:
@@ -124,7 +126,7 @@ def choose_split(tiles: int, k_steps: int, sm_count: int) -> int:
     split = min(ceil(sm_count / tiles), k_steps // SPLIT_MIN_STEPS, SPLIT_MAX), then evened out so every
     slice has ceil(k_steps / split) steps but the last (no empty slice). A grid that already fills the
     SMs (tiles >= sm_count) is never split (its partials would only add traffic), nor a layer where the
-    split saves fewer than SPLIT_MIN_SAVED_STEPS serial K-steps (not worth the reduce launch).
+    split saves fewer than SPLIT_MIN_SAVED_STEPS serial K-steps (not worth the reduction).
     """
     if tiles >= sm_count:
         return 1

@@ -42,6 +42,8 @@ BLOCK_N = 16 tiles.
 import triton
 import triton.language as tl
 
+from .splitk import epilogue_store, sum_partials
+
 
 # Spatial sizes and the pixel count only bound masks and offsets (channel strides stay specialized
 # for vector loads), so they are not specialized: one binary serves every batch and image size.
@@ -59,6 +61,7 @@ def _conv_kernel(
     out_ptr,
     x2_ptr,  # shortcut input (K-concatenated projection), when HAS_SHORTCUT
     ws_ptr,  # fp32 split-K partials (SPLIT, M, C_OUT), when SPLIT > 1
+    lock_ptr,  # int32 arrival counters, one per output tile, zero between launches (FUSED_REDUCE)
     # sizes
     M,
     H,
@@ -85,6 +88,7 @@ def _conv_kernel(
     KC2: tl.constexpr,  # K-steps over the shortcut input's channels
     SPLIT: tl.constexpr,
     STEPS_PER_SPLIT: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,  # the last program of a tile to finish reduces it (no extra launch)
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     APPLY_RELU: tl.constexpr,
@@ -209,15 +213,26 @@ def _conv_kernel(
 
     out_offs = offs_m[:, None] * C_OUT + offs_co[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT > 1:
-        # Raw fp32 partial of K-slice pid_k; kernels/splitk.py sums the slices and runs the epilogue.
-        tl.store(ws_ptr + pid_k * M * C_OUT + out_offs, acc, mask=out_mask)
+    if SPLIT == 1:
+        epilogue_store(
+            acc, bias_ptr, res_ptr, out_ptr, offs_co, n_mask, out_offs, out_mask,
+            HAS_BIAS, HAS_RESIDUAL, APPLY_RELU,
+        )  # fmt: skip
     else:
-        # Epilogue on the fp32 accumulator: bias, residual, ReLU, then one cast and one store.
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_co, mask=n_mask, other=0.0)[None, :]
-        if HAS_RESIDUAL:
-            acc += tl.load(res_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32)
-        if APPLY_RELU:
-            acc = tl.maximum(acc, 0.0)
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        # Raw fp32 partial of K-slice pid_k, then (FUSED_REDUCE) the tile's last program to finish
+        # sums all slices in slice order and runs the epilogue; else kernels/splitk.py's kernel does.
+        tl.store(ws_ptr + pid_k * M * C_OUT + out_offs, acc, mask=out_mask)
+        if FUSED_REDUCE:
+            # Serial split-K handshake (as CUTLASS's semaphore): the CTA barrier orders every thread's
+            # partial store before the gpu-scope release of the arrival counter; the acquire (and
+            # the barrier Triton places after a scalar atomic) orders the last program's reads after
+            # every other slice's release. Integer atomics only: the sum order never changes.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT - 1:
+                acc = sum_partials(ws_ptr + out_offs, M * C_OUT, out_mask, SPLIT)
+                tl.store(lock_ptr + pid, 0)  # re-armed for the next launch (and CUDA-graph replay)
+                epilogue_store(
+                    acc, bias_ptr, res_ptr, out_ptr, offs_co, n_mask, out_offs, out_mask,
+                    HAS_BIAS, HAS_RESIDUAL, APPLY_RELU,
+                )  # fmt: skip

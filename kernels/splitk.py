@@ -1,10 +1,13 @@
 """Split-K reduction: sum the conv kernel's fp32 partials in a fixed order, then run its epilogue once.
 
-The conv kernel (kernels/conv.py) with `split_k = S > 1` writes each K-slice's fp32 accumulator to
-`ws[s, m, co]` (a workspace of shape (S, M, C_out), no epilogue). This kernel reads the S partials of one
-(BLOCK_M, BLOCK_N) output tile in slice order 0..S-1, adds the bias and the residual, applies ReLU,
-casts once and stores once. The order of the fp32 additions never depends on scheduling, so the result
-is the same bits on every run (float atomics would not be).
+The conv kernel (kernels/conv_kernel.py) with `split_k = S > 1` writes each K-slice's fp32 accumulator
+to `ws[s, m, co]` (a workspace of shape (S, M, C_out), no epilogue). The S partials of an output tile are
+then read in slice order 0..S-1, the bias and residual added, ReLU applied, cast once and stored once:
+* fused (default): by the tile's last program to finish, found with an integer arrival counter per tile
+  (`sum_partials` and `epilogue_store`, called from the conv kernel): no extra launch;
+* or by `_splitk_reduce_kernel`, a second launch (the fallback, `ConvConfig.fused_reduce=False`).
+Either way the order of the fp32 additions never depends on scheduling, so the result is the same bits
+on every run (float atomics would not be).
 """
 
 from __future__ import annotations
@@ -21,6 +24,33 @@ from .aot import KernelSpec, Pointer, make_spec
 REDUCE_BLOCK_M = 16
 REDUCE_BLOCK_N = 64
 REDUCE_WARPS = 2
+
+
+@triton.jit
+def sum_partials(tile_ptr, slice_stride, mask, SPLIT: tl.constexpr):
+    """Sum of the SPLIT fp32 partials at tile_ptr + s * slice_stride, in slice order 0..SPLIT-1.
+
+    Loads bypass L1 (.cg): partials written by other SMs must come from L2, never from a stale line."""
+    acc = tl.load(tile_ptr, mask=mask, other=0.0, cache_modifier=".cg")
+    # A rolled loop: unrolled, ptxas hoisted all SPLIT loads (180 registers at SPLIT = 15).
+    for s in range(1, SPLIT):
+        acc += tl.load(tile_ptr + s * slice_stride, mask=mask, other=0.0, cache_modifier=".cg")
+    return acc
+
+
+@triton.jit
+def epilogue_store(
+    acc, bias_ptr, res_ptr, out_ptr, offs_n, n_mask, offs, mask,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr,
+):  # fmt: skip
+    """The conv epilogue on an fp32 tile: bias, residual, ReLU, then one cast and one store."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if APPLY_RELU:
+        acc = tl.maximum(acc, 0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -45,18 +75,10 @@ def _splitk_reduce_kernel(
     n_mask = offs_n < C_OUT
     mask = (offs_m < M)[:, None] & n_mask[None, :]
     offs = offs_m[:, None] * C_OUT + offs_n[None, :]
-    acc = tl.load(ws_ptr + offs, mask=mask, other=0.0)
-    # Fixed order: slice 0, 1, ..., SPLIT-1. A rolled loop: unrolled, ptxas hoisted all SPLIT loads
-    # (180 registers at SPLIT = 15) for no gain, as the other programs already keep loads in flight.
-    for s in range(1, SPLIT):
-        acc += tl.load(ws_ptr + s * M * C_OUT + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-    if HAS_RESIDUAL:
-        acc += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if APPLY_RELU:
-        acc = tl.maximum(acc, 0.0)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    acc = sum_partials(ws_ptr + offs, M * C_OUT, mask, SPLIT)
+    epilogue_store(
+        acc, bias_ptr, res_ptr, out_ptr, offs_n, n_mask, offs, mask, HAS_BIAS, HAS_RESIDUAL, APPLY_RELU
+    )
 
 
 def _reduce_block_n(c_out: int) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -193,11 +193,12 @@ SPLIT_CASES = [
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("fused", [pytest.param(True, id="fused"), pytest.param(False, id="reduce_kernel")])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case, split", SPLIT_CASES)
-def test_split_k_matches_reference(case, split, dtype):
+def test_split_k_matches_reference(case, split, dtype, fused):
     layer, *_ = _build(case, dtype)
-    config = layer.clip_config(ConvConfig(32, 32, 16, 4, 1, split_k=split))
+    config = layer.clip_config(ConvConfig(32, 32, 16, 4, 1, split_k=split, fused_reduce=fused))
     assert config.split_k == split  # every case has at least `split` K-steps
     _check(case, dtype, config=config)
 
@@ -212,8 +213,9 @@ def test_split_k_is_deterministic():
     for _ in range(2):
         out = poison_(torch.empty(layer.output_shape(tuple(x.shape)), dtype=torch.float32, device=DEVICE))
         outs.append(layer.launch(x, residual, out, config=config))
-        (workspace,) = layer._workspaces.values()
-        poison_(workspace)  # every run rewrites all partials: nothing stale is ever summed
+        ((partials, counters),) = layer._workspaces.values()
+        assert not counters.any()  # every tile's last program re-armed its arrival counter
+        poison_(partials)  # every run rewrites all partials: nothing stale is ever summed
     assert torch.equal(outs[0], outs[1])
     ref = _reference(case, weight, bias, x, residual, torch.float32)
     assert_close(outs[0], ref, LAYER_RTOL[torch.float32], what="split-K")
@@ -301,7 +303,9 @@ def test_split_rule(dtype):
     assert -(-k_steps // small.split_k) >= 4  # every slice keeps >= 4 K-steps
     assert layer.config_for((64, 56, 56, 512), 90).split_k == 1
     assert layer.config_for((1, 7, 7, 512), 0).split_k == 1  # the interpreter never splits
-    assert [s.name.endswith("_splitk_reduce") for s in layer.aot_specs((1, 7, 7, 512), 90)] == [False, True]
+    assert small.fused_reduce and len(layer.aot_specs((1, 7, 7, 512), 90)) == 1  # no reduce launch
+    fallback = layer.aot_specs((1, 7, 7, 512), 90, config=replace(small, fused_reduce=False))
+    assert [spec.name.endswith("_splitk_reduce") for spec in fallback] == [False, True]
 
 
 def test_stages_clipped_to_k_steps():
