@@ -3,16 +3,18 @@
 from . import reference
 from .api import load, optimize
 from .checkpoints import Architecture, load_checkpoint, resolve_model
-from .engine import CheckResult, Engine
+from .engine import CheckResult, Engine, Prediction
 from .errors import (
     ArchitectureMismatchError,
     BackendUnavailableError,
     CheckpointError,
     FastresError,
+    ImageDecodeError,
     InputError,
     UnknownModelError,
 )
-from .specs import MODEL_SPECS, ResNetSpec, get_spec, list_models
+from .specs import IMAGENET_MEAN, IMAGENET_STD, MODEL_SPECS, ResNetSpec, get_spec, list_models
+from .transforms import transforms  # shadows the module name; `from fastres.transforms import X` works
 
 __version__ = "0.1.0"
 
@@ -23,9 +25,13 @@ __all__ = [
     "CheckResult",
     "CheckpointError",
     "Engine",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "FastresError",
+    "ImageDecodeError",
     "InputError",
     "MODEL_SPECS",
+    "Prediction",
     "ResNetSpec",
     "UnknownModelError",
     "__version__",
@@ -36,4 +42,5 @@ __all__ = [
     "reference",
     "load_checkpoint",
     "resolve_model",
+    "transforms",
 ]

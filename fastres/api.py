@@ -14,6 +14,7 @@ from .engine import Engine
 from .errors import BackendUnavailableError
 from .planner import plan_resnet
 from .reference import build_resnet
+from .specs import IMAGENET_MEAN, IMAGENET_STD
 
 _DTYPE_NAMES = {
     "fp16": torch.float16,
@@ -63,9 +64,11 @@ def _resolve_device_dtype_backend(device, dtype, backend) -> tuple[torch.device,
     return device, dtype, backend
 
 
-def _build_engine(arch: Architecture, state_dict, device, dtype, backend, engine_options) -> Engine:
+def _build_engine(
+    arch: Architecture, state_dict, device, dtype, backend, mean, std, labels, engine_options
+) -> Engine:
     device, dtype, backend = _resolve_device_dtype_backend(device, dtype, backend)
-    plan = plan_resnet(arch.spec, arch.num_classes, state_dict)
+    plan = plan_resnet(arch.spec, arch.num_classes, state_dict, mean=mean, std=std)
     allow_tf32 = bool(engine_options.pop("allow_tf32", False))
     options = {}
     if allow_tf32:
@@ -75,7 +78,7 @@ def _build_engine(arch: Architecture, state_dict, device, dtype, backend, engine
     if backend == "reference":
         options["module"] = build_resnet(arch.spec, arch.num_classes, state_dict)
     runner = create_backend(backend, plan, device, dtype, **options)
-    return Engine(plan, runner, arch, state_dict, **engine_options)
+    return Engine(plan, runner, arch, state_dict, labels=labels, **engine_options)
 
 
 def load(
@@ -86,6 +89,9 @@ def load(
     dtype: torch.dtype | str | None = None,
     backend: str | None = None,
     num_classes: int | None = None,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    labels=None,
     **engine_options,
 ) -> Engine:
     """Plan and load a ResNet for inference.
@@ -95,6 +101,10 @@ def load(
         ('IMAGENET1K_V1', 'IMAGENET1K_V2', 'DEFAULT'); None gives torchvision's random initialisation.
     device: 'cuda' when available, else 'cpu'. dtype: float16 on CUDA, float32 on CPU.
     backend: 'triton' on CUDA, 'torch' on CPU; 'reference' runs the unfused PyTorch model.
+    mean, std: per-channel RGB statistics for uint8 input, normalised as (x / 255 - mean) / std inside
+        the first layer (ImageNet's by default); float input is taken as already normalised.
+    labels: class names for `Engine.predict`: a list or a text file with one name per line
+        (default: ImageNet-1k's names for 1000 classes, else "class i").
     engine_options: allow_tf32 (float32 convs on TF32 tensor cores; off by default: IEEE fp32),
         cuda_graphs (default on for CUDA), max_batch (larger batches run in chunks),
         max_cached_shapes (input shapes kept warm, LRU).
@@ -108,7 +118,7 @@ def load(
             stacklevel=2,
         )
         state_dict = build_resnet(arch.spec, arch.num_classes).state_dict()
-    return _build_engine(arch, state_dict, device, dtype, backend, engine_options)
+    return _build_engine(arch, state_dict, device, dtype, backend, mean, std, labels, engine_options)
 
 
 def optimize(
@@ -117,9 +127,15 @@ def optimize(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     backend: str | None = None,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    labels=None,
     **engine_options,
 ) -> Engine:
-    """An Engine from a live torchvision-compatible ResNet (e.g. fine-tuned with a new fc)."""
+    """An Engine from a live torchvision-compatible ResNet (e.g. fine-tuned with a new fc).
+
+    Options as for `load`.
+    """
     if not isinstance(module, nn.Module):
         raise TypeError(
             f"optimize() takes an nn.Module (a torchvision-compatible ResNet), got {type(module).__name__}"
@@ -128,4 +144,4 @@ def optimize(
     arch = infer_architecture(state_dict)
     validate_state_dict(state_dict, arch)
     state_dict = {k: v.detach().to("cpu") for k, v in state_dict.items()}
-    return _build_engine(arch, state_dict, device, dtype, backend, engine_options)
+    return _build_engine(arch, state_dict, device, dtype, backend, mean, std, labels, engine_options)

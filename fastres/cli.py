@@ -188,7 +188,56 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--out", metavar="DIR", help="also write the report as JSON into DIR")
     report.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_classify_parser(sub)
     return parser
+
+
+def _add_classify_parser(sub) -> None:
+    classify = sub.add_parser(
+        "classify",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="image files or folders in, top-k labels out",
+        description="Classify image files (JPEG, PNG, WebP, BMP; folders searched recursively) with\n"
+        "torchvision's evaluation preprocessing for the weights (resize, centre crop), decoded with\n"
+        "Pillow in a thread pool ahead of the engine. One table row, or with --json one JSON object,\n"
+        "per file on stdout. A file that cannot be decoded is reported on stderr and skipped; the\n"
+        "exit status is then 1. Without --weights the network is random (a warning says so).",
+        epilog=_examples(
+            "fastres classify photos/ --weights DEFAULT",
+            "fastres classify cat.jpg dog.png --model resnet18 --weights IMAGENET1K_V1 --topk 3",
+            "fastres classify data/ --weights finetune.pth --labels classes.txt --json > preds.jsonl",
+            "fastres classify data/ --model resnet50 --weights best.pt --resize 160 --crop 144",
+        ),
+    )
+    classify.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders")
+    classify.add_argument(
+        "--model", default="resnet50", help="model name or checkpoint path (default resnet50)"
+    )
+    classify.add_argument("--weights", metavar="W", help="checkpoint path or torchvision weight name")
+    classify.add_argument("--device", choices=("cuda", "cpu"), help="default cuda when available, else cpu")
+    classify.add_argument("--dtype", choices=DTYPES, help="default fp16 on CUDA, fp32 on the CPU")
+    classify.add_argument("--backend", choices=("triton", "torch", "reference"), help="fastres backend")
+    classify.add_argument("--topk", type=int, default=5, metavar="K", help="labels per image (default 5)")
+    classify.add_argument("--batch", type=int, default=64, metavar="N", help="images per batch (default 64)")
+    classify.add_argument(
+        "--labels", metavar="FILE", help="class names, one per line (default: ImageNet's for 1000 classes)"
+    )
+    classify.add_argument(
+        "--resize", type=int, metavar="PX", help="short side before the crop (default: the weights'; 0: none)"
+    )
+    classify.add_argument(
+        "--crop", type=int, metavar="PX", help="centre crop size (default: the weights'; 0: none)"
+    )
+    classify.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="default ImageNet's")
+    classify.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="default ImageNet's")
+    classify.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="decoding threads (default min(8, CPUs)); 0 decodes in the main thread, no prefetch",
+    )
+    classify.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    classify.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,6 +391,17 @@ def cmd_check(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_classify(args) -> int:
+    from .classify import classify_command
+    from .images import require_pillow
+
+    try:
+        require_pillow()
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    return classify_command(args)
+
+
 def cmd_compile_report(args, argv: list[str]) -> int:
     from . import compile_report
 
@@ -372,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_info(args)
         if args.command == "check":
             return cmd_check(args)
+        if args.command == "classify":
+            return cmd_classify(args)
         return cmd_compile_report(args, argv)
     except (UsageError, FastresError, ValueError, FileNotFoundError) as exc:
         message = str(exc).strip().splitlines() or [type(exc).__name__]

@@ -20,31 +20,85 @@ from torch import Tensor, nn
 from .backends import Backend
 from .checkpoints import Architecture
 from .errors import InputError
-from .graph import execute
+from .graph import execute, normalize
+from .labels import load_labels
 from .planner import Plan
 from .reference import build_resnet
 
 NORMALIZE_HINT = (
-    "convert images to float and normalise them as torchvision does: "
-    "x = (x.float() / 255 - mean) / std with mean (0.485, 0.456, 0.406) "
-    "and std (0.229, 0.224, 0.225) per channel"
+    "pass uint8 pixels (0-255) as they are, the engine normalises them in its first layer; or convert "
+    "to float and normalise as torchvision does: x = (x.float() / 255 - mean) / std with mean "
+    "(0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225) per channel"
 )
+LAYOUTS = ("NCHW", "NHWC")
 
 
-def validate_images(x: Any) -> None:
-    """Raise InputError with what to do when `x` is not an N x 3 x H x W floating batch."""
+def as_nchw(x: Any, layout: str | None = None) -> Tensor:
+    """Validate an image batch and return it as a logical N x 3 x H x W view (never a copy).
+
+    Float input is normalised images, NCHW unless layout="NHWC". uint8 input is raw pixels, NCHW or
+    NHWC: the layout is inferred from which of dims 1 and 3 is 3, and must be given when both are.
+    """
     if not isinstance(x, Tensor):
         raise InputError(f"expected a torch.Tensor of images N x 3 x H x W, got {type(x).__name__}")
+    if layout is not None and (not isinstance(layout, str) or layout.upper() not in LAYOUTS):
+        raise InputError(f"layout must be 'NCHW' or 'NHWC' (or None to infer), got {layout!r}")
+    layout = layout.upper() if layout is not None else None
     if x.dim() != 4:
         hint = "; add a batch dimension with x.unsqueeze(0)" if x.dim() == 3 else ""
         raise InputError(f"expected a 4-D batch N x 3 x H x W, got shape {tuple(x.shape)}{hint}")
-    if x.shape[1] != 3:
-        hint = "; channels-last NHWC data needs x.permute(0, 3, 1, 2)" if x.shape[-1] == 3 else ""
-        raise InputError(f"expected 3 (RGB) channels in dim 1, got shape {tuple(x.shape)}{hint}")
-    if not x.is_floating_point():
-        raise InputError(f"expected floating-point images, got dtype {x.dtype}; {NORMALIZE_HINT}")
+    if x.dtype == torch.uint8:
+        if layout is None:
+            c1, c3 = x.shape[1] == 3, x.shape[3] == 3
+            if c1 and c3:
+                raise InputError(
+                    f"uint8 images of shape {tuple(x.shape)} are ambiguous: dims 1 and 3 are both 3; "
+                    "pass layout='NCHW' or layout='NHWC'"
+                )
+            if not (c1 or c3):
+                raise InputError(
+                    f"expected uint8 images N x 3 x H x W or N x H x W x 3 (RGB), got shape {tuple(x.shape)}"
+                )
+            layout = "NCHW" if c1 else "NHWC"
+    elif not x.is_floating_point():
+        raise InputError(
+            f"expected floating-point (normalised) or uint8 images, got dtype {x.dtype}; "
+            f"for pixel values 0-255 use x.to(torch.uint8), or {NORMALIZE_HINT}"
+        )
+    layout = layout or "NCHW"
+    channel_dim = 1 if layout == "NCHW" else 3
+    if x.shape[channel_dim] != 3:
+        hint = ""
+        if layout == "NCHW" and x.shape[-1] == 3:
+            hint = "; for channels-last NHWC data pass layout='NHWC' (or x.permute(0, 3, 1, 2))"
+        raise InputError(
+            f"expected 3 (RGB) channels in dim {channel_dim} ({layout}), got shape {tuple(x.shape)}{hint}"
+        )
+    x = x if layout == "NCHW" else x.permute(0, 3, 1, 2)
     if x.shape[2] < 1 or x.shape[3] < 1:
         raise InputError(f"images must be at least 1x1 pixels, got shape {tuple(x.shape)}")
+    return x
+
+
+def validate_images(x: Any, layout: str | None = None) -> None:
+    """Raise InputError with what to do when `x` is not an image batch the engine can run."""
+    as_nchw(x, layout)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One of an image's top-k classes."""
+
+    index: int
+    label: str
+    prob: float  # softmax probability
+
+
+def _canonical_layout(x: Tensor) -> Tensor:
+    """x as contiguous NCHW or channels-last storage: the two layouts runners are keyed and captured by."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous()
 
 
 def relative_error(out: Tensor, ref: Tensor) -> float:
@@ -85,23 +139,30 @@ class _Runner:
     caller's stream on entry and exit, so callers on different streams cannot race on them.
     """
 
-    def __init__(self, backend: Backend, shape: tuple[int, int, int, int], use_cuda_graph: bool):
+    def __init__(self, backend: Backend, sample: Tensor, use_cuda_graph: bool):
+        """sample: an input of the shape, dtype and layout this runner serves (its values are unused)."""
         self.backend = backend
         self.device = backend.device
+        shape = tuple(sample.shape)
         self.workspace = backend.make_workspace(shape[0], shape[2], shape[3])
         self.lock = threading.Lock()
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.graph: torch.cuda.CUDAGraph | None = None
         if use_cuda_graph:
-            self._capture(shape)
+            self._capture(sample)
 
-    def _capture(self, shape: tuple[int, int, int, int]) -> None:
+    def _capture(self, sample: Tensor) -> None:
         with torch.cuda.device(self.device):
-            self._capture_on_device(shape)
+            self._capture_on_device(sample)
 
-    def _capture_on_device(self, shape: tuple[int, int, int, int]) -> None:
+    def _capture_on_device(self, sample: Tensor) -> None:
         caller = torch.cuda.current_stream(self.device)
-        self.static_input = torch.randn(shape, device=self.device).to(self.backend.dtype)
+        # Same shape, dtype and strides as the calls it serves (kernels read the input by its strides).
+        self.static_input = torch.empty_like(sample, memory_format=torch.preserve_format)
+        if sample.dtype == torch.uint8:
+            self.static_input.random_(0, 256)
+        else:
+            self.static_input.normal_()
         self.stream.wait_stream(caller)
         with torch.cuda.stream(self.stream):
             for _ in range(2):  # compile kernels and settle allocations outside the capture
@@ -154,6 +215,7 @@ class Engine:
         cuda_graphs: bool | None = None,
         max_batch: int = 256,
         max_cached_shapes: int = 8,
+        labels=None,
     ):
         if max_batch < 1 or max_cached_shapes < 1:
             raise ValueError("max_batch and max_cached_shapes must be at least 1")
@@ -164,6 +226,8 @@ class Engine:
             raise ValueError("cuda_graphs=True needs a CUDA device")
         self.max_batch, self.max_cached_shapes = max_batch, max_cached_shapes
         self._state_dict = state_dict
+        self.labels: list[str] = load_labels(labels, architecture.num_classes)
+        self.mean, self.std = plan.mean, plan.std
         self._runners: OrderedDict[tuple[int, ...], _Runner] = OrderedDict()
         self._runners_lock = threading.Lock()
         self._build_lock = threading.Lock()
@@ -183,46 +247,80 @@ class Engine:
             f"dtype={dtype}, cuda_graphs={self.cuda_graphs})"
         )
 
-    def _runner(self, shape: tuple[int, int, int, int]) -> _Runner:
+    def _runner(self, x: Tensor) -> _Runner:
+        key = (tuple(x.shape), x.dtype, x.stride())
         with self._runners_lock:
-            runner = self._runners.get(shape)
+            runner = self._runners.get(key)
             if runner is not None:
-                self._runners.move_to_end(shape)
+                self._runners.move_to_end(key)
                 return runner
         # One build at a time: a CUDA-graph capture must not race another capture. Calls for
         # shapes that are already built go on meanwhile (they only take _runners_lock).
         with self._build_lock:
             with self._runners_lock:
-                runner = self._runners.get(shape)
+                runner = self._runners.get(key)
             if runner is None:
-                runner = _Runner(self.backend, shape, self.cuda_graphs)
+                runner = _Runner(self.backend, x, self.cuda_graphs)
             with self._runners_lock:
-                self._runners[shape] = runner
-                self._runners.move_to_end(shape)
+                self._runners[key] = runner
+                self._runners.move_to_end(key)
                 while len(self._runners) > self.max_cached_shapes:
                     self._runners.popitem(last=False)
         return runner
 
-    def __call__(self, x: Tensor) -> Tensor:
-        validate_images(x)
+    def __call__(self, x: Tensor, layout: str | None = None) -> Tensor:
+        """Float32 logits N x num_classes.
+
+        x: normalised float images N x 3 x H x W, or uint8 pixels N x 3 x H x W or N x H x W x 3
+        (normalised with this engine's mean/std inside its first layer). `layout` ('NCHW' or 'NHWC')
+        is needed only when it cannot be inferred (uint8 with both dims 1 and 3 equal to 3).
+        """
+        x = as_nchw(x, layout)
         if x.shape[0] == 0:  # documented: an empty batch gives an empty result
             return torch.empty(0, self.num_classes, device=self.device, dtype=torch.float32)
-        x = x.to(device=self.device, dtype=self.dtype)
+        # uint8 stays uint8 (4x less to move; the first layer reads it), float takes the engine dtype.
+        x = x.to(self.device) if x.dtype == torch.uint8 else x.to(device=self.device, dtype=self.dtype)
+        x = _canonical_layout(x)
         outputs = [self._run_chunk(chunk) for chunk in x.split(self.max_batch)]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def _run_chunk(self, x: Tensor) -> Tensor:
-        runner = self._runner(tuple(x.shape))
+        runner = self._runner(x)
         if runner.workspace is None and runner.graph is None:
             return runner(x)  # stateless: threads may run concurrently
         with runner.lock:
             return runner(x)
 
-    def warmup(self, batch_sizes=(1,), image_size: int | tuple[int, int] = 224) -> None:
-        """Compile kernels and capture CUDA graphs for these shapes ahead of the first real call."""
+    def predict(self, x: Tensor, topk: int = 5, layout: str | None = None) -> list[list[Prediction]]:
+        """Per image, its `topk` most probable classes (best first) with softmax probabilities and names."""
+        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+            raise ValueError(f"topk must be a positive integer, got {topk!r}")
+        probs = self(x, layout).float().softmax(dim=1)
+        top = probs.topk(min(topk, self.num_classes), dim=1)
+        values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
+        return [
+            [Prediction(i, self.labels[i], p) for i, p in zip(row_indices, row_values)]
+            for row_indices, row_values in zip(indices, values)
+        ]
+
+    def warmup(
+        self,
+        batch_sizes=(1,),
+        image_size: int | tuple[int, int] = 224,
+        input_dtype: torch.dtype | None = None,
+        layout: str = "NCHW",
+    ) -> None:
+        """Compile kernels and capture CUDA graphs for these shapes ahead of the first real call.
+
+        input_dtype: torch.uint8 to warm the raw-pixel path (in `layout`), else normalised float.
+        """
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
         for batch in batch_sizes:
-            self(torch.randn(batch, 3, h, w, device=self.device))
+            if input_dtype == torch.uint8:
+                shape = (batch, 3, h, w) if layout.upper() == "NCHW" else (batch, h, w, 3)
+                self(torch.randint(0, 256, shape, dtype=torch.uint8, device=self.device), layout=layout)
+            else:
+                self(torch.randn(batch, 3, h, w, device=self.device))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -231,19 +329,29 @@ class Engine:
         model = build_resnet(self.architecture.spec, self.num_classes, self._state_dict)
         return model.to(self.device).eval()
 
-    def check(self, x: Tensor) -> CheckResult:
-        """Compare this engine's logits with the reference model run in float64 on the CPU."""
-        validate_images(x)
+    def _float64_input(self, x: Tensor) -> Tensor:
+        """The normalised float64 CPU images that x (float, or uint8 pixels) stands for."""
+        x = x.detach().cpu()
+        return normalize(x, self.mean, self.std) if x.dtype == torch.uint8 else x.double()
+
+    def check(self, x: Tensor, layout: str | None = None) -> CheckResult:
+        """Compare this engine's logits with the reference model run in float64 on the CPU.
+
+        uint8 input: the reference (and eager PyTorch) get the float64 normalised images.
+        """
+        x = as_nchw(x, layout)
         if x.shape[0] == 0:
             raise InputError("check() needs at least one image")
         ours = self(x).double().cpu()
         model = self.reference().cpu()
+        x = self._float64_input(x)
         with torch.inference_mode():
-            ref = model.double()(x.detach().cpu().double())
+            ref = model.double()(x)
             # Eager in the backend's layout: channels-last kernels round differently from NCHW ones.
-            layout = getattr(self.backend, "memory_format", torch.contiguous_format)
-            eager_model = model.to(self.device, self.dtype, memory_format=layout)
-            eager = eager_model(x.to(self.device, self.dtype).contiguous(memory_format=layout)).double().cpu()
+            memory_format = getattr(self.backend, "memory_format", torch.contiguous_format)
+            eager_model = model.to(self.device, self.dtype, memory_format=memory_format)
+            eager_input = x.to(self.device, self.dtype).contiguous(memory_format=memory_format)
+            eager = eager_model(eager_input).double().cpu()
         scale = ref.abs().max().item() or 1.0
         k = min(5, self.num_classes)
         top_ref = ref.topk(k, dim=1).indices
@@ -257,14 +365,15 @@ class Engine:
             top5_agreement=top5.double().mean().item(),
         )
 
-    def layer_errors(self, x: Tensor) -> list[LayerError]:
+    def layer_errors(self, x: Tensor, layout: str | None = None) -> list[LayerError]:
         """Per-op relative error of this engine against the plan run in float64: where drift starts."""
-        validate_images(x)
+        x = as_nchw(x, layout)
         if x.shape[0] == 0:
             raise InputError("layer_errors() needs at least one image")
-        x = x.to(device=self.device, dtype=self.dtype)
+        x = x.to(self.device) if x.dtype == torch.uint8 else x.to(device=self.device, dtype=self.dtype)
         reference: dict[str, Tensor] = {}
-        execute(self.plan.ops, x.detach().cpu().double(), observer=reference.__setitem__)
+        # uint8 pixels run the plan's uint8 stem on the raw values, in float64 like the rest.
+        execute(self.plan.ops_for(x.dtype), x.detach().cpu().double(), observer=reference.__setitem__)
         kinds = {op.name: op.kind for op in self.plan.ops}
         report: list[LayerError] = []
         observe = lambda name, value: report.append(

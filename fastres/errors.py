@@ -21,5 +21,9 @@ class InputError(FastresError, ValueError):
     """An input batch the engine cannot run (wrong rank, channels, dtype, ...)."""
 
 
+class ImageDecodeError(InputError):
+    """An image file (or bytes) that Pillow cannot decode: corrupt, truncated or not an image."""
+
+
 class BackendUnavailableError(FastresError, RuntimeError):
     """The requested backend or device cannot run on this machine."""

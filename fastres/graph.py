@@ -37,6 +37,9 @@ class ConvOp(Op):
     padding: int = 0
     groups: int = 1
     relu: bool = False
+    # Per-input-channel border value (float64, shape (C_in,)); None pads with 0. The uint8 stem pads
+    # with 255 * mean, the raw value that normalises to 0, so folding the normalisation stays exact.
+    pad_value: Tensor | None = field(repr=False, default=None)
     kind = "conv"
 
     @property
@@ -215,6 +218,35 @@ def to_float64(t: Tensor | None) -> Tensor | None:
     return t.detach().to("meta" if t.is_meta else "cpu", torch.float64)
 
 
+def normalize(x: Tensor, mean, std) -> Tensor:
+    """uint8 NCHW pixels -> float64 (x / 255 - mean) / std: the yardstick for the folded stem."""
+    x = x.double() / 255.0
+    mean = torch.tensor(mean, dtype=torch.float64, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float64, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def pad_with_values(x: Tensor, padding: int, pad_value: Tensor) -> Tensor:
+    """NCHW `x` padded on every side by `padding` pixels of the per-channel `pad_value` (layout kept)."""
+    n, c, h, w = x.shape
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    size = (n, c, h + 2 * padding, w + 2 * padding)
+    out = torch.empty(size, dtype=x.dtype, device=x.device, memory_format=layout)
+    out.copy_(pad_value.to(x.device, x.dtype).view(1, c, 1, 1).expand(size))
+    out[:, :, padding : padding + h, padding : padding + w] = x
+    return out
+
+
+def conv2d_padded(x, weight, bias, stride: int, padding: int, groups: int, pad_value=None) -> Tensor:
+    """F.conv2d, padding with `pad_value` per input channel when given (else zeros)."""
+    import torch.nn.functional as F
+
+    if pad_value is not None and padding > 0:
+        x, padding = pad_with_values(x, padding, pad_value), 0
+    return F.conv2d(x, weight, bias, stride, padding, 1, groups)
+
+
 def execute(ops: list[Op], x: Tensor, observer=None) -> Tensor:
     """Run any op list (eager or planned) with plain torch ops, parameters cast to x's dtype.
 
@@ -229,7 +261,9 @@ def execute(ops: list[Op], x: Tensor, observer=None) -> Tensor:
     for op in ops:
         a = values[op.inputs[0]]
         if isinstance(op, ConvOp):
-            y = F.conv2d(a, cast(op.weight), cast(op.bias), op.stride, op.padding, 1, op.groups)
+            y = conv2d_padded(
+                a, cast(op.weight), cast(op.bias), op.stride, op.padding, op.groups, op.pad_value
+            )
             if op.residual is not None:
                 y = y + values[op.residual]
             y = y.relu() if op.relu else y

@@ -6,6 +6,7 @@ Passes, each a small function over the plain data model in `graph.py`:
   fuse_relu        a ReLU after a conv becomes that conv's epilogue
   fuse_head        global average pool + fc become one head op
   assign_buffers   values share a few buffers by liveness
+  fold_normalization  a second stem for uint8 pixels, with (x / 255 - mean) / std folded in
 Seam for later: fusing the projection shortcut into the block's last conv as one K-concatenated
 GEMM would be a pass after fuse_residual that merges `downsample.0` into the conv consuming it.
 """
@@ -33,7 +34,7 @@ from .graph import (
     infer_shapes,
     to_float64,
 )
-from .specs import ResNetSpec
+from .specs import IMAGENET_MEAN, IMAGENET_STD, ResNetSpec, check_normalization
 
 
 def _consumers(ops: list[Op]) -> dict[str, list[Op]]:
@@ -164,6 +165,42 @@ def fuse_head(ops: list[Op]) -> list[Op]:
     return result
 
 
+def fold_normalization(stem: ConvOp, mean, std) -> ConvOp:
+    """The stem for raw uint8 pixels x, with the normalisation (x / 255 - mean) / std folded in.
+
+    (x / 255 - mean) / std = (x - 255 * mean) * s with s = 1 / (255 * std), so per input channel c
+    W' = W * s_c and b' = b - sum_{c,r,s} W'[:, c, r, s] * 255 * mean_c, in float64. This equals
+    "normalise, zero-pad, convolve" exactly only if the border is padded with 255 * mean (the raw value
+    that normalises to 0), which `pad_value` tells every backend.
+    """
+    mean, std = check_normalization(mean, std)
+    if stem.weight.shape[1] != 3 or stem.groups != 1:
+        raise ValueError(
+            f"{stem.name}: the normalisation folds into a 3-channel stem, got {tuple(stem.weight.shape)}"
+        )
+    weight = to_float64(stem.weight)
+    # On the weight's device: planning may run on meta tensors (shapes only).
+    pad_value = 255.0 * torch.tensor(mean, dtype=torch.float64, device=weight.device)
+    scale = 1.0 / (255.0 * torch.tensor(std, dtype=torch.float64, device=weight.device))
+    weight = weight * scale.view(1, 3, 1, 1)
+    bias = (
+        to_float64(stem.bias) if stem.bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
+    )
+    bias = bias - (weight * pad_value.view(1, 3, 1, 1)).sum(dim=(1, 2, 3))
+    return ConvOp(
+        stem.name,
+        list(stem.inputs),
+        stem.output,
+        weight=weight,
+        bias=bias,
+        stride=stem.stride,
+        padding=stem.padding,
+        groups=stem.groups,
+        relu=stem.relu,
+        pad_value=pad_value,
+    )
+
+
 def assign_buffers(ops: list[Op]) -> dict[str, int]:
     """Give every intermediate value a buffer slot; a slot is reused once its value is dead.
 
@@ -234,6 +271,16 @@ class Plan:
     ops: list[Op]
     slots: dict[str, int]
     eager_ops: list[Op] = field(repr=False, default_factory=list)
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # for uint8 input only
+    std: tuple[float, float, float] = IMAGENET_STD
+    # ops[0] for uint8 input: the same stem with the normalisation folded in (fold_normalization).
+    uint8_stem: ConvOp | None = field(repr=False, default=None)
+
+    def ops_for(self, input_dtype: torch.dtype) -> list[Op]:
+        """The op list that runs an input of this dtype (uint8 pixels swap in the uint8 stem)."""
+        if input_dtype == torch.uint8:
+            return [self.uint8_stem, *self.ops[1:]]
+        return self.ops
 
     @property
     def num_slots(self) -> int:
@@ -338,12 +385,32 @@ def _fmt_shape(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape))
 
 
-def plan_resnet(spec: ResNetSpec, num_classes: int, state_dict: dict[str, Tensor]) -> Plan:
-    """Run every pass; the result has no BatchNorm, no standalone ReLU or add left."""
+def plan_resnet(
+    spec: ResNetSpec,
+    num_classes: int,
+    state_dict: dict[str, Tensor],
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+) -> Plan:
+    """Run every pass; the result has no BatchNorm, no standalone ReLU or add left.
+
+    mean/std: how uint8 input is normalised (folded into `Plan.uint8_stem`); float input is taken
+    as already normalised.
+    """
+    mean, std = check_normalization(mean, std)
     eager = build_eager_graph(spec, state_dict)
     ops = fuse_head(fuse_relu(fuse_residual(fold_batchnorm(build_eager_graph(spec, state_dict)))))
     leftovers = [op.name for op in ops if isinstance(op, (BatchNormOp, ReluOp, AddOp, AvgPoolOp, LinearOp))]
     if leftovers:
         raise AssertionError(f"planner left unfused ops: {leftovers[:5]}")
     assert ops[0].inputs == [INPUT] and ops[-1].output == LOGITS
-    return Plan(spec, num_classes, ops, assign_buffers(ops), eager_ops=eager)
+    return Plan(
+        spec,
+        num_classes,
+        ops,
+        assign_buffers(ops),
+        eager_ops=eager,
+        mean=mean,
+        std=std,
+        uint8_stem=fold_normalization(ops[0], mean, std),
+    )

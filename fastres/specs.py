@@ -13,6 +13,29 @@ BlockKind = Literal["basic", "bottleneck"]
 STAGE_PLANES = (64, 128, 256, 512)
 STEM_CHANNELS = 64
 
+# The per-channel RGB statistics every torchvision ImageNet checkpoint was trained with: uint8 images
+# are normalised as (x / 255 - mean) / std unless a model says otherwise.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def check_normalization(mean, std) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """mean and std as three finite floats each (std > 0), or a ValueError saying what is wrong."""
+    import math
+
+    values = []
+    for name, v in (("mean", mean), ("std", std)):
+        try:
+            t = tuple(float(c) for c in v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be three numbers (R, G, B), got {v!r}") from None
+        if len(t) != 3 or not all(math.isfinite(c) for c in t):
+            raise ValueError(f"{name} must be three finite numbers (R, G, B), got {v!r}")
+        values.append(t)
+    if min(values[1]) <= 0:
+        raise ValueError(f"std must be positive per channel, got {std!r}")
+    return values[0], values[1]
+
 
 @dataclass(frozen=True)
 class ResNetSpec:

@@ -67,3 +67,33 @@ def make_calibrated_model(
     images = random_images(calibration_images, image_size, image_size, seed=seed + 2)
     calibrate_batchnorm(model, images)
     return model.eval()
+
+
+def write_sample_images(
+    folder, count: int = 8, height: int = 375, width: int = 500, *, seed: int = 0
+) -> list:
+    """Write `count` photo-like JPEGs (smooth colour fields plus noise) into `folder`; returns their paths.
+
+    For demos and benchmarks of `fastres classify` without a data set: ImageNet-like size, file size
+    and decode cost, nothing to download. Needs Pillow (the images extra).
+    """
+    from pathlib import Path
+
+    import numpy as np
+
+    from .images import require_pillow
+
+    Image, _ = require_pillow()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
+    paths = []
+    for i in range(count):
+        a, b, c = rng.uniform(-3, 3, (3, 3))
+        field = np.stack([np.sin(a[k] * xx + b[k] * yy + c[k]) for k in range(3)], axis=2)
+        pixels = 127.5 + 100 * field + rng.normal(0, 12, (height, width, 3))
+        path = folder / f"sample_{i:03d}.jpg"
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+        paths.append(path)
+    return paths

@@ -5,6 +5,7 @@ import threading
 import torch
 from helpers import relative_error
 
+from fastres.graph import normalize
 from fastres.testing import make_calibrated_model
 
 _MODELS: dict = {}
@@ -19,7 +20,15 @@ def calibrated(name: str, num_classes: int = 1000, seed: int = 0):
 
 
 def parity(engine, model, x: torch.Tensor, dtype: torch.dtype, device="cpu") -> tuple[float, float]:
-    """(fastres error, eager error) of the logits vs a float64 run of the reference, both relative."""
+    """(fastres error, eager error) of the logits vs a float64 run of the reference, both relative.
+
+    uint8 pixels (NCHW, or NHWC) go to fastres as they are; the reference and eager PyTorch get them
+    normalised with the engine's mean/std (in float64, then cast), as a user would have to.
+    """
+    pixels = x
+    if x.dtype == torch.uint8:
+        nchw = x if x.shape[1] == 3 else x.permute(0, 3, 1, 2)
+        x = normalize(nchw, engine.mean, engine.std)
     # Eager runs in the layout the backend uses: oneDNN's and cuDNN's channels-last kernels round
     # differently from their NCHW ones, and fastres is held to PyTorch's error with the same kernels.
     layout = getattr(engine.backend, "memory_format", torch.contiguous_format)
@@ -30,7 +39,7 @@ def parity(engine, model, x: torch.Tensor, dtype: torch.dtype, device="cpu") -> 
             x.to(device, dtype).contiguous(memory_format=layout)
         )
         model.float().cpu().to(memory_format=torch.contiguous_format)
-    ours = engine(x)
+    ours = engine(pixels)
     assert ours.dtype == torch.float32 and ours.shape == ref.shape
     return relative_error(ours, ref), relative_error(eager, ref)
 

@@ -95,8 +95,10 @@ BAD_INPUTS = [
     pytest.param(torch.randn(3, 32, 32), "unsqueeze", id="3d"),
     pytest.param(torch.randn(2, 32, 32, 3), "permute", id="nhwc"),
     pytest.param(torch.randn(2, 4, 32, 32), "3 \\(RGB\\) channels", id="4-channels"),
-    pytest.param(torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8), "normalise", id="uint8"),
+    pytest.param(torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.int64), "uint8", id="int64"),
     pytest.param(torch.ones(2, 3, 32, 32, dtype=torch.bool), "normalise", id="bool"),
+    pytest.param(torch.randint(0, 255, (2, 3, 32, 3), dtype=torch.uint8), "ambiguous", id="uint8-ambiguous"),
+    pytest.param(torch.randint(0, 255, (2, 4, 32, 4), dtype=torch.uint8), "N x H x W x 3", id="uint8-rgba"),
     pytest.param(torch.randn(2, 3, 0, 32), "at least 1x1", id="zero-height"),
 ]
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..graph import normalize
 from .base import Backend, Observer
 
 
@@ -19,4 +20,6 @@ class ReferenceBackend(Backend):
 
     def run(self, x: Tensor, workspace: Any, observer: Observer | None = None) -> Tensor:
         with torch.inference_mode():
+            if x.dtype == torch.uint8:  # unfused on purpose: normalise, then the plain model
+                x = normalize(x, self.plan.mean, self.plan.std).to(self.dtype)
             return self.module(x).float()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..graph import INPUT, ConvOp, HeadOp, MaxPoolOp
+from ..graph import INPUT, ConvOp, HeadOp, MaxPoolOp, pad_with_values
 from .base import Backend, Observer
 
 
@@ -83,20 +83,31 @@ class TorchBackend(Backend):
         self.params: dict[str, tuple[Tensor, Tensor | None]] = {}
         for op in plan.ops:
             if isinstance(op, (ConvOp, HeadOp)):
-                weight = op.weight.to(device=self.device, dtype=dtype)
-                if isinstance(op, ConvOp):
-                    weight = weight.contiguous(memory_format=self.memory_format)
-                bias = None if op.bias is None else op.bias.to(device=self.device, dtype=dtype)
-                self.params[op.name] = (weight, bias)
+                self.params[op.name] = self._pack(op)
+        # uint8 pixels: the stem with the normalisation folded in, padded with 255 * mean (exact).
+        self.uint8_stem = plan.uint8_stem
+        self.uint8_stem_params = self._pack(plan.uint8_stem) if plan.uint8_stem is not None else None
         # Drop each activation after its last reader, as eager execution would.
         self.dead_after: list[list[str]] = [[] for _ in plan.ops]
         last_reader = {v: i for i, op in enumerate(plan.ops) for v in op.inputs}
         for value, index in last_reader.items():
             self.dead_after[index].append(value)
 
-    def _conv(self, op: ConvOp, x: Tensor, residual: Tensor | None) -> Tensor:
-        weight, bias = self.params[op.name]
-        stride, padding = [op.stride] * 2, [op.padding] * 2
+    def _pack(self, op: ConvOp | HeadOp) -> tuple[Tensor, Tensor | None]:
+        weight = op.weight.to(device=self.device, dtype=self.dtype)
+        if isinstance(op, ConvOp):
+            weight = weight.contiguous(memory_format=self.memory_format)
+        bias = None if op.bias is None else op.bias.to(device=self.device, dtype=self.dtype)
+        return weight, bias
+
+    def _conv(self, op: ConvOp, x: Tensor, residual: Tensor | None, params=None) -> Tensor:
+        weight, bias = params or self.params[op.name]
+        if op.pad_value is not None and op.padding:
+            x = pad_with_values(x, op.padding, op.pad_value)
+            op_padding = 0
+        else:
+            op_padding = op.padding
+        stride, padding = [op.stride] * 2, [op_padding] * 2
         if self.onednn:
             relu = "relu" if op.relu else "none"
             if residual is None:
@@ -124,11 +135,15 @@ class TorchBackend(Backend):
         return y.relu_() if op.relu else y
 
     def run(self, x: Tensor, workspace: Any, observer: Observer | None = None) -> Tensor:
+        pixels = x.dtype == torch.uint8  # raw 0-255 values: exact in every float dtype
+        x = x.to(self.dtype) if pixels else x
         values: dict[str, Tensor] = {INPUT: x.contiguous(memory_format=self.memory_format)}
         with torch.inference_mode(), _tf32(self.allow_tf32):
             for index, op in enumerate(self.plan.ops):
                 src = values[op.inputs[0]]
-                if isinstance(op, ConvOp):
+                if index == 0 and pixels:
+                    out = self._conv(self.uint8_stem, src, None, self.uint8_stem_params)
+                elif isinstance(op, ConvOp):
                     out = self._conv(op, src, values[op.residual] if op.residual else None)
                 elif isinstance(op, MaxPoolOp):
                     out = F.max_pool2d(src, op.kernel_size, op.stride, op.padding)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..graph import INPUT, ConvOp, HeadOp, MaxPoolOp
+from ..graph import INPUT, ConvOp, HeadOp, MaxPoolOp, normalize
 from ..kernels import ConvLayer, HeadLayer, max_pool2d_nhwc
 from .base import Backend, Observer
 
@@ -67,6 +67,8 @@ class TritonBackend(Backend):
         return TritonWorkspace(nhwc_input, values, logits, [*buffers, logits, nhwc_input])
 
     def run(self, x: Tensor, workspace: TritonWorkspace, observer: Observer | None = None) -> Tensor:
+        if x.dtype == torch.uint8:  # interim until the stem kernel reads pixels itself
+            x = normalize(x, self.plan.mean, self.plan.std).to(self.dtype)
         workspace.input.copy_(x.permute(0, 2, 3, 1))
         values = workspace.values  # includes INPUT -> workspace.input: no per-call dict building
         for op in self.plan.ops:
