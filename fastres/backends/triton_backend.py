@@ -26,6 +26,7 @@ class TritonWorkspace:
     values: dict[str, Tensor]  # NHWC views into the slot buffers
     logits: Tensor
     pooled: Tensor  # the head's fp32 (N, C) scratch: per workspace, so concurrent graphs never share it
+    split_scratch: tuple[Tensor, Tensor]  # split-K fp32 partials and int32 counters, shared by all convs
     buffers: list[Tensor]
 
 
@@ -91,7 +92,19 @@ class TritonBackend(Backend):
             values[value] = buffers[slot][: n * h * w * c].view(n, h, w, c)
         logits = torch.empty(batch, self.plan.num_classes, device=self.device, dtype=torch.float32)
         pooled = torch.empty(batch, self.plan.spec.feature_channels, device=self.device, dtype=torch.float32)
-        return TritonWorkspace(values, logits, pooled, [*buffers, logits, pooled])
+        # Convs run one after another on one stream, so one scratch pair (the largest any needs) serves
+        # them all; each launch re-arms the counters it used, so they start at zero for the next.
+        sizes = [
+            self.layers[op.name].scratch_size(tuple(shapes[op.inputs[0]][i] for i in (0, 2, 3, 1)))
+            for op in self.plan.ops[1:]
+            if isinstance(op, ConvOp)
+        ]
+        split_scratch = (
+            torch.empty(max(p for p, _ in sizes), device=self.device, dtype=torch.float32),
+            torch.zeros(max(c for _, c in sizes), device=self.device, dtype=torch.int32),
+        )
+        buffers = [*buffers, logits, pooled, *split_scratch]
+        return TritonWorkspace(values, logits, pooled, split_scratch, buffers)
 
     def run(self, x: Tensor, workspace: TritonWorkspace, observer: Observer | None = None) -> Tensor:
         values = workspace.values
@@ -110,7 +123,10 @@ class TritonBackend(Backend):
             src = values[op.inputs[0]]
             if isinstance(op, ConvOp):
                 out = self.layers[op.name](
-                    src, values[op.residual] if op.residual else None, out=values[op.output]
+                    src,
+                    values[op.residual] if op.residual else None,
+                    out=values[op.output],
+                    scratch=workspace.split_scratch,
                 )
             elif isinstance(op, MaxPoolOp):
                 out = max_pool2d_nhwc(
