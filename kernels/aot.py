@@ -44,6 +44,7 @@ _TRITON_PTR_TYPES = {
     torch.bfloat16: "*bf16",
     torch.float32: "*fp32",
     torch.uint8: "*u8",  # the stem reads uint8 images directly
+    torch.int32: "*i32",  # split-K arrival counters
 }
 _INT32_MAX = 2**31 - 1
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from fastres.kernels.conv import CONV_CONFIGS, ConvLayer
+from fastres.kernels.conv import CONV_CONFIGS, ConvConfig, ConvLayer
 from helpers import LAYER_RTOL, assert_close, poison_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -175,6 +175,167 @@ def test_config_kind(shape, arch, kind):
     assert layer.kind(shape) == kind
     config = layer.config_for(shape, arch)
     assert config.num_warps == 4
+
+
+# ---------------------------------------------------------------------------------------------- split-K
+
+# Interpreter-sized tiles (few programs, few steps); BLOCK_K = 16 gives the tiny layers several K-steps.
+_SPLIT_BASE = ConvConfig(32, 32, 16, 4, 1)
+
+SPLIT_CASES = [
+    pytest.param(Case(1, 5, 7, 48, 40, 1, 1, 0, residual=True), 3, id="gemm1x1_res"),
+    pytest.param(Case(2, 6, 5, 32, 24, 3, 1, 1), 4, id="3x3_chblocked"),
+    pytest.param(Case(1, 9, 7, 24, 32, 3, 2, 1, relu=False, residual=True), 5, id="3x3s2_c24_res"),
+    pytest.param(Case(1, 8, 6, 48, 32, 1, 2, 0, bias=False), 2, id="1x1s2"),
+    pytest.param(Case(1, 7, 6, 64, 64, 3, 1, 1, groups=4), 3, id="grouped4x16"),
+    pytest.param(Case(1, 6, 5, 32, 32, 3, 1, 1, groups=8), 9, id="grouped8x4_supergroup"),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("fused", [pytest.param(True, id="fused"), pytest.param(False, id="reduce_kernel")])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case, split", SPLIT_CASES)
+def test_split_k_matches_reference(case, split, dtype, fused):
+    layer, *_ = _build(case, dtype)
+    config = layer.clip_config(ConvConfig(32, 32, 16, 4, 1, split_k=split, fused_reduce=fused))
+    assert config.split_k == split  # every case has at least `split` K-steps
+    _check(case, dtype, config=config)
+
+
+@pytest.mark.interpreter
+def test_split_k_is_deterministic():
+    """Two runs give the same bits, and the workspace is reused (allocated once per shape)."""
+    case = Case(1, 7, 7, 64, 32, 3, 1, 1, residual=True)
+    layer, weight, bias, x, residual = _build(case, torch.float32)
+    config = layer.clip_config(ConvConfig(32, 32, 16, 4, 1, split_k=6))
+    outs = []
+    for _ in range(2):
+        out = poison_(torch.empty(layer.output_shape(tuple(x.shape)), dtype=torch.float32, device=DEVICE))
+        outs.append(layer.launch(x, residual, out, config=config))
+        ((partials, counters),) = layer._workspaces.values()
+        assert not counters.any()  # every tile's last program re-armed its arrival counter
+        poison_(partials)  # every run rewrites all partials: nothing stale is ever summed
+    assert torch.equal(outs[0], outs[1])
+    ref = _reference(case, weight, bias, x, residual, torch.float32)
+    assert_close(outs[0], ref, LAYER_RTOL[torch.float32], what="split-K")
+
+
+@pytest.mark.interpreter
+def test_split_k_with_caller_scratch_shared_by_two_layers():
+    """Scratch owned by the caller (one pair per CUDA graph) serves layers run one after another, gives
+    the same bits as the layer's own workspace, and is re-armed for the next launch."""
+    case = Case(1, 7, 7, 64, 32, 3, 1, 1, residual=True)
+    layer, weight, bias, x, residual = _build(case, torch.float32)
+    config = layer.clip_config(ConvConfig(32, 32, 16, 4, 1, split_k=6))
+    own = layer.launch(x, residual, config=config)
+    m = 7 * 7
+    partials = poison_(torch.empty(6 * m * 32 + 5, dtype=torch.float32, device=DEVICE))
+    counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+    for _ in range(2):  # the second launch finds the counters re-armed by the first
+        out = layer.launch(x, residual, config=config, scratch=(partials, counters))
+        assert torch.equal(out, own) and not counters.any()
+    assert not layer._workspaces or all(p is not partials for p, _ in layer._workspaces.values())
+    with pytest.raises(ValueError, match="scratch too small"):
+        layer.launch(x, residual, config=config, scratch=(partials[:10], counters))
+
+
+# ------------------------------------------------------------------------------ K-concatenated shortcut
+
+
+def _shortcut_case(n, h2, w2, c_mid, c_in2, c_out, stride2, dtype, relu=True, seed=1):
+    """A bottleneck's last 1x1 conv (c_mid -> c_out) plus a 1x1 stride-`stride2` projection of the block
+    input (c_in2 channels) concatenated along K; returns the layer, inputs and float64 reference."""
+    gen = torch.Generator().manual_seed(seed)
+    oh, ow = (h2 - 1) // stride2 + 1, (w2 - 1) // stride2 + 1
+    w1 = (torch.randn(c_out, c_mid, 1, 1, generator=gen, dtype=torch.float64) / c_mid**0.5).to(DEVICE)
+    ws = (torch.randn(c_out, c_in2, 1, 1, generator=gen, dtype=torch.float64) / c_in2**0.5).to(DEVICE)
+    b1, b2 = torch.randn(c_out, generator=gen).to(DEVICE), torch.randn(c_out, generator=gen).to(DEVICE)
+    layer = ConvLayer(
+        w1, b1 + b2, stride=1, padding=0, relu=relu, dtype=dtype, shortcut_weight=ws, shortcut_stride=stride2
+    )
+    x = torch.randn(n, oh, ow, c_mid, generator=gen).to(DEVICE, dtype)
+    x2 = torch.randn(n, h2, w2, c_in2, generator=gen).to(DEVICE, dtype)
+    nchw = lambda t: t.double().permute(0, 3, 1, 2)
+    ref = F.conv2d(nchw(x), w1.to(dtype).double(), (b1 + b2).float().double())
+    ref = ref + F.conv2d(nchw(x2), ws.to(dtype).double(), stride=stride2)
+    ref = ref.permute(0, 2, 3, 1)
+    return layer, x, x2, (ref.clamp_min(0) if relu else ref)
+
+
+SHORTCUT_CASES = [
+    pytest.param(2, 5, 7, 32, 48, 40, 1, id="s1"),
+    pytest.param(1, 9, 7, 24, 40, 32, 2, id="s2_odd"),
+    pytest.param(1, 8, 6, 48, 16, 24, 2, id="s2_even_c16"),
+]
+# With BLOCK_K = 16 these have 5, 5 and 4 K-steps: split 2 puts the main/shortcut boundary inside a slice.
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split", [pytest.param(1, id="nosplit"), pytest.param(2, id="split2_straddles")])
+@pytest.mark.parametrize("n, h2, w2, c_mid, c_in2, c_out, stride2", SHORTCUT_CASES)
+def test_shortcut_concat_matches_reference(n, h2, w2, c_mid, c_in2, c_out, stride2, split, dtype):
+    layer, x, x2, ref = _shortcut_case(n, h2, w2, c_mid, c_in2, c_out, stride2, dtype, relu=split == 1)
+    config = layer.clip_config(ConvConfig(32, 32, 16, 4, 1, split_k=split))
+    assert config.split_k == split
+    out = poison_(torch.empty(ref.shape, dtype=dtype, device=DEVICE))
+    assert layer.launch(x, None, out, config=config, shortcut_input=x2) is out
+    assert_close(out, ref, LAYER_RTOL[dtype], what=repr(layer))
+    if split == 1:  # the rule's config through __call__ as well
+        assert_close(layer(x, shortcut_input=x2), ref, LAYER_RTOL[dtype], what=repr(layer))
+
+
+def test_shortcut_contract_errors():
+    w = torch.randn(32, 16, 1, 1)
+    sw = torch.randn(32, 24, 1, 1)
+    with pytest.raises(ValueError, match="1x1, stride-1"):
+        ConvLayer(torch.randn(32, 16, 3, 3), None, stride=1, padding=1, shortcut_weight=sw)
+    with pytest.raises(ValueError, match="1x1, stride-1"):
+        ConvLayer(w, None, stride=1, padding=0, has_residual=True, shortcut_weight=sw)
+    with pytest.raises(ValueError, match="shortcut_weight must have shape"):
+        ConvLayer(w, None, stride=1, padding=0, shortcut_weight=torch.randn(16, 24, 1, 1))
+    layer = ConvLayer(
+        w, None, stride=1, padding=0, dtype=torch.float32, shortcut_weight=sw, shortcut_stride=2
+    )
+    x = torch.randn(1, 4, 4, 16)
+    with pytest.raises(ValueError, match="shortcut_input is required"):
+        layer(x)
+    with pytest.raises(ValueError, match="does not give the output"):
+        layer(x, shortcut_input=torch.randn(1, 9, 8, 24))
+    with pytest.raises(ValueError, match="without shortcut_weight"):
+        ConvLayer(w, None, stride=1, padding=0, dtype=torch.float32)(x, shortcut_input=x)
+
+
+# ---------------------------------------------------------------------------------------------- rules
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_split_rule(dtype):
+    """Split K where the output tiles cannot fill 132 SMs (batch 1, 7x7), never where they can."""
+    layer = ConvLayer(torch.randn(512, 512, 3, 3), None, stride=1, padding=1, dtype=dtype)
+    small = layer.config_for((1, 7, 7, 512), 90)
+    tiles = layer.output_tiles((1, 7, 7, 512), small)
+    k_steps = layer.total_k_steps(small.block_k)
+    assert small.split_k > 1
+    assert tiles * small.split_k >= 100  # about one wave of 132 SMs
+    assert -(-k_steps // small.split_k) >= 4  # every slice keeps >= 4 K-steps
+    assert layer.config_for((64, 56, 56, 512), 90).split_k == 1
+    assert layer.config_for((1, 7, 7, 512), 0).split_k == 1  # the interpreter never splits
+    assert small.fused_reduce and len(layer.aot_specs((1, 7, 7, 512), 90)) == 1  # no reduce launch
+    fallback = layer.aot_specs((1, 7, 7, 512), 90, config=replace(small, fused_reduce=False))
+    assert [spec.name.endswith("_splitk_reduce") for spec in fallback] == [False, True]
+
+
+def test_stages_clipped_to_k_steps():
+    single = ConvLayer(torch.randn(64, 64, 1, 1), None, stride=1, padding=0, dtype=torch.float16)
+    assert single.config_for((256, 56, 56, 64), 90).num_stages == 1  # K = 64: one step of 64
+    assert single.config_for((256, 56, 56, 64), 80).num_stages == 2  # two steps of 32
+    deep = ConvLayer(torch.randn(256, 256, 3, 3), None, stride=1, padding=1, dtype=torch.float16)
+    assert (
+        deep.config_for((64, 56, 56, 256), 90).num_stages
+        == CONV_CONFIGS[("sm90", "16bit", "large")].num_stages
+    )
 
 
 # ---------------------------------------------------------------------------------------------- errors

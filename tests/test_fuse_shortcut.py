@@ -186,7 +186,7 @@ def test_triton_backend_runs_merged_shortcuts(dtype, one_gemm, monkeypatch):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = calibrated("resnet50", 10)
     engine = fastres.optimize(model, device=device, dtype=dtype, backend="triton")
-    assert engine.backend.kconcat == one_gemm and len(engine.backend.split) == (0 if one_gemm else 4)
+    assert engine.backend.kconcat == one_gemm and len(engine.backend.unmerged) == (0 if one_gemm else 4)
     convs = sum(isinstance(op, ConvOp) for op in engine.plan.ops[1:])  # the stem is a StemLayer
     assert len([n for n in engine.backend.layers if n != "head"]) == convs + (0 if one_gemm else 4)
     assert_parity(engine, model, random_images(1, 40, 36, seed=16), dtype, device=device)

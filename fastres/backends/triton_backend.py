@@ -8,7 +8,7 @@ residual, ReLU in the epilogue), then one max-pool and one head launch. A conv w
 projection shortcut is one launch too, a GEMM over both inputs concatenated along K, where
 `ConvLayer` supports it; with a kernel that does not, the backend splits it back into the
 projection and a conv with a residual (two launches). Per input shape the workspace holds one
-flat buffer per plan slot (plus one for split projections), so a forward pass allocates nothing
+flat buffer per plan slot (plus one for unmerged projections), so a forward pass allocates nothing
 and is safe to capture in a CUDA graph.
 """
 
@@ -36,6 +36,7 @@ class TritonWorkspace:
     values: dict[str, Tensor]  # NHWC views into the slot buffers
     logits: Tensor
     pooled: Tensor  # the head's fp32 (N, C) scratch: per workspace, so concurrent graphs never share it
+    split_scratch: tuple[Tensor, Tensor]  # split-K fp32 partials and int32 counters, shared by all convs
     buffers: list[Tensor]
 
 
@@ -70,8 +71,8 @@ class TritonBackend(Backend):
             self.uint8_stem = _stem_layer(plan.uint8_stem, self.device, dtype, allow_tf32)
         self.kconcat = conv_layer_takes_shortcut()
         self.layers: dict[str, ConvLayer | HeadLayer] = {}
-        # Merged ops this kernel build cannot run as one GEMM: op name -> split projection op.
-        self.split: dict[str, ConvOp] = {}
+        # Merged ops this kernel build cannot run as one GEMM: op name -> its projection, run first.
+        self.unmerged: dict[str, ConvOp] = {}
 
         def conv_layer(op: ConvOp) -> ConvLayer:
             extra = {}
@@ -95,7 +96,7 @@ class TritonBackend(Backend):
         for op in plan.ops[1:]:
             if isinstance(op, ConvOp) and op.shortcut_input is not None and not self.kconcat:
                 proj, main = split_shortcut(op)
-                self.split[op.name] = proj
+                self.unmerged[op.name] = proj
                 self.layers[proj.name] = conv_layer(proj)
                 self.layers[op.name] = conv_layer(main)
             elif isinstance(op, ConvOp):
@@ -119,21 +120,38 @@ class TritonBackend(Backend):
             values[value] = buffers[slot][: n * h * w * c].view(n, h, w, c)
         logits = torch.empty(batch, self.plan.num_classes, device=self.device, dtype=torch.float32)
         pooled = torch.empty(batch, self.plan.spec.feature_channels, device=self.device, dtype=torch.float32)
-        buffers += [logits, pooled]
-        if self.split:  # split projections: one scratch buffer, each read right after it is written
+        # Convs run one after another on one stream, so one scratch pair (the largest any needs) serves
+        # them all; each launch re-arms the counters it used, so they start at zero for the next.
+        nhwc = lambda value: tuple(shapes[value][i] for i in (0, 2, 3, 1))
+        sizes = [
+            self.layers[op.name].scratch_size(nhwc(op.inputs[0]))
+            for op in self.plan.ops[1:]
+            if isinstance(op, ConvOp)
+        ]
+        sizes += [
+            self.layers[proj.name].scratch_size(nhwc(proj.inputs[0])) for proj in self.unmerged.values()
+        ]
+        split_scratch = (
+            torch.empty(max(p for p, _ in sizes), device=self.device, dtype=torch.float32),
+            torch.zeros(max(c for _, c in sizes), device=self.device, dtype=torch.int32),
+        )
+        buffers = [*buffers, logits, pooled, *split_scratch]
+        if self.unmerged:  # unmerged projections: one buffer, each read right after it is written
             # A projection's output has the shape of the merged op's output.
-            split = {
-                self.split[op.name].output: shapes[op.output] for op in self.plan.ops if op.name in self.split
+            outputs = {
+                self.unmerged[op.name].output: shapes[op.output]
+                for op in self.plan.ops
+                if op.name in self.unmerged
             }
-            scratch = torch.empty(
-                max(torch.Size(shape).numel() for shape in split.values()),
+            proj_out = torch.empty(
+                max(torch.Size(shape).numel() for shape in outputs.values()),
                 device=self.device,
                 dtype=self.dtype,
             )
-            buffers.append(scratch)
-            for value, (n, c, h, w) in split.items():
-                values[value] = scratch[: n * h * w * c].view(n, h, w, c)
-        return TritonWorkspace(values, logits, pooled, buffers)
+            buffers.append(proj_out)
+            for value, (n, c, h, w) in outputs.items():
+                values[value] = proj_out[: n * h * w * c].view(n, h, w, c)
+        return TritonWorkspace(values, logits, pooled, split_scratch, buffers)
 
     def run(self, x: Tensor, workspace: TritonWorkspace, observer: Observer | None = None) -> Tensor:
         values = workspace.values
@@ -151,7 +169,7 @@ class TritonBackend(Backend):
         for op in self.plan.ops[1:]:
             src = values[op.inputs[0]]
             if isinstance(op, ConvOp):
-                out = self._conv(op, src, values)
+                out = self._conv(op, src, values, workspace.split_scratch)
             elif isinstance(op, MaxPoolOp):
                 out = max_pool2d_nhwc(
                     src,
@@ -168,15 +186,16 @@ class TritonBackend(Backend):
                 observer(op.name, out.permute(0, 3, 1, 2) if out.dim() == 4 else out)
         return out
 
-    def _conv(self, op: ConvOp, src: Tensor, values: dict[str, Tensor]) -> Tensor:
+    def _conv(self, op: ConvOp, src: Tensor, values: dict[str, Tensor], scratch) -> Tensor:
         layer, out = self.layers[op.name], values[op.output]
         if op.shortcut_input is None:
-            return layer(src, values[op.residual] if op.residual else None, out=out)
-        proj = self.split.get(op.name)
+            return layer(src, values[op.residual] if op.residual else None, out=out, scratch=scratch)
+        proj = self.unmerged.get(op.name)
         if proj is None:
-            return layer(src, None, out=out, shortcut_input=values[op.shortcut_input])
-        residual = self.layers[proj.name](values[op.shortcut_input], None, out=values[proj.output])
-        return layer(src, residual, out=out)
+            return layer(src, None, out=out, shortcut_input=values[op.shortcut_input], scratch=scratch)
+        shortcut = values[op.shortcut_input]
+        residual = self.layers[proj.name](shortcut, None, out=values[proj.output], scratch=scratch)
+        return layer(src, residual, out=out, scratch=scratch)
 
     def copy_nodes(self, batch: int, height: int, width: int) -> list[tuple[str, int]]:
         """Graph nodes of a forward that are not Triton kernels, as (name, bytes read + written)."""
@@ -197,9 +216,9 @@ class TritonBackend(Backend):
             specs = self.stem.aot_specs((batch, 3, height, width), arch)
         for op in self.plan.ops[1:]:
             n, c, h, w = shapes[op.inputs[0]]
-            if op.name in self.split:  # the split projection launches first
+            if op.name in self.unmerged:  # the unmerged projection launches first
                 sn, sc, sh, sw = shapes[op.shortcut_input]
-                specs += self.layers[self.split[op.name].name].aot_specs((sn, sh, sw, sc), arch)
+                specs += self.layers[self.unmerged[op.name].name].aot_specs((sn, sh, sw, sc), arch)
             if isinstance(op, (ConvOp, HeadOp)):
                 specs += self.layers[op.name].aot_specs((n, h, w, c), arch)
             elif isinstance(op, MaxPoolOp):

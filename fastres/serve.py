@@ -1,0 +1,257 @@
+"""`fastres serve`: an Open Inference Protocol (KServe v2) HTTP endpoint on Ray Serve.
+
+Ray Serve provides the HTTP proxy, replicas (one Engine each, one GPU each when the cluster has
+GPUs), placement across machines and request batching; fastres provides the deployment
+(fastres.serve_deployment) and the protocol (fastres.oip, testable without Ray). This module is the
+driver: it starts a local Ray instance or joins a cluster, deploys, waits until HTTP answers, and
+shuts down what it started.
+
+    from fastres.serve import ServeConfig, start
+    server = start(ServeConfig("resnet50", weights="DEFAULT"), port=8000)
+    ...  # POST server.url + "/v2/models/resnet50/infer"
+    server.shutdown()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+import time
+import urllib.request
+from dataclasses import dataclass
+
+import fastres
+
+from .api import parse_dtype
+from .errors import BackendUnavailableError
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What each replica serves; the arguments of `fastres serve` that replicas need."""
+
+    model: str
+    weights: str | None = None
+    name: str | None = None  # the model name in URLs; MODEL's stem by default
+    device: str | None = None  # "cuda" or "cpu"; start() picks cuda when the cluster has GPUs
+    dtype: str | None = None
+    backend: str | None = None
+    num_classes: int | None = None
+    labels: str | None = None  # a text file, one class name per line
+    mean: tuple[float, float, float] = fastres.IMAGENET_MEAN  # uint8 input is normalised in the stem
+    std: tuple[float, float, float] = fastres.IMAGENET_STD
+    max_batch: int = 64
+    batch_wait_ms: float = 2.0
+    max_body_bytes: int = 128 << 20
+    # Pixels per request and per engine call (a full batch of 512x512 images): bounds a replica's
+    # memory whatever the image size; larger merged batches run in chunks.
+    max_pixels: int = 64 * 512 * 512
+    warmup_size: int = 224  # image size the replica runs once before it reports ready
+    # /v1/classify: fastres.transforms for the weights (resize the short side, centre crop), overridable
+    resize: int | None = None
+    crop: int | None = None
+
+    @property
+    def model_name(self) -> str:
+        if self.name:
+            return self.name
+        return os.path.splitext(os.path.basename(str(self.model)))[0]
+
+    def __post_init__(self):
+        if min(self.max_batch, self.max_body_bytes, self.max_pixels) < 1 or self.batch_wait_ms < 0:
+            raise ValueError("max_batch, max_body_bytes and max_pixels must be positive, batch_wait_ms >= 0")
+        if not re.fullmatch(r"[\w.\-]+", self.model_name):
+            raise ValueError(
+                f"model name {self.model_name!r} must be letters, digits, '_', '-' or '.'; use --name"
+            )
+
+
+# -- the driver: start Ray (or join a cluster), deploy, wait until HTTP answers, shut down ----------
+
+
+@dataclass
+class Server:
+    """A running deployment. shutdown() removes it and stops the Ray instance start() started."""
+
+    url: str
+    name: str
+    owns_serve: bool  # Serve was not running before start()
+    connected_ray: bool  # start() called ray.init: it started a local instance or joined a cluster
+
+    def shutdown(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            if self.owns_serve:
+                serve.shutdown()  # the HTTP proxy goes too: the port is free again
+            else:
+                serve.delete(self.name)
+        finally:
+            if self.connected_ray:  # stops a local instance this driver started; leaves a cluster running
+                ray.shutdown()
+
+
+def start(
+    config: ServeConfig,
+    *,
+    replicas: int = 1,
+    gpus_per_replica: float = 1.0,
+    cpus_per_replica: float | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    address: str | None = None,
+    ready_timeout_s: float = 600.0,
+    _after_ray_init=None,
+) -> Server:
+    """Deploy `config` on Ray Serve and return once GET /v2/health/ready answers over HTTP.
+
+    address: a Ray cluster to join ("auto", "ray://...", "HOST:6379"); None starts a local instance.
+    On GPUs each replica holds `gpus_per_replica` (at most 1: an Engine runs on one GPU; 0.5 packs
+    two replicas per GPU); on CPUs each gets `cpus_per_replica` (default: the CPUs divided evenly).
+    """
+    ray, serve, deployment = _import_ray_serve()
+    if replicas < 1 or not 0 < gpus_per_replica <= 1:
+        raise ValueError(
+            "replicas must be at least 1 and gpus_per_replica in (0, 1]; add replicas for more GPUs"
+        )
+    if address is None:  # on a cluster the files need only exist on the nodes that run replicas
+        _preflight(config)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network calls from a server
+    connected_ray = not ray.is_initialized()
+    if connected_ray:
+        if address is None:  # a private instance: nothing joins it, so it listens on loopback only
+            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+        else:
+            ray.init(address=address)
+    owns_serve = False
+    try:
+        if _after_ray_init is not None:
+            _after_ray_init()
+        gpus = ray.cluster_resources().get("GPU", 0)
+        device = config.device or ("cuda" if gpus else "cpu")
+        if device.startswith("cuda"):
+            if not gpus:
+                raise BackendUnavailableError(
+                    "--device cuda, but the Ray cluster has no GPUs; use --device cpu"
+                )
+            actor = {"num_gpus": gpus_per_replica, "num_cpus": 1}
+        else:
+            actor = {"num_gpus": 0, "num_cpus": cpus_per_replica or _even_cpu_share(ray, replicas)}
+        owns_serve = not _serve_running(ray)
+        serve.start(http_options={"host": host, "port": port})
+        app = deployment.ImageClassifier.options(
+            num_replicas=replicas,
+            ray_actor_options=actor,
+            # Room for a full batch in flight and the next one queueing behind it.
+            max_ongoing_requests=max(2 * config.max_batch, 8),
+        ).bind(dataclasses.replace(config, device=device))
+        # Per-request access logs cost more than a small model's inference on a loaded CPU.
+        try:
+            serve.run(
+                app, name=config.model_name, route_prefix="/", logging_config={"enable_access_log": False}
+            )
+        except RuntimeError as exc:
+            raise BackendUnavailableError(f"{exc} (the replicas' errors are in the log above)") from None
+        loopback = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        server = Server(f"http://{loopback}:{port}", config.model_name, owns_serve, connected_ray)
+        _wait_ready(server.url + "/v2/health/ready", ready_timeout_s)
+        return server
+    except BaseException:
+        Server("", config.model_name, owns_serve, connected_ray).shutdown()
+        raise
+
+
+def _preflight(config: ServeConfig) -> None:
+    """Load the model once on this machine's CPU, so that a bad checkpoint, labels file or option
+    fails here in one line before Ray starts, not as three replica tracebacks after it."""
+    if config.dtype is not None:
+        parse_dtype(config.dtype)  # the replicas' dtype; this check loads in float32 on the CPU
+    fastres.load(
+        config.model,
+        config.weights,
+        device="cpu",
+        backend="torch",
+        num_classes=config.num_classes,
+        mean=config.mean,
+        std=config.std,
+        labels=config.labels,
+    )
+
+
+def _import_ray_serve():
+    try:
+        import ray
+        from ray import serve
+
+        from . import serve_deployment
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"fastres serve needs Ray Serve: pip install 'fastres[serve]' ({exc})"
+        ) from None
+    return ray, serve, serve_deployment
+
+
+def _even_cpu_share(ray, replicas: int) -> float:
+    nodes = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]]
+    return max(1, min(max(nodes), sum(nodes) // replicas))
+
+
+def _serve_running(ray) -> bool:
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, whatever http_proxy says
+
+
+def _wait_ready(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with _NO_PROXY.open(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise BackendUnavailableError(f"the deployment did not answer {url} within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def _interrupt(signum, frame):
+    # SIGTERM acts as Ctrl-C: unwinds start() or the wait below into a clean shutdown. Installed after
+    # ray.init, whose own SIGTERM handlers would otherwise exit without stopping what it started.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)  # one shutdown, not interrupted by a second signal
+    raise KeyboardInterrupt
+
+
+def serve_forever(config: ServeConfig, **start_options) -> int:
+    """`fastres serve`: deploy, print the URL, run until SIGTERM or Ctrl-C, then shut down cleanly."""
+
+    def handle_signals():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _interrupt)
+
+    try:
+        server = start(config, _after_ray_init=handle_signals, **start_options)
+    except KeyboardInterrupt:
+        return 130  # start() has already shut down what it started
+    name = config.model_name
+    print(f"fastres: serving {name} at {server.url}/v2/models/{name} (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    print("fastres: shutting down", flush=True)
+    server.shutdown()
+    return 0

@@ -1,0 +1,270 @@
+"""The Ray Serve deployment behind `fastres serve`: one Engine per replica, dynamic batching.
+
+Concurrent requests are merged by `@serve.batch` (up to `max_batch` images, waiting at most
+`batch_wait_ms`) and split back per request; requests whose images differ in size, dtype or layout
+run as separate engine calls. Every client error is a 400 (404 for an unknown model) with an
+{"error": ...} body; nothing a client sends stops the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+try:
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import Response
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("fastres serve needs Ray Serve: pip install 'fastres[serve]'") from exc
+
+import fastres
+
+from . import oip
+from .checkpoints import _is_weight_name
+from .errors import InputError
+from .images import decode_image
+from .oip import OIPError
+from .serve import ServeConfig
+
+log = logging.getLogger("fastres.serve")
+
+# Newer Ray Serve counts a batch with batch_size_fn: in images rather than requests (a request may
+# carry several). Older versions count requests; the engine still runs at most max_batch at a time.
+_COUNT_IMAGES = (
+    {"batch_size_fn": lambda items: sum(item.batch for item in items)}
+    if "batch_size_fn" in inspect.signature(serve.batch).parameters
+    else {}
+)
+_MODEL_ROUTE = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/\w+)?$")
+
+
+@dataclass
+class _Item:
+    """One request's images on their way through the batcher."""
+
+    images: torch.Tensor
+    layout: str
+
+    @property
+    def batch(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def key(self) -> tuple:  # requests with different keys never share an engine call
+        return (self.images.dtype, self.layout, tuple(self.images.shape[1:]))
+
+
+def _json(obj, status: int = 200) -> Response:
+    return Response(json.dumps(obj).encode(), status_code=status, media_type="application/json")
+
+
+def _error(message: str, status: int = 400) -> Response:
+    return Response(oip.error_body(message), status_code=status, media_type="application/json")
+
+
+@serve.deployment(name="fastres", ray_actor_options={"num_cpus": 1})
+class ImageClassifier:
+    """One replica: an Engine, warmed up in __init__ (Serve reports ready only after it returns)."""
+
+    def __init__(self, config: ServeConfig):
+        self.config, self.name = config, config.model_name
+        self.engine = fastres.load(
+            config.model,
+            config.weights,
+            device=config.device,
+            dtype=config.dtype,
+            backend=config.backend,
+            num_classes=config.num_classes,
+            mean=config.mean,
+            std=config.std,
+            labels=config.labels,
+            max_batch=config.max_batch,
+            max_cached_shapes=32,  # batch-size buckets x image sizes x layouts seen
+        )
+        self.labels = list(self.engine.labels)
+        # /v1/classify's preprocessing: torchvision's evaluation recipe for these weights, as `fastres
+        # classify` uses (resize and crop overridable).
+        weight_name = config.weights if config.weights and _is_weight_name(config.weights) else None
+        model = self.engine.architecture.spec.name
+        self.transform = fastres.transforms(weight_name, model=model, resize=config.resize, crop=config.crop)
+        self.stats = oip.InferenceStats()
+        # One engine thread: the event loop keeps parsing requests (and queueing the next batch)
+        # while a batch runs.
+        self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="fastres-engine")
+        self._infer_batch.set_max_batch_size(config.max_batch)
+        self._infer_batch.set_batch_wait_timeout_s(config.batch_wait_ms / 1000)
+        # CUDA graphs are captured per batch size: pad batches to a few sizes so that dynamic
+        # batching does not capture a new graph for every size it happens to merge.
+        sizes = {config.max_batch} | {
+            1 << i for i in range(config.max_batch.bit_length()) if 1 << i < config.max_batch
+        }
+        self._buckets = sorted(sizes) if self.engine.cuda_graphs else None
+        self._warmup()
+
+    def _warmup(self) -> None:
+        size = self.config.warmup_size
+        for batch in self._buckets or [1]:
+            self._forward(torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8), "NCHW")
+
+    # -- the batch path -------------------------------------------------------------------------
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002, **_COUNT_IMAGES)
+    async def _infer_batch(self, items: list[_Item]) -> list[torch.Tensor | Exception]:
+        return await asyncio.get_running_loop().run_in_executor(self._engine_thread, self._run_batch, items)
+
+    def _run_batch(self, items: list[_Item]) -> list[torch.Tensor | Exception]:
+        groups: dict[tuple, list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(item.key, []).append(i)
+        results: list = [None] * len(items)
+        for indices in groups.values():
+            self._run_group(items, indices, results)
+        return results
+
+    def _run_group(self, items: list[_Item], indices: list[int], results: list) -> None:
+        start = time.perf_counter_ns()
+        try:
+            x = torch.cat([items[i].images for i in indices])
+            logits = self._forward(x, items[indices[0]].layout)
+        except Exception as exc:
+            if len(indices) > 1:  # find the culprit: one bad request must not fail the others
+                for i in indices:
+                    self._run_group(items, [i], results)
+                return
+            log.warning("engine call failed: %s", exc)
+            results[indices[0]] = OIPError(str(exc)) if isinstance(exc, InputError) else exc
+            self.stats.record_failure(time.perf_counter_ns() - start)
+            return
+        for i, part in zip(indices, logits.split([items[i].batch for i in indices])):
+            results[i] = part
+        self.stats.record_execution(len(indices), x.shape[0], time.perf_counter_ns() - start)
+
+    @torch.inference_mode()
+    def _forward(self, x: torch.Tensor, layout: str) -> torch.Tensor:
+        outputs = []
+        pixels = x.shape[1] * x.shape[2] if layout == "NHWC" else x.shape[2] * x.shape[3]
+        for chunk in x.split(max(1, min(self.config.max_batch, self.config.max_pixels // pixels))):
+            n = chunk.shape[0]
+            if self._buckets is not None:
+                padded = next(b for b in self._buckets if b >= n)
+                if padded > n:
+                    chunk = torch.cat([chunk, chunk.new_zeros((padded - n, *chunk.shape[1:]))])
+            outputs.append(self.engine(chunk, layout=layout)[:n].float().cpu())
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    async def _submit(self, images: torch.Tensor, layout: str) -> torch.Tensor:
+        result = await self._infer_batch(_Item(images, layout))
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    # -- HTTP -----------------------------------------------------------------------------------
+
+    async def __call__(self, request: Request) -> Response:
+        try:
+            return await self._route(request)
+        except OIPError as exc:
+            return _error(str(exc), exc.status)
+        except Exception as exc:  # a bug, not the client's fault; the replica stays up
+            log.exception("request failed")
+            return _error(f"internal error: {type(exc).__name__}: {exc}", 500)
+
+    async def _route(self, request: Request) -> Response:
+        path, method = request.url.path.rstrip("/") or "/", request.method
+        if path in ("/v2/health/live", "/v2/health/ready"):
+            return _json({"live": True} if path.endswith("live") else {"ready": True})
+        if path == "/v2":
+            return _json({"name": "fastres", "version": fastres.__version__, "extensions": oip.EXTENSIONS})
+        if path == "/v1/classify":
+            self._expect(method, "POST")
+            return await self._classify(request)
+        match = _MODEL_ROUTE.match(path)
+        if match is None:
+            raise OIPError(f"no route {method} {path}; see GET /v2/models/{self.name}", 404)
+        if match["name"] != self.name or match["version"] not in (None, "1"):
+            raise OIPError(
+                f"unknown model {match['name']!r} (version {match['version'] or 'any'}); "
+                f"this server serves {self.name!r} version 1",
+                404,
+            )
+        action = match["action"]
+        if action is None:
+            self._expect(method, "GET")
+            return _json(oip.model_metadata(self.name, len(self.labels)))
+        if action == "/ready":
+            return _json({"name": self.name, "ready": True})
+        if action == "/stats":
+            return _json(self.stats.triton_statistics(self.name))
+        if action == "/infer":
+            self._expect(method, "POST")
+            return await self._infer(request)
+        raise OIPError(f"no route {method} {path}", 404)
+
+    @staticmethod
+    def _expect(method: str, allowed: str) -> None:
+        if method != allowed:
+            raise OIPError(f"use {allowed} here, not {method}", 405)
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        too_big = (
+            f"request body is over this server's limit of {limit} bytes (--max-body-mb); split the batch"
+        )
+        if declared.isdigit() and int(declared) > limit:
+            raise OIPError(too_big)
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise OIPError(too_big)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _infer(self, request: Request) -> Response:
+        body = await self._body(request)
+        parsed = oip.parse_infer_request(
+            body,
+            request.headers.get("inference-header-content-length"),
+            num_classes=len(self.labels),
+            max_batch=self.config.max_batch,
+            max_pixels=self.config.max_pixels,
+        )
+        images = torch.from_numpy(np.array(parsed.images))  # a writable copy: frombuffer is read-only
+        logits = await self._submit(images, parsed.layout)
+        outputs = oip.build_outputs(parsed, logits.numpy(), self.labels)
+        payload, headers = oip.encode_infer_response(self.name, outputs, parsed.id)
+        return Response(payload, headers=headers)
+
+    async def _classify(self, request: Request) -> Response:
+        topk = request.query_params.get("topk", str(min(oip.DEFAULT_TOPK, len(self.labels))))
+        k = oip.parse_topk(int(topk) if topk.isdigit() else topk, len(self.labels), "query parameter 'topk'")
+        body = await self._body(request)
+        files = oip.split_multipart(body, request.headers.get("content-type", ""))
+        if len(files) > self.config.max_batch:
+            raise OIPError(f"{len(files)} images are over this server's limit of {self.config.max_batch}")
+        loop = asyncio.get_running_loop()
+        images = await loop.run_in_executor(None, lambda: [self._preprocess(f) for f in files])
+        pixels = sum(image.shape[1] * image.shape[2] for image in images)
+        if pixels > self.config.max_pixels:  # only without a crop: --crop 0
+            raise OIPError(f"{pixels} pixels are over this server's limit of {self.config.max_pixels}")
+        # One batcher item per image: same-size images share engine calls (with other requests' too),
+        # images of different sizes (no crop) run apart.
+        logits = torch.cat(await asyncio.gather(*(self._submit(x.unsqueeze(0), "NCHW") for x in images)))
+        return _json({"model": self.name, "predictions": oip.top_predictions(logits.numpy(), self.labels, k)})
+
+    def _preprocess(self, data: bytes) -> torch.Tensor:
+        try:
+            return self.transform(decode_image(data))
+        except InputError as exc:  # ImageDecodeError included
+            raise OIPError(str(exc)) from None

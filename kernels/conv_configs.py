@@ -1,0 +1,163 @@
+"""Tile configs for the conv kernel (kernels/conv.py) and the rules that choose one per layer and shape.
+
+Nothing here is autotuned: a layer's config is a pure function of (arch, dtype, layer kind, output tile
+grid, K-steps, SM count), so the same binaries are built ahead of time (kernels/aot.py) and at launch.
+
+Split-K: a layer whose output-tile grid cannot fill the GPU (batch 1, 7x7 and 14x14 maps: 8-64
+programs on 132 SMs, 32-72 K-steps each) runs its K loop in `split_k` slices, one program per
+(tile, slice); each slice writes fp32 partials and the tile's last program to finish (or a reduce
+kernel, kernels/splitk.py) sums them in a fixed order and runs the epilogue once. `choose_split` picks
+the slice count.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    maxnreg: int | None = None  # register cap for ptxas; None lets ptxas choose
+    split_k: int = 1  # K-loop slices per output tile (> 1: fp32 partials, reduced in a fixed order)
+    fused_reduce: bool = True  # split_k > 1: the tile's last program reduces (False: a reduce kernel)
+
+    def __str__(self) -> str:
+        cap = f"_r{self.maxnreg}" if self.maxnreg else ""
+        split = f"_k{self.split_k}{'' if self.fused_reduce else 'r'}" if self.split_k > 1 else ""
+        return (
+            f"BM{self.block_m}_BN{self.block_n}_BK{self.block_k}_w{self.num_warps}_s{self.num_stages}"
+            f"{cap}{split}"
+        )
+
+    def launch_options(self) -> dict[str, int]:
+        options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg is not None:
+            options["maxnreg"] = self.maxnreg
+        return options
+
+
+# Config table: (arch family, operand width, layer kind) -> tile config. Chosen by rule, never autotuned.
+# BLOCK_N and BLOCK_K are then clipped to the (super-)group's channel counts (next power of two, >= 16),
+# num_stages to the K-steps a program runs, and split_k is set by `choose_split`.
+# Kinds: "large" = enough 128x128 tiles to fill the GPU; "small_m" = too few of them (batch 1, late
+#        stages), so 64x64 tiles for more programs; "gather" = the flattened-K (stem) loop.
+# All configs keep num_warps = 4: Inductor's non-1x1 conv template miscompiled with num_warps = 8
+# (pytorch issue 173068) and 4 warps already form the one warpgroup that a 64/128-row wgmma needs.
+CONV_CONFIGS: dict[tuple[str, str, str], ConvConfig] = {
+    # Hopper: wgmma with a 128x128 fp32 accumulator; 64-wide K steps, 3 stages = 96 KiB of smem (fp16).
+    ("sm90", "16bit", "large"): ConvConfig(128, 128, 64, 4, 3),
+    ("sm90", "16bit", "small_m"): ConvConfig(64, 64, 64, 4, 4),
+    # The stem's per-element (r, s, c) decode costs registers: 128-row tiles sat at 255 (and spilled
+    # on sm_80), 64-row tiles take about 165 with no spills.
+    ("sm90", "16bit", "gather"): ConvConfig(64, 64, 32, 4, 3),
+    # Ampere: mma.sync keeps operands in registers; 128x64 tiles stay near 160 registers (128x128 took
+    # 251), K steps of 32 with 4 cp.async stages.
+    ("sm80", "16bit", "large"): ConvConfig(128, 64, 32, 4, 4),
+    ("sm80", "16bit", "small_m"): ConvConfig(64, 64, 64, 4, 3),
+    ("sm80", "16bit", "gather"): ConvConfig(64, 64, 32, 4, 3),
+    # fp32: IEEE fp32 `tl.dot` runs on FMA units with operands in registers (no tensor cores), so the
+    # tile is small enough to stay below ~140 registers without spills on sm_80 and sm_90; one entry
+    # for every layer kind but the stem. On sm_90 ptxas left these tiles at 96 registers with a few
+    # spill stores (STL in the SASS); a cap of 128 lets it allocate 108-120 registers and no spills.
+    ("sm90", "fp32", "any"): ConvConfig(64, 64, 16, 4, 3, maxnreg=128),
+    ("sm80", "fp32", "any"): ConvConfig(64, 64, 16, 4, 3),
+    # The stem's per-element (r, s, c) decode with runtime image sizes spilled at 3 stages on sm_80
+    # (and on sm_90 under the 128-register cap, while uncapped it takes 156 registers and no spills).
+    ("sm90", "fp32", "gather"): ConvConfig(64, 64, 16, 4, 2),
+    ("sm80", "fp32", "gather"): ConvConfig(64, 64, 16, 4, 2),
+    # Triton's interpreter pays per program instance and per loop step: the largest tiles, fewest steps.
+    ("interp", "any", "any"): ConvConfig(128, 128, 64, 4, 1),
+}
+
+AOT_SM_COUNT = 132  # H100/H200 SXM; the SM count assumed when compiling ahead of time
+SPLIT_MIN_STEPS = 4  # every split keeps at least this many K-steps, so its pipeline still fills
+SPLIT_MAX = 16  # bounds the fp32 workspace (split * M * C_out * 4 bytes) and the reduce kernel's reads
+# A split costs a round trip of split * M * C_out fp32 partials through L2 and a serial reduction by the
+# tile's last program (about 1-2 us at batch 1, estimate) and pays ~0.1-0.2 us per K-step a program no
+# longer runs (64x64x64 step on H100, estimate): split only where it removes at least this many steps.
+SPLIT_MIN_SAVED_STEPS = 8
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _cuda_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return major * 10 + minor
+
+
+def device_arch(device: torch.device) -> int:
+    """Compute capability as an int (90, 80, ...); 0 under the interpreter or on the CPU."""
+    if _interpreting() or device.type != "cuda":
+        return 0
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def device_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def table_config(arch: int, fp32: bool, kind: str) -> ConvConfig:
+    """The table entry for compute capability `arch` (0 = interpreter) and layer kind."""
+    if arch == 0:
+        return CONV_CONFIGS[("interp", "any", "any")]
+    family = "sm90" if arch >= 90 else "sm80"
+    if fp32:
+        return CONV_CONFIGS[(family, "fp32", "gather" if kind == "gather" else "any")]
+    return CONV_CONFIGS[(family, "16bit", kind)]
+
+
+def choose_split(tiles: int, k_steps: int, sm_count: int) -> int:
+    """K-slices per output tile: enough programs for about one wave, each slice >= SPLIT_MIN_STEPS steps.
+
+    split = min(ceil(sm_count / tiles), k_steps // SPLIT_MIN_STEPS, SPLIT_MAX), then evened out so every
+    slice has ceil(k_steps / split) steps but the last (no empty slice). A grid that already fills the
+    SMs (tiles >= sm_count) is never split (its partials would only add traffic), nor a layer where the
+    split saves fewer than SPLIT_MIN_SAVED_STEPS serial K-steps (not worth the reduction).
+    """
+    if tiles >= sm_count:
+        return 1
+    split = min(triton.cdiv(sm_count, tiles), k_steps // SPLIT_MIN_STEPS, SPLIT_MAX)
+    if split <= 1:
+        return 1
+    per_split = triton.cdiv(k_steps, split)
+    if k_steps - per_split < SPLIT_MIN_SAVED_STEPS:
+        return 1
+    return triton.cdiv(k_steps, per_split)
+
+
+def steps_per_split(k_steps: int, split: int) -> int:
+    return triton.cdiv(k_steps, split)
+
+
+def finalize(config: ConvConfig, split: int, k_steps: int) -> ConvConfig:
+    """Set the split and clip num_stages to the K-steps one program runs: a layer with a single K-step
+    gets one stage (no 3-deep ring of shared memory that would never be filled)."""
+    steps = steps_per_split(k_steps, split)
+    return replace(config, split_k=split, num_stages=max(1, min(config.num_stages, steps)))
+
+
+__all__ = [
+    "AOT_SM_COUNT",
+    "CONV_CONFIGS",
+    "ConvConfig",
+    "choose_split",
+    "device_arch",
+    "device_sm_count",
+    "finalize",
+    "steps_per_split",
+    "table_config",
+]

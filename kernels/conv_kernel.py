@@ -1,0 +1,238 @@
+"""Convolution as an implicit GEMM on NHWC activations, with a fused bias / residual / ReLU epilogue.
+
+GEMM view, per group g (G groups, C_in/G input and C_out/G output channels each):
+
+    out[m, g*NG + n] = sum_k A[m, k] * B[k, g*NG + n]      M = N*OH*OW, N = NG = C_out/G, K = R*S*C_in/G
+    A[m, k] = x[b, oh*stride - pad + r, ow*stride - pad + s, g*CG + c]   (0 outside the image)
+    m = (b*OH + oh)*OW + ow,  k = (r*S + s)*CG + c
+
+Layouts: activations are contiguous NHWC (`x[b, h, w, c]`); weights are packed once, at construction, K-major
+as `B[k, co]` of shape (R*S*CG, C_out) in the compute dtype, so one K-step loads a (BLOCK_K, BLOCK_N) tile
+that is contiguous along the output channels. Each program owns one BLOCK_M x BLOCK_N output tile of one
+group and accumulates in fp32 with `tl.dot` (IEEE fp32 unless `allow_tf32`). The epilogue adds the fp32
+bias, the residual (same NHWC shape as the output), applies ReLU, casts once and stores once.
+
+The K loop has three shapes, chosen per layer at construction (all are the same GEMM):
+* GEMM mode (1x1, stride 1, no padding): A is `x` viewed as an (M, C_in) matrix, no index decoding.
+* Channel-blocked mode: one flat loop over R*S*cdiv(CG, BLOCK_K) steps; each step is one filter tap
+  (r, s) and one BLOCK_K slice of channels, so the pixel bounds check is per row, not per element.
+* Flattened-K gather mode, for layers whose channels per group are fewer than 16 (the stem: C_in = 3,
+  K = 147): k is decoded into (r, s, c) per element with constexpr divisors and masked at K, so no
+  MMA work is spent on 13 padding channels per tap (`tl.dot` needs K >= 16 per step, not per tap).
+
+Small groups (ResNeXt: 4..64 channels per group) would give per-group N and K below the 16 that `tl.dot`
+needs. They are packed at construction into block-diagonal "super-groups" of P consecutive groups
+(P the smallest power of two with P*CG >= 16 and P*NG >= 16): the kernel then runs a dense grouped conv
+with G/P groups and zero off-diagonal blocks. This costs P times the MMA FLOPs on those layers only
+(P = 4 for resnext50_32x4d's first stage and resnext101_64x4d's 4-channel groups, 2 for 8-channel
+groups, 1 from 16 channels on) -- those layers are cheap in FLOPs and bound by memory traffic anyway.
+
+K-concatenated projection shortcut (GEMM mode only): a bottleneck block's last 1x1 conv and its 1x1,
+stride-STRIDE2 projection of the block input x2 are one GEMM over K = C_in + C_in2; B stacks both weights
+(rows C_in.. hold the projection), the bias is their sum, and a second loop reads A from x2.
+
+Split-K (SPLIT > 1, grid (tiles, SPLIT)): program (t, s) runs K-steps [s*STEPS_PER_SPLIT, ...) of the
+concatenated K loop and stores its raw fp32 accumulator into a workspace slice; kernels/splitk.py sums
+the slices in a fixed order and runs the epilogue once.
+
+Limitations: int32 index arithmetic (tensors below 2**31 elements, checked); tiny super-groups get
+BLOCK_N = 16 tiles.
+"""
+
+import triton
+import triton.language as tl
+
+from .splitk import epilogue_store, sum_partials
+
+
+# Spatial sizes and the pixel count only bound masks and offsets (channel strides stay specialized
+# for vector loads), so they are not specialized: one binary serves every batch and image size.
+# Spatial sizes and the pixel count only bound masks and offsets (channel strides stay specialized
+# for vector loads), so they are not specialized: one binary serves every batch and image size.
+# The K-step counts are constexpr (they follow from channel counts, fixed per layer), so decoding a
+# step into (tap, channel block) is a shift or a multiply-high, never a runtime integer division.
+@triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW", "H2", "W2"])
+def _conv_kernel(
+    # pointers
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    res_ptr,
+    out_ptr,
+    x2_ptr,  # shortcut input (K-concatenated projection), when HAS_SHORTCUT
+    ws_ptr,  # fp32 split-K partials (SPLIT, M, C_OUT), when SPLIT > 1
+    lock_ptr,  # int32 arrival counters, one per output tile, zero between launches (FUSED_REDUCE)
+    # sizes
+    M,
+    H,
+    W,
+    OH,
+    OW,
+    C_IN,
+    C_OUT,
+    CG,  # input channels per (super-)group
+    NG,  # output channels per (super-)group
+    H2,
+    W2,
+    C_IN2,
+    # compile-time: layer geometry, loop mode, K-steps, epilogue, tiles
+    R: tl.constexpr,
+    S: tl.constexpr,
+    STRIDE: tl.constexpr,
+    PAD: tl.constexpr,
+    GATHER_CG: tl.constexpr,  # > 0: flattened-K gather loop with this many channels per group
+    KC: tl.constexpr,  # K-steps per filter tap (channel blocks); the whole main K for gather mode
+    EVEN_C: tl.constexpr,  # every channel count is a multiple of BLOCK_K: no channel masks
+    HAS_SHORTCUT: tl.constexpr,
+    STRIDE2: tl.constexpr,
+    KC2: tl.constexpr,  # K-steps over the shortcut input's channels
+    SPLIT: tl.constexpr,
+    STEPS_PER_SPLIT: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,  # the last program of a tile to finish reduces it (no extra launch)
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    APPLY_RELU: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Grid (output tiles, K-slices), output-channel tiles fastest: the programs that read one BLOCK_M
+    # slab of activations run back to back, so the slab comes from DRAM once and from L2 for every
+    # other channel tile (a ResNet layer's packed weights, at most a few MiB, stay resident in L2).
+    n_tiles_per_group = tl.cdiv(NG, BLOCK_N)
+    n_tiles = tl.cdiv(C_OUT, NG) * n_tiles_per_group
+    pid = tl.program_id(0)
+    pid_m = pid // n_tiles
+    pid_n = pid % n_tiles
+    g = pid_n // n_tiles_per_group
+    offs_n = (pid_n % n_tiles_per_group) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < NG
+    offs_co = g * NG + offs_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    # K-steps [lo, hi) of this program: main-input steps [0, KC1), then shortcut steps [KC1, KC1 + KC2).
+    KC1: tl.constexpr = KC if GATHER_CG > 0 else R * S * KC
+    if SPLIT == 1:
+        lo1 = 0
+        hi1 = KC1
+        lo2 = KC1
+        hi2 = KC1 + KC2
+    else:
+        pid_k = tl.program_id(1)
+        lo1 = pid_k * STEPS_PER_SPLIT
+        hi2 = tl.minimum(lo1 + STEPS_PER_SPLIT, KC1 + KC2)
+        hi1 = tl.minimum(hi2, KC1)
+        lo2 = tl.maximum(lo1, KC1)
+
+    if R == 1 and S == 1 and STRIDE == 1 and PAD == 0 and GATHER_CG == 0:
+        # GEMM mode: output pixel m reads input pixel m.
+        a_rows = x_ptr + offs_m * C_IN + g * CG
+        for kb in range(lo1, hi1):
+            c = kb * BLOCK_K + offs_k
+            c_mask = (c < CG) | EVEN_C
+            a = tl.load(a_rows[:, None] + c[None, :], mask=m_mask[:, None] & c_mask[None, :], other=0.0)
+            b = tl.load(
+                w_ptr + c[:, None] * C_OUT + offs_co[None, :],
+                mask=c_mask[:, None] & n_mask[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if HAS_SHORTCUT:
+            # K-concatenated projection shortcut: a 1x1, stride-STRIDE2 conv of the block input,
+            # whose packed weights follow the main ones in B (rows CG .. CG + C_IN2).
+            if STRIDE2 == 1:
+                a2_rows = x2_ptr + offs_m * C_IN2
+            else:
+                ow = offs_m % OW
+                oh = (offs_m // OW) % OH
+                batch = offs_m // (OW * OH)
+                a2_rows = x2_ptr + ((batch * H2 + oh * STRIDE2) * W2 + ow * STRIDE2) * C_IN2
+            for kb in range(lo2, hi2):
+                c = (kb - KC1) * BLOCK_K + offs_k
+                c_mask = (c < C_IN2) | EVEN_C
+                a = tl.load(a2_rows[:, None] + c[None, :], mask=m_mask[:, None] & c_mask[None, :], other=0.0)
+                b = tl.load(
+                    w_ptr + (CG + c)[:, None] * C_OUT + offs_co[None, :],
+                    mask=c_mask[:, None] & n_mask[None, :],
+                    other=0.0,
+                )
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        ow = offs_m % OW
+        oh = (offs_m // OW) % OH
+        batch = offs_m // (OW * OH)
+        ih0 = oh * STRIDE - PAD
+        iw0 = ow * STRIDE - PAD
+        x_rows = x_ptr + batch * (H * W * C_IN) + g * CG
+        if GATHER_CG > 0:
+            # Flattened K: decode every k into (r, s, c); constexpr divisors keep this cheap.
+            K: tl.constexpr = R * S * GATHER_CG
+            for kb in range(lo1, hi1):
+                k = kb * BLOCK_K + offs_k
+                k_mask = k < K
+                c = k % GATHER_CG
+                r = k // (GATHER_CG * S)
+                s = (k // GATHER_CG) % S
+                ih = ih0[:, None] + r[None, :]
+                iw = iw0[:, None] + s[None, :]
+                a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a = tl.load(x_rows[:, None] + (ih * W + iw) * C_IN + c[None, :], mask=a_mask, other=0.0)
+                b = tl.load(
+                    w_ptr + k[:, None] * C_OUT + offs_co[None, :],
+                    mask=k_mask[:, None] & n_mask[None, :],
+                    other=0.0,
+                )
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        else:
+            # Channel-blocked: one flat loop over (tap, channel block) so Triton pipelines a single
+            # loop; KC is constexpr, so `step // KC` is a shift (KC a power of two) or a multiply.
+            for step in range(lo1, hi1):
+                tap = step // KC
+                c = (step - tap * KC) * BLOCK_K + offs_k
+                r = tap // S
+                s = tap % S
+                ih = ih0 + r
+                iw = iw0 + s
+                row_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                c_mask = (c < CG) | EVEN_C
+                a = tl.load(
+                    (x_rows + (ih * W + iw) * C_IN)[:, None] + c[None, :],
+                    mask=row_ok[:, None] & c_mask[None, :],
+                    other=0.0,
+                )
+                b = tl.load(
+                    w_ptr + (tap * CG + c)[:, None] * C_OUT + offs_co[None, :],
+                    mask=c_mask[:, None] & n_mask[None, :],
+                    other=0.0,
+                )
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    out_offs = offs_m[:, None] * C_OUT + offs_co[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT == 1:
+        epilogue_store(
+            acc, bias_ptr, res_ptr, out_ptr, offs_co, n_mask, out_offs, out_mask,
+            HAS_BIAS, HAS_RESIDUAL, APPLY_RELU,
+        )  # fmt: skip
+    else:
+        # Raw fp32 partial of K-slice pid_k, then (FUSED_REDUCE) the tile's last program to finish
+        # sums all slices in slice order and runs the epilogue; else kernels/splitk.py's kernel does.
+        tl.store(ws_ptr + pid_k * M * C_OUT + out_offs, acc, mask=out_mask)
+        if FUSED_REDUCE:
+            # Serial split-K handshake (as CUTLASS's semaphore): the CTA barrier orders every thread's
+            # partial store before the gpu-scope release of the arrival counter; the acquire (and
+            # the barrier Triton places after a scalar atomic) orders the last program's reads after
+            # every other slice's release. Integer atomics only: the sum order never changes.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT - 1:
+                acc = sum_partials(ws_ptr + out_offs, M * C_OUT, out_mask, SPLIT)
+                tl.store(lock_ptr + pid, 0)  # re-armed for the next launch (and CUDA-graph replay)
+                epilogue_store(
+                    acc, bias_ptr, res_ptr, out_ptr, offs_co, n_mask, out_offs, out_mask,
+                    HAS_BIAS, HAS_RESIDUAL, APPLY_RELU,
+                )  # fmt: skip
