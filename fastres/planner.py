@@ -11,8 +11,7 @@ Passes, each a small function over the plain data model in `graph.py`:
   fold_normalization  a second stem for uint8 pixels, with (x / 255 - mean) / std folded in
 fuse_shortcut runs last among the conv passes: it needs fuse_residual's residual input to find the
 projection, and fuse_relu's final word on which convs are linear (only a linear projection merges).
-It is optional (`plan_resnet(..., fuse_shortcuts=False)`); a backend whose kernels lack the
-K-concatenated conv may also split a merged op back into two launches (see `split_shortcut`).
+It is optional (`plan_resnet(..., fuse_shortcuts=False)`, e.g. to benchmark each conv alone).
 """
 
 from __future__ import annotations
@@ -194,27 +193,6 @@ def fuse_shortcut(ops: list[Op]) -> list[Op]:
         )
         absorbed.add(proj.name)
     return [merged.get(op.name, op) for op in ops if op.name not in absorbed]
-
-
-def split_shortcut(op: ConvOp) -> tuple[ConvOp, ConvOp]:
-    """The inverse of fuse_shortcut for one merged op: (projection, conv with residual).
-
-    The projection carries no bias (the summed bias stays on the second conv) and writes a value
-    named `<op.name>.shortcut`, for backends that run the two GEMMs as two launches.
-    """
-    if op.shortcut_weight is None:
-        raise ValueError(f"{op.name}: not a conv with a merged shortcut")
-    proj = ConvOp(
-        f"{op.name}.shortcut",
-        [op.shortcut_input],
-        f"{op.name}.shortcut",
-        weight=op.shortcut_weight,
-        stride=op.shortcut_stride,
-    )
-    main = dataclasses.replace(
-        op, inputs=[op.inputs[0], proj.output], shortcut_weight=None, shortcut_stride=1
-    )
-    return proj, main
 
 
 def fuse_head(ops: list[Op]) -> list[Op]:

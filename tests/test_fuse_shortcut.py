@@ -13,14 +13,12 @@ from helpers import assert_close
 import fastres
 from fastres.graph import INPUT, ConvOp, build_eager_graph, execute
 from fastres.planner import (
-    assign_buffers,
     fold_batchnorm,
     fuse_relu,
     fuse_residual,
     fuse_shortcut,
     op_cost,
     plan_resnet,
-    split_shortcut,
 )
 from fastres.reference import build_resnet
 from fastres.specs import MODEL_SPECS, get_spec
@@ -106,20 +104,6 @@ def test_pass_merges_only_a_linear_1x1_projection_read_once_by_a_1x1_conv():
         execute(ops, x)  # each refused block is itself a valid graph
 
 
-@pytest.mark.parametrize("name", ["resnet50", "resnext50_32x4d"])
-def test_split_shortcut_undoes_the_merge_in_float64(name):
-    state = calibrated(name, 7, seed=5).state_dict()
-    x = random_images(1, 33, 40, seed=13).double()
-    fused = fuse_shortcut(_before_shortcut(name, state))
-    split = []
-    for op in fused:
-        split += split_shortcut(op) if isinstance(op, ConvOp) and op.shortcut_input else [op]
-    assert len(split) == len(fused) + 4
-    assert_close(execute(split, x), execute(fused, x), 1e-12, what="split")
-    slots = assign_buffers(split)
-    assert max(slots.values()) + 1 <= 4
-
-
 def test_buffer_liveness_with_merged_shortcuts():
     plan = plan_resnet(get_spec("resnet50"), 7, calibrated("resnet50", 7, seed=5).state_dict())
     last_use = {v: i for i, op in enumerate(plan.ops) for v in op.inputs}
@@ -174,42 +158,13 @@ DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("one_gemm", [pytest.param(True, id="kconcat"), pytest.param(False, id="split")])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_triton_backend_runs_merged_shortcuts(dtype, one_gemm, monkeypatch):
-    from fastres.backends import triton_backend
-
-    if one_gemm and not triton_backend.conv_layer_takes_shortcut():
-        pytest.skip("this build's ConvLayer has no shortcut_weight: K-concatenated kernel not merged yet")
-    if not one_gemm:
-        monkeypatch.setattr(triton_backend, "conv_layer_takes_shortcut", lambda: False)
+def test_triton_backend_runs_merged_shortcuts_as_one_gemm(dtype):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = calibrated("resnet50", 10)
     engine = fastres.optimize(model, device=device, dtype=dtype, backend="triton")
-    assert engine.backend.kconcat == one_gemm and len(engine.backend.unmerged) == (0 if one_gemm else 4)
+    merged = [op for op in engine.plan.ops if isinstance(op, ConvOp) and op.shortcut_input]
+    assert len(merged) == 4 and all(engine.backend.layers[op.name].shortcut_channels for op in merged)
     convs = sum(isinstance(op, ConvOp) for op in engine.plan.ops[1:])  # the stem is a StemLayer
-    assert len([n for n in engine.backend.layers if n != "head"]) == convs + (0 if one_gemm else 4)
+    assert len([n for n in engine.backend.layers if n != "head"]) == convs
     assert_parity(engine, model, random_images(1, 40, 36, seed=16), dtype, device=device)
-
-
-def test_triton_split_path_launches_what_the_unfused_plan_does(monkeypatch):
-    """Without the K-concatenated kernel, the merged plan compiles and launches the unfused plan's kernels."""
-    from fastres.backends import triton_backend
-
-    monkeypatch.setattr(triton_backend, "conv_layer_takes_shortcut", lambda: False)
-    spec, state = get_spec("resnet50"), build_resnet(get_spec("resnet50"), 10).state_dict()
-    fused = triton_backend.TritonBackend(plan_resnet(spec, 10, state), "cpu", torch.float16)
-    unfused = triton_backend.TritonBackend(
-        plan_resnet(spec, 10, state, fuse_shortcuts=False), "cpu", torch.float16
-    )
-    # The split projection has no bias of its own (the summed bias stays on the main conv).
-    key = lambda s: (s.fn, {k: v for k, v in s.constexpr_dict().items() if k != "HAS_BIAS"}, s.num_warps)
-    for arch in (90, 80):
-        a, b = fused.kernel_specs(2, 64, 64, arch), unfused.kernel_specs(2, 64, 64, arch)
-        assert len(a) == len(b) and [key(s) for s in a] == [key(s) for s in b]
-        assert (
-            sum(
-                x.constexpr_dict().get("HAS_BIAS") != y.constexpr_dict().get("HAS_BIAS") for x, y in zip(a, b)
-            )
-            == 4
-        )

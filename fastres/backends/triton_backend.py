@@ -4,17 +4,14 @@ The stem (the first op, a 3-input-channel conv) is a StemLayer that reads the ne
 given: logical NCHW with any strides, in the engine dtype or uint8 (then with the normalisation
 folded into a second StemLayer built from `plan.uint8_stem`, padded with 255 * mean); it writes
 NHWC, so no layout copy precedes it. Every other conv is one fused implicit-GEMM launch (bias,
-residual, ReLU in the epilogue), then one max-pool and one head launch. A conv with a merged
-projection shortcut is one launch too, a GEMM over both inputs concatenated along K, where
-`ConvLayer` supports it; with a kernel that does not, the backend splits it back into the
-projection and a conv with a residual (two launches). Per input shape the workspace holds one
-flat buffer per plan slot (plus one for unmerged projections), so a forward pass allocates nothing
-and is safe to capture in a CUDA graph.
+residual, ReLU in the epilogue), then one max-pool and the head. A conv with a merged projection
+shortcut is one launch too, a GEMM over both inputs concatenated along K. Per input shape the
+workspace holds one flat buffer per plan slot and the kernels' scratch, so a forward pass allocates
+nothing and is safe to capture in a CUDA graph.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -22,13 +19,7 @@ from torch import Tensor
 
 from ..graph import INPUT, ConvOp, HeadOp, MaxPoolOp
 from ..kernels import ConvLayer, HeadLayer, StemLayer, max_pool2d_nhwc
-from ..planner import split_shortcut
 from .base import Backend, Observer
-
-
-def conv_layer_takes_shortcut() -> bool:
-    """Whether this build's ConvLayer runs a K-concatenated projection shortcut (asked once per backend)."""
-    return "shortcut_weight" in inspect.signature(ConvLayer.__init__).parameters
 
 
 @dataclass
@@ -69,10 +60,7 @@ class TritonBackend(Backend):
         self.uint8_stem = None
         if plan.uint8_stem is not None:  # raw pixels: the normalisation folded in, padded with 255*mean
             self.uint8_stem = _stem_layer(plan.uint8_stem, self.device, dtype, allow_tf32)
-        self.kconcat = conv_layer_takes_shortcut()
         self.layers: dict[str, ConvLayer | HeadLayer] = {}
-        # Merged ops this kernel build cannot run as one GEMM: op name -> its projection, run first.
-        self.unmerged: dict[str, ConvOp] = {}
 
         def conv_layer(op: ConvOp) -> ConvLayer:
             extra = {}
@@ -94,12 +82,7 @@ class TritonBackend(Backend):
             )
 
         for op in plan.ops[1:]:
-            if isinstance(op, ConvOp) and op.shortcut_input is not None and not self.kconcat:
-                proj, main = split_shortcut(op)
-                self.unmerged[op.name] = proj
-                self.layers[proj.name] = conv_layer(proj)
-                self.layers[op.name] = conv_layer(main)
-            elif isinstance(op, ConvOp):
+            if isinstance(op, ConvOp):
                 self.layers[op.name] = conv_layer(op)
             elif isinstance(op, HeadOp):
                 self.layers[op.name] = HeadLayer(
@@ -128,29 +111,11 @@ class TritonBackend(Backend):
             for op in self.plan.ops[1:]
             if isinstance(op, ConvOp)
         ]
-        sizes += [
-            self.layers[proj.name].scratch_size(nhwc(proj.inputs[0])) for proj in self.unmerged.values()
-        ]
         split_scratch = (
             torch.empty(max(p for p, _ in sizes), device=self.device, dtype=torch.float32),
             torch.zeros(max(c for _, c in sizes), device=self.device, dtype=torch.int32),
         )
         buffers = [*buffers, logits, pooled, *split_scratch]
-        if self.unmerged:  # unmerged projections: one buffer, each read right after it is written
-            # A projection's output has the shape of the merged op's output.
-            outputs = {
-                self.unmerged[op.name].output: shapes[op.output]
-                for op in self.plan.ops
-                if op.name in self.unmerged
-            }
-            proj_out = torch.empty(
-                max(torch.Size(shape).numel() for shape in outputs.values()),
-                device=self.device,
-                dtype=self.dtype,
-            )
-            buffers.append(proj_out)
-            for value, (n, c, h, w) in outputs.items():
-                values[value] = proj_out[: n * h * w * c].view(n, h, w, c)
         return TritonWorkspace(values, logits, pooled, split_scratch, buffers)
 
     def run(self, x: Tensor, workspace: TritonWorkspace, observer: Observer | None = None) -> Tensor:
@@ -190,12 +155,7 @@ class TritonBackend(Backend):
         layer, out = self.layers[op.name], values[op.output]
         if op.shortcut_input is None:
             return layer(src, values[op.residual] if op.residual else None, out=out, scratch=scratch)
-        proj = self.unmerged.get(op.name)
-        if proj is None:
-            return layer(src, None, out=out, shortcut_input=values[op.shortcut_input], scratch=scratch)
-        shortcut = values[op.shortcut_input]
-        residual = self.layers[proj.name](shortcut, None, out=values[proj.output], scratch=scratch)
-        return layer(src, residual, out=out, scratch=scratch)
+        return layer(src, None, out=out, shortcut_input=values[op.shortcut_input], scratch=scratch)
 
     def copy_nodes(self, batch: int, height: int, width: int) -> list[tuple[str, int]]:
         """Graph nodes of a forward that are not Triton kernels, as (name, bytes read + written)."""
@@ -216,9 +176,6 @@ class TritonBackend(Backend):
             specs = self.stem.aot_specs((batch, 3, height, width), arch)
         for op in self.plan.ops[1:]:
             n, c, h, w = shapes[op.inputs[0]]
-            if op.name in self.unmerged:  # the unmerged projection launches first
-                sn, sc, sh, sw = shapes[op.shortcut_input]
-                specs += self.layers[self.unmerged[op.name].name].aot_specs((sn, sh, sw, sc), arch)
             if isinstance(op, (ConvOp, HeadOp)):
                 specs += self.layers[op.name].aot_specs((n, h, w, c), arch)
             elif isinstance(op, MaxPoolOp):
