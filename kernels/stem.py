@@ -40,6 +40,7 @@ Limitations: int32 offsets (the input's addressed span and the output below 2**3
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -428,7 +429,7 @@ class StemLayer:
         n, c, h, w = shape
         x = _ShapeOnly(shape, input_dtype)
         out = _ShapeOnly(out_shape, self.dtype)
-        args, constexprs, _ = self._kernel_args(x, (c * h * w, h * w, w, 1), out, config)
+        args, constexprs, grid = self._kernel_args(x, (c * h * w, h * w, w, 1), out, config)
         args = {k: (Pointer(v.dtype) if isinstance(v, _ShapeOnly) else v) for k, v in args.items()}
         r, s = self.kernel_size
         pad = "_padval" if self.pad_value is not None else ""
@@ -445,6 +446,16 @@ class StemLayer:
             maxnreg=config.maxnreg,
             name=name,
             config=str(config),
+            # Launch facts for the estimator: one K-step per ROWS_PER_STEP filter rows; the input, the
+            # packed weights and the output once each.
+            grid=grid,
+            k_steps=triton.cdiv(r, config.rows_per_step),
+            flops=2 * math.prod(out_shape) * r * s * c,
+            min_bytes=(
+                math.prod(shape) * torch.empty((), dtype=input_dtype).element_size()
+                + (self.packed_weight(config.rows_per_step).numel() + math.prod(out_shape))
+                * torch.empty((), dtype=self.dtype).element_size()
+            ),
         )
         return [spec]
 
