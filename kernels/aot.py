@@ -49,6 +49,19 @@ _TRITON_PTR_TYPES = {
 _INT32_MAX = 2**31 - 1
 
 
+def interpreting() -> bool:
+    """Whether Triton's interpreter runs the kernels (TRITON_INTERPRET set before triton was imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class ShapeOnly:
+    """A tensor's shape and dtype, for building a launcher's arguments without allocating."""
+
+    shape: tuple
+    dtype: torch.dtype
+
+
 @dataclass(frozen=True)
 class Pointer:
     """Stands in for a tensor argument when building a spec without allocating anything."""

@@ -7,12 +7,13 @@ kernels/splitk.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import triton
 
 from .aot import KernelSpec, Pointer, make_spec
+from .aot import ShapeOnly as _ShapeOnly
 from .conv_configs import (
     AOT_SM_COUNT,
     CONV_CONFIGS,
@@ -469,14 +470,6 @@ class ConvLayer:
                 )  # fmt: skip
             )
         return specs
-
-
-@dataclass(frozen=True)
-class _ShapeOnly:
-    """A tensor's shape and dtype, for building AOT specs without allocating."""
-
-    shape: tuple
-    dtype: torch.dtype
 
 
 __all__ = ["CONV_CONFIGS", "ConvConfig", "ConvLayer", "conv_out_shape", "device_arch", "flops"]

@@ -13,11 +13,12 @@ the slice count.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass, replace
 
 import torch
 import triton
+
+from .aot import interpreting as _interpreting
 
 
 @dataclass(frozen=True)
@@ -86,10 +87,6 @@ SPLIT_MAX = 16  # bounds the fp32 workspace (split * M * C_out * 4 bytes) and th
 # tile's last program (about 1-2 us at batch 1, estimate) and pays ~0.1-0.2 us per K-step a program no
 # longer runs (64x64x64 step on H100, estimate): split only where it removes at least this many steps.
 SPLIT_MIN_SAVED_STEPS = 8
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.cache

@@ -26,13 +26,12 @@ Every sum runs in a fixed order (no atomics, no split-K): the logits are bitwise
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .aot import KernelSpec, Pointer, make_spec
+from .aot import interpreting as _interpreting
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -154,10 +153,6 @@ def _head_fc_kernel(
     else:
         out_offs = offs_b[:, None] * NUM_CLASSES + offs_j[None, :]
         tl.store(out_ptr + out_offs, acc, mask=b_mask[:, None] & j_mask[None, :])
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def fc_config(batch: int, interpreter: bool = False) -> tuple[int, int, int, int, int]:

@@ -9,13 +9,13 @@ a coalesced (BLOCK_P, BLOCK_C) load. NaN propagates, as in torch.nn.functional.m
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .aot import KernelSpec, Pointer, make_spec
+from .aot import interpreting as _interpreting
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -81,10 +81,6 @@ def pool_output_shape(input_shape_nhwc, kernel_size=3, stride=2, padding=1) -> t
         (w + 2 * padding - kernel_size) // stride + 1,
         c,
     )
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _blocks(interpreter: bool) -> tuple[int, int]:

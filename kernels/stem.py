@@ -41,7 +41,6 @@ Limitations: int32 offsets (the input's addressed span and the output below 2**3
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +48,8 @@ import triton
 import triton.language as tl
 
 from .aot import KernelSpec, Pointer, make_spec
+from .aot import ShapeOnly as _ShapeOnly
+from .aot import interpreting as _interpreting
 from .conv import device_arch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -193,10 +194,6 @@ def _stem_kernel(
         acc = tl.maximum(acc, 0.0)
     out_offs = offs_m[:, None] * C_OUT + offs_n[None, :]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _block_k(rows_per_step: int, s: int, c: int) -> int:
@@ -458,12 +455,6 @@ class StemLayer:
             ),
         )
         return [spec]
-
-
-@dataclass(frozen=True)
-class _ShapeOnly:
-    shape: tuple
-    dtype: torch.dtype
 
 
 __all__ = ["STEM_CONFIGS", "StemConfig", "StemLayer"]
