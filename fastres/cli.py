@@ -17,10 +17,9 @@ import torch
 
 from . import __version__
 from .errors import FastresError
+from .numerics import DRIFT_FACTOR, PARITY_FACTOR, PARITY_FLOOR, parity_bound
 
 DTYPES = ("fp16", "bf16", "fp32")
-DRIFT_FACTOR = 10  # a layer whose error exceeds this multiple of the first layer's is where drift starts
-PARITY_FACTOR, PARITY_FLOOR = 2.0, 5e-6  # check fails when fastres's error > max(2x eager's, 5e-6)
 
 
 class UsageError(Exception):
@@ -397,7 +396,7 @@ def cmd_check(args) -> int:
     result = engine.check(x)
     print(result)
     print(format_layer_report(engine.layer_errors(x)))
-    bound = max(PARITY_FACTOR * result.eager_relative_error, PARITY_FLOOR)
+    bound = parity_bound(result.eager_relative_error)
     ok = result.relative_error <= bound
     print(
         f"{'PASS' if ok else 'FAIL'}: fastres relative error {result.relative_error:.3e} "

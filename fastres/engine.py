@@ -22,6 +22,7 @@ from .checkpoints import Architecture
 from .errors import InputError
 from .graph import execute, normalize
 from .labels import load_labels
+from .numerics import relative_error
 from .planner import Plan
 from .reference import build_resnet
 
@@ -99,12 +100,6 @@ def _canonical_layout(x: Tensor) -> Tensor:
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         return x
     return x.contiguous()
-
-
-def relative_error(out: Tensor, ref: Tensor) -> float:
-    """max |out - ref| / max |ref|, in float64 on the CPU."""
-    out, ref = out.detach().to("cpu", torch.float64), ref.detach().to("cpu", torch.float64)
-    return (out - ref).abs().max().item() / max(ref.abs().max().item(), 1e-300)
 
 
 @dataclass

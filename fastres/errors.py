@@ -27,3 +27,7 @@ class ImageDecodeError(InputError):
 
 class BackendUnavailableError(FastresError, RuntimeError):
     """The requested backend or device cannot run on this machine."""
+
+
+class ConfigError(FastresError, ValueError):
+    """An option or setting fastres cannot honour (bad dtype, batch size, port, ...)."""

@@ -3,9 +3,9 @@
 import threading
 
 import torch
-from helpers import relative_error
 
 from fastres.graph import normalize
+from fastres.numerics import PARITY_FACTOR, PARITY_FLOOR, relative_error
 from fastres.testing import make_calibrated_model
 
 _MODELS: dict = {}
@@ -44,9 +44,9 @@ def parity(engine, model, x: torch.Tensor, dtype: torch.dtype, device="cpu") -> 
     return relative_error(ours, ref), relative_error(eager, ref)
 
 
-def assert_parity(engine, model, x, dtype, device="cpu", floor: float = 5e-6) -> None:
+def assert_parity(engine, model, x, dtype, device="cpu", floor: float = PARITY_FLOOR) -> None:
     ours, eager = parity(engine, model, x, dtype, device)
-    bound = max(2 * eager, floor)
+    bound = max(PARITY_FACTOR * eager, floor)
     assert ours <= bound, f"fastres relative error {ours:.3e} > {bound:.3e} (eager {dtype}: {eager:.3e})"
 
 

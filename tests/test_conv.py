@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fastres.kernels.conv import CONV_CONFIGS, ConvConfig, ConvLayer
-from helpers import LAYER_RTOL, assert_close, poison_
+
+from fastres.numerics import LAYER_RTOL, assert_close, poison_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -8,10 +8,10 @@ held to eager PyTorch's own error, with the merged op run as one GEMM or split i
 import pytest
 import torch
 from e2e import assert_parity, calibrated
-from helpers import assert_close
 
 import fastres
 from fastres.graph import INPUT, ConvOp, build_eager_graph, execute
+from fastres.numerics import assert_close
 from fastres.planner import (
     fold_batchnorm,
     fuse_relu,

@@ -11,7 +11,8 @@ import pytest
 import torch
 from fastres.kernels import head
 from fastres.kernels.head import HeadLayer
-from helpers import LAYER_RTOL, assert_close, poison_
+
+from fastres.numerics import LAYER_RTOL, assert_close, poison_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from helpers import assert_close
 
 from fastres.graph import (
     INPUT,
@@ -16,6 +15,7 @@ from fastres.graph import (
     build_eager_graph,
     execute,
 )
+from fastres.numerics import assert_close
 from fastres.planner import assign_buffers, fold_batchnorm, fuse_head, fuse_relu, fuse_residual, plan_resnet
 from fastres.reference import build_resnet
 from fastres.specs import MODEL_SPECS, get_spec

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from fastres.kernels import pool
 from fastres.kernels.pool import max_pool2d_nhwc, pool_output_shape
-from helpers import assert_close, poison_
+
+from fastres.numerics import assert_close, poison_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -9,9 +9,9 @@ import functools
 
 import pytest
 import torch
-from helpers import relative_error
 
 from fastres import list_models, reference
+from fastres.numerics import relative_error
 from fastres.reference import build_resnet
 from fastres.specs import MODEL_SPECS, ResNetSpec
 from fastres.testing import make_calibrated_model, random_images

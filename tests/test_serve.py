@@ -24,9 +24,8 @@ import torch
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'fastres[serve]'")
 Image = pytest.importorskip("PIL.Image", reason="Pillow is not installed: pip install 'fastres[serve]'")
 
-from helpers import LAYER_RTOL, assert_close  # noqa: E402
-
 import fastres  # noqa: E402
+from fastres.numerics import LAYER_RTOL, assert_close  # noqa: E402
 from fastres.serve import ServeConfig, start  # noqa: E402
 from fastres.testing import make_calibrated_model  # noqa: E402
 

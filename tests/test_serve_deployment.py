@@ -9,8 +9,7 @@ import torch
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'fastres[serve]'")
 
-from helpers import LAYER_RTOL, assert_close  # noqa: E402
-
+from fastres.numerics import LAYER_RTOL, assert_close  # noqa: E402
 from fastres.oip import OIPError  # noqa: E402
 from fastres.serve import ServeConfig  # noqa: E402
 from fastres.serve_deployment import ImageClassifier, _Item  # noqa: E402

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fastres.kernels.stem import STEM_CONFIGS, StemConfig, StemLayer
-from helpers import LAYER_RTOL, assert_close, poison_
+
+from fastres.numerics import LAYER_RTOL, assert_close, poison_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
