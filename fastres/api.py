@@ -98,7 +98,8 @@ def load(
 
     model: a name from `fastres.list_models()`, or a checkpoint path (architecture inferred).
     weights: a checkpoint path, a state dict, an nn.Module, or a torchvision weight name
-        ('IMAGENET1K_V1', 'IMAGENET1K_V2', 'DEFAULT'); None gives torchvision's random initialisation.
+        ('IMAGENET1K_V1', 'IMAGENET1K_V2', 'DEFAULT'); None gives torchvision's random initialisation,
+        seeded so that every load without weights gives the same network.
     device: 'cuda' when available, else 'cpu'. dtype: float16 on CUDA, float32 on CPU.
     backend: 'triton' on CUDA, 'torch' on CPU; 'reference' runs the unfused PyTorch model.
     mean, std: per-channel RGB statistics for uint8 input, normalised as (x / 255 - mean) / std inside
@@ -117,7 +118,11 @@ def load(
             UserWarning,
             stacklevel=2,
         )
-        state_dict = build_resnet(arch.spec, arch.num_classes).state_dict()
+        # Seeded, and without touching the caller's RNG: an unseeded net labels the same image
+        # differently on every run, which reads as a bug rather than as "untrained".
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            state_dict = build_resnet(arch.spec, arch.num_classes).state_dict()
     return _build_engine(arch, state_dict, device, dtype, backend, mean, std, labels, engine_options)
 
 

@@ -156,6 +156,9 @@ class TorchBackend(Backend):
 
     def run(self, x: Tensor, workspace: Any, observer: Observer | None = None) -> Tensor:
         pixels = x.dtype == torch.uint8  # raw 0-255 values: exact in every float dtype
+        # oneDNN's fused ReLU post-op turns NaN into 0 (and so an Inf pixel's inf - inf), which would
+        # hand back finite logits for a corrupt image; eager PyTorch gives that image NaN logits.
+        non_finite = None if pixels else ~torch.isfinite(x).flatten(1).all(dim=1)
         x = x.to(self.dtype) if pixels else x
         values: dict[str, Tensor] = {INPUT: x.contiguous(memory_format=self.memory_format)}
         with torch.inference_mode(), _tf32(self.allow_tf32):
@@ -182,4 +185,6 @@ class TorchBackend(Backend):
                     observer(op.name, out)
                 for value in self.dead_after[index]:
                     del values[value]
+            if non_finite is not None and bool(non_finite.any()):
+                out[non_finite.to(out.device)] = float("nan")
         return out

@@ -1,0 +1,57 @@
+"""Never silently wrong: a NaN or Inf pixel makes that image's logits NaN on every backend, as eager
+PyTorch does, and leaves the other images of the batch as they were."""
+
+import warnings
+
+import pytest
+import torch
+from e2e import calibrated
+
+import fastres
+from fastres.testing import random_images
+
+
+def _corrupt(x: torch.Tensor) -> torch.Tensor:
+    x = x.clone()
+    x[1, 0, 5, 7] = float("nan")
+    x[2, 2, 0, 0] = float("inf")
+    x[3, 1, 9, 3] = float("-inf")
+    return x
+
+
+def _assert_only_corrupt_images_are_nan(engine, x):
+    clean = engine(x)
+    assert torch.isfinite(clean).all()
+    out = engine(_corrupt(x))
+    for image in (1, 2, 3):
+        assert out[image].isnan().all(), f"image {image}: {int(out[image].isnan().sum())} NaN logits"
+    torch.testing.assert_close(out[[0, 4]], clean[[0, 4]], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_non_finite_pixels_give_nan_logits(backend):
+    model = calibrated("resnet18", 10)
+    eager = model(_corrupt(random_images(5, 40, 40, seed=11)))
+    assert eager[1:4].isnan().all(), "eager PyTorch itself gives NaN logits for these images"
+    engine = fastres.optimize(model, device="cpu", dtype=torch.float32, backend=backend)
+    _assert_only_corrupt_images_are_nan(engine, random_images(5, 40, 40, seed=11))
+
+
+@pytest.mark.interpreter
+@pytest.mark.slow
+def test_non_finite_pixels_give_nan_logits_on_triton():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = calibrated("resnet18", 10)
+    engine = fastres.optimize(model, device=device, dtype=torch.float32, backend="triton")
+    _assert_only_corrupt_images_are_nan(engine, random_images(5, 24, 24, seed=12).to(device))
+
+
+def test_load_without_weights_is_the_same_network_every_time():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        state = torch.random.get_rng_state()
+        first = fastres.load("resnet18", num_classes=10, device="cpu")
+        assert torch.equal(torch.random.get_rng_state(), state), "load must not move the caller's RNG"
+        second = fastres.load("resnet18", num_classes=10, device="cpu")
+    x = random_images(2, 32, 32, seed=13)
+    torch.testing.assert_close(first(x), second(x), rtol=0, atol=0)
