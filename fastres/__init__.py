@@ -1,6 +1,7 @@
 """fastres: torchvision ResNets on NVIDIA GPUs through fused Triton kernels, straight from a checkpoint."""
 
-from . import reference
+# testing is imported so that `fastres.testing.write_sample_images(...)` works after `import fastres`.
+from . import reference, testing
 from .api import load, optimize
 from .checkpoints import Architecture, load_checkpoint, resolve_model
 from .engine import CheckResult, Engine, Prediction
@@ -8,6 +9,7 @@ from .errors import (
     ArchitectureMismatchError,
     BackendUnavailableError,
     CheckpointError,
+    ConfigError,
     FastresError,
     ImageDecodeError,
     InputError,
@@ -24,6 +26,7 @@ __all__ = [
     "BackendUnavailableError",
     "CheckResult",
     "CheckpointError",
+    "ConfigError",
     "Engine",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -40,6 +43,7 @@ __all__ = [
     "load",
     "optimize",
     "reference",
+    "testing",
     "load_checkpoint",
     "resolve_model",
     "transforms",

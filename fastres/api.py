@@ -59,7 +59,8 @@ def _resolve_device_dtype_backend(device, dtype, backend) -> tuple[torch.device,
             raise BackendUnavailableError(
                 "the triton backend needs a CUDA GPU; on the CPU it only runs under Triton's interpreter "
                 "(set TRITON_INTERPRET=1 before starting Python; slow, for testing). "
-                "For CPU inference use backend='torch' (the default on CPU)."
+                "For CPU inference use backend='torch' (`--backend torch` on the command line), "
+                "the default on CPU."
             )
     return device, dtype, backend
 

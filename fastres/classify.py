@@ -193,7 +193,8 @@ def run_classify(
 
 
 def summary(ok: int, failed: int, seconds: float) -> str:
-    line = f"classified {ok} images in {seconds:.2f} s ({ok / max(seconds, 1e-9):.1f} img/s)"
+    images = f"{ok} image{'' if ok == 1 else 's'}"
+    line = f"classified {images} in {seconds:.2f} s ({ok / max(seconds, 1e-9):.1f} img/s)"
     return line + (
         f"; skipped {failed} file{'s' if failed != 1 else ''} that could not be read" if failed else ""
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -94,8 +95,10 @@ def get_spec(name: str) -> ResNetSpec:
     try:
         return MODEL_SPECS[name]
     except (KeyError, TypeError):
+        close = difflib.get_close_matches(str(name).lower(), MODEL_SPECS, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
         raise UnknownModelError(
-            f"unknown model {name!r}; fastres supports: {', '.join(MODEL_SPECS)}"
+            f"unknown model {name!r}; {hint}fastres supports: {', '.join(MODEL_SPECS)}"
         ) from None
 
 

@@ -1,6 +1,8 @@
 """Never silently wrong: a NaN or Inf pixel makes that image's logits NaN on every backend, as eager
 PyTorch does, and leaves the other images of the batch as they were."""
 
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -55,3 +57,16 @@ def test_load_without_weights_is_the_same_network_every_time():
         second = fastres.load("resnet18", num_classes=10, device="cpu")
     x = random_images(2, 32, 32, seed=13)
     torch.testing.assert_close(first(x), second(x), rtol=0, atol=0)
+
+
+def test_newcomer_paths(tmp_path):
+    # The README's `fastres.testing.write_sample_images(folder)` right after `import fastres`.
+    code = "import fastres, sys; print(len(fastres.testing.write_sample_images(sys.argv[1], count=1)))"
+    # A misspelled model name gets a suggestion.
+    with pytest.raises(fastres.UnknownModelError, match="did you mean 'resnet50'"):
+        fastres.get_spec("resnet-50")
+    printed = subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, capture_output=True)
+    assert printed.stdout.strip() == b"1" and len(list(tmp_path.glob("*.jpg"))) == 1
+    from fastres.classify import summary
+
+    assert summary(1, 0, 1.0).startswith("classified 1 image in")
