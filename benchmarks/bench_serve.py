@@ -3,7 +3,7 @@
     python benchmarks/bench_serve.py --model resnet18 --image-size 64 --clients 64 --duration 60 \\
         --batch-wait-ms 2 10
 
-For each --batch-wait-ms setting it deploys the model with fastres.serve.start (a local Ray instance
+For each --batch-wait-ms setting it deploys the model with fastres.serving.start (a local Ray instance
 on 127.0.0.1; random calibrated weights unless --weights), runs a short warm-up, then C client threads
 that each send one OIP infer request (one uint8 image, binary tensor data) and wait for the answer
 before sending the next, for --duration seconds. Requests in flight at the deadline are waited for.
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
         rows.append({"batch_wait_ms": None, "load_avg_1m": os.getloadavg()[0]})
         rows[-1].update(run_load(args.url, name, args.image_size, args.classes, args.clients, args.duration))
     else:
-        from fastres.serve import ServeConfig, start
+        from fastres.serving import ServeConfig, start
         from fastres.testing import make_calibrated_model
 
         weights = args.weights

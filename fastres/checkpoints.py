@@ -375,7 +375,7 @@ def _from_checkpoint(state: dict[str, Tensor], num_classes: int | None) -> Archi
     return arch
 
 
-def _is_weight_name(weights: object) -> bool:
+def is_weight_name(weights: object) -> bool:
     """A string that names torchvision weights rather than a file (which would win if it existed)."""
     return (
         isinstance(weights, str)
@@ -421,7 +421,7 @@ def resolve_model(
     if weights is None:
         return Architecture(spec, IMAGENET_CLASSES if num_classes is None else num_classes), None
 
-    if _is_weight_name(weights):
+    if is_weight_name(weights):
         _weight_file(model, weights)  # unknown weight name: fail before any download
         if num_classes is not None and num_classes != IMAGENET_CLASSES:
             raise ArchitectureMismatchError(

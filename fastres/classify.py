@@ -208,7 +208,7 @@ def classify_command(args) -> int:
     import fastres
 
     from .api import parse_dtype
-    from .checkpoints import _is_weight_name
+    from .checkpoints import is_weight_name
     from .images import find_images
     from .specs import MODEL_SPECS
 
@@ -238,7 +238,7 @@ def classify_command(args) -> int:
             "pass --weights DEFAULT (torchvision's) or a checkpoint",
             file=sys.stderr,
         )
-    weight_name = args.weights if args.weights is not None and _is_weight_name(args.weights) else None
+    weight_name = args.weights if args.weights is not None and is_weight_name(args.weights) else None
     transform = fastres.transforms(weight_name, model=engine.architecture.spec.name, **custom)
     print(f"fastres: {engine!r}; {len(files)} files; preprocessing: {transform}", file=sys.stderr)
     ok, failed, seconds = run_classify(

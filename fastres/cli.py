@@ -483,7 +483,7 @@ def _add_serve_parser(sub) -> None:
 
 
 def cmd_serve(args) -> int:
-    from . import serve
+    from . import serving as serve
 
     options = {} if args.mean is None else {"mean": tuple(args.mean)}
     options.update({} if args.std is None else {"std": tuple(args.std)})

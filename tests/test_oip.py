@@ -1,4 +1,4 @@
-"""Open Inference Protocol messages (fastres.oip): parsing, validation and encoding, without Ray."""
+"""Open Inference Protocol messages (fastres.serving.protocol): parsing, validation, encoding, without Ray."""
 
 import json
 import struct
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastres import oip
-from fastres.oip import OIPError
+from fastres.serving import protocol
+from fastres.serving.protocol import OIPError
 
 CLASSES = 10
 LABELS = [f"bird {i}" for i in range(CLASSES)]
@@ -40,7 +40,7 @@ def _binary_request(images, datatype="UINT8", **extra):
 
 
 def _parse(body, header_length=None, max_batch=8):
-    return oip.parse_infer_request(body, header_length, num_classes=CLASSES, max_batch=max_batch)
+    return protocol.parse_infer_request(body, header_length, num_classes=CLASSES, max_batch=max_batch)
 
 
 @pytest.mark.parametrize(
@@ -133,7 +133,7 @@ def test_bad_requests_say_what_is_wrong(body, header_length, message):
     with pytest.raises(OIPError, match=message) as info:
         _parse(body, header_length)
     assert info.value.status == 400
-    assert json.loads(oip.error_body(str(info.value))) == {"error": str(info.value)}
+    assert json.loads(protocol.error_body(str(info.value))) == {"error": str(info.value)}
 
 
 def test_pixel_limit_counts_every_image_of_the_request():
@@ -144,7 +144,7 @@ def test_pixel_limit_counts_every_image_of_the_request():
 
 
 def _parse_limited(body, max_pixels):
-    return oip.parse_infer_request(body, None, num_classes=CLASSES, max_batch=8, max_pixels=max_pixels)
+    return protocol.parse_infer_request(body, None, num_classes=CLASSES, max_batch=8, max_pixels=max_pixels)
 
 
 def test_binary_data_length_must_match_the_shape():
@@ -192,7 +192,7 @@ def test_outputs_match_a_float64_softmax_and_topk():
         {"name": "logits", "parameters": {"classification": 2}},
     ]
     parsed = _parse(_request(images, outputs=outputs, parameters={"topk": 3}))
-    got = {(o.name, o.datatype): o.array for o in oip.build_outputs(parsed, logits, LABELS)}
+    got = {(o.name, o.datatype): o.array for o in protocol.build_outputs(parsed, logits, LABELS)}
     ref = torch.from_numpy(logits).double().softmax(1)
     top = ref.topk(3, dim=1)
     assert np.array_equal(got["logits", "FP32"], logits)
@@ -204,7 +204,7 @@ def test_outputs_match_a_float64_softmax_and_topk():
     first = got["logits", "BYTES"][0, 0].decode().split(":")
     best = int(top.indices[0, 0])
     assert first == [f"{logits[0, best]:f}", str(best), LABELS[best]]
-    predictions = oip.top_predictions(logits, LABELS, 2)
+    predictions = protocol.top_predictions(logits, LABELS, 2)
     assert [[p["index"] for p in row] for row in predictions] == top.indices[:, :2].tolist()
     assert predictions[0][0]["label"] == LABELS[best]
 
@@ -213,7 +213,9 @@ def _response(outputs_json, binary_default):
     logits = np.random.default_rng(4).standard_normal((2, CLASSES)).astype(np.float32)
     params = {"topk": 3, "binary_data_output": binary_default}
     parsed = _parse(_request(_images((2, 3, 2, 2)), outputs=outputs_json, parameters=params, id="abc"))
-    body, headers = oip.encode_infer_response("birds", oip.build_outputs(parsed, logits, LABELS), parsed.id)
+    body, headers = protocol.encode_infer_response(
+        "birds", protocol.build_outputs(parsed, logits, LABELS), parsed.id
+    )
     return logits, body, headers
 
 
@@ -268,20 +270,20 @@ def test_multipart_files_come_back_byte_exact():
             + b"\r\n"
         )
     body += f"--{boundary}--\r\n".encode()
-    assert oip.split_multipart(body, f"multipart/form-data; boundary={boundary}") == files
-    assert oip.split_multipart(b"raw", "image/png") == [b"raw"]
+    assert protocol.split_multipart(body, f"multipart/form-data; boundary={boundary}") == files
+    assert protocol.split_multipart(b"raw", "image/png") == [b"raw"]
     with pytest.raises(OIPError, match="empty request body"):
-        oip.split_multipart(b"", "image/jpeg")
+        protocol.split_multipart(b"", "image/jpeg")
     with pytest.raises(OIPError, match="no file|no parts"):
-        oip.split_multipart(f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}")
+        protocol.split_multipart(f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}")
 
 
 def test_metadata_and_statistics():
-    meta = oip.model_metadata("birds", CLASSES)
+    meta = protocol.model_metadata("birds", CLASSES)
     assert meta["inputs"] == [{"name": "input", "datatype": "UINT8", "shape": [-1, 3, -1, -1]}]
-    assert [o["name"] for o in meta["outputs"]] == list(oip.OUTPUT_NAMES)
+    assert [o["name"] for o in meta["outputs"]] == list(protocol.OUTPUT_NAMES)
     assert meta["outputs"][0]["shape"] == [-1, CLASSES]
-    stats = oip.InferenceStats()
+    stats = protocol.InferenceStats()
     stats.record_execution(requests=3, images=4, ns=1000)
     stats.record_execution(requests=1, images=1, ns=500)
     stats.record_failure(ns=7)

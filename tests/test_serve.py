@@ -26,7 +26,7 @@ Image = pytest.importorskip("PIL.Image", reason="Pillow is not installed: pip in
 
 import fastres  # noqa: E402
 from fastres.numerics import LAYER_RTOL, assert_close  # noqa: E402
-from fastres.serve import ServeConfig, start  # noqa: E402
+from fastres.serving import ServeConfig, start  # noqa: E402
 from fastres.testing import make_calibrated_model  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastres.cli import main
-from fastres.serve import ServeConfig
+from fastres.serving import ServeConfig
 from fastres.testing import make_calibrated_model
 
 

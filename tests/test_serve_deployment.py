@@ -10,9 +10,9 @@ import torch
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'fastres[serve]'")
 
 from fastres.numerics import LAYER_RTOL, assert_close  # noqa: E402
-from fastres.oip import OIPError  # noqa: E402
-from fastres.serve import ServeConfig  # noqa: E402
-from fastres.serve_deployment import ImageClassifier, _Item  # noqa: E402
+from fastres.serving import ServeConfig  # noqa: E402
+from fastres.serving.deployment import ImageClassifier, _Item  # noqa: E402
+from fastres.serving.protocol import OIPError  # noqa: E402
 from fastres.testing import make_calibrated_model  # noqa: E402
 
 RTOL = LAYER_RTOL[torch.float32]  # a merged or padded batch rounds differently from a lone call

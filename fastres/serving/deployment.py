@@ -29,12 +29,12 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import fastres
 
-from . import oip
-from .checkpoints import _is_weight_name
-from .errors import InputError
-from .images import decode_image
-from .oip import OIPError
-from .serve import ServeConfig
+from ..checkpoints import is_weight_name
+from ..errors import InputError
+from ..images import decode_image
+from . import protocol
+from .config import ServeConfig
+from .protocol import OIPError
 
 log = logging.getLogger("fastres.serve")
 
@@ -69,7 +69,7 @@ def _json(obj, status: int = 200) -> Response:
 
 
 def _error(message: str, status: int = 400) -> Response:
-    return Response(oip.error_body(message), status_code=status, media_type="application/json")
+    return Response(protocol.error_body(message), status_code=status, media_type="application/json")
 
 
 @serve.deployment(name="fastres", ray_actor_options={"num_cpus": 1})
@@ -94,10 +94,10 @@ class ImageClassifier:
         self.labels = list(self.engine.labels)
         # /v1/classify's preprocessing: torchvision's evaluation recipe for these weights, as `fastres
         # classify` uses (resize and crop overridable).
-        weight_name = config.weights if config.weights and _is_weight_name(config.weights) else None
+        weight_name = config.weights if config.weights and is_weight_name(config.weights) else None
         model = self.engine.architecture.spec.name
         self.transform = fastres.transforms(weight_name, model=model, resize=config.resize, crop=config.crop)
-        self.stats = oip.InferenceStats()
+        self.stats = protocol.InferenceStats()
         # One engine thread: the event loop keeps parsing requests (and queueing the next batch)
         # while a batch runs.
         self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="fastres-engine")
@@ -184,7 +184,9 @@ class ImageClassifier:
         if path in ("/v2/health/live", "/v2/health/ready"):
             return _json({"live": True} if path.endswith("live") else {"ready": True})
         if path == "/v2":
-            return _json({"name": "fastres", "version": fastres.__version__, "extensions": oip.EXTENSIONS})
+            return _json(
+                {"name": "fastres", "version": fastres.__version__, "extensions": protocol.EXTENSIONS}
+            )
         if path == "/v1/classify":
             self._expect(method, "POST")
             return await self._classify(request)
@@ -200,7 +202,7 @@ class ImageClassifier:
         action = match["action"]
         if action is None:
             self._expect(method, "GET")
-            return _json(oip.model_metadata(self.name, len(self.labels)))
+            return _json(protocol.model_metadata(self.name, len(self.labels)))
         if action == "/ready":
             return _json({"name": self.name, "ready": True})
         if action == "/stats":
@@ -233,7 +235,7 @@ class ImageClassifier:
 
     async def _infer(self, request: Request) -> Response:
         body = await self._body(request)
-        parsed = oip.parse_infer_request(
+        parsed = protocol.parse_infer_request(
             body,
             request.headers.get("inference-header-content-length"),
             num_classes=len(self.labels),
@@ -242,15 +244,17 @@ class ImageClassifier:
         )
         images = torch.from_numpy(np.array(parsed.images))  # a writable copy: frombuffer is read-only
         logits = await self._submit(images, parsed.layout)
-        outputs = oip.build_outputs(parsed, logits.numpy(), self.labels)
-        payload, headers = oip.encode_infer_response(self.name, outputs, parsed.id)
+        outputs = protocol.build_outputs(parsed, logits.numpy(), self.labels)
+        payload, headers = protocol.encode_infer_response(self.name, outputs, parsed.id)
         return Response(payload, headers=headers)
 
     async def _classify(self, request: Request) -> Response:
-        topk = request.query_params.get("topk", str(min(oip.DEFAULT_TOPK, len(self.labels))))
-        k = oip.parse_topk(int(topk) if topk.isdigit() else topk, len(self.labels), "query parameter 'topk'")
+        topk = request.query_params.get("topk", str(min(protocol.DEFAULT_TOPK, len(self.labels))))
+        k = protocol.parse_topk(
+            int(topk) if topk.isdigit() else topk, len(self.labels), "query parameter 'topk'"
+        )
         body = await self._body(request)
-        files = oip.split_multipart(body, request.headers.get("content-type", ""))
+        files = protocol.split_multipart(body, request.headers.get("content-type", ""))
         if len(files) > self.config.max_batch:
             raise OIPError(f"{len(files)} images are over this server's limit of {self.config.max_batch}")
         loop = asyncio.get_running_loop()
@@ -261,7 +265,9 @@ class ImageClassifier:
         # One batcher item per image: same-size images share engine calls (with other requests' too),
         # images of different sizes (no crop) run apart.
         logits = torch.cat(await asyncio.gather(*(self._submit(x.unsqueeze(0), "NCHW") for x in images)))
-        return _json({"model": self.name, "predictions": oip.top_predictions(logits.numpy(), self.labels, k)})
+        return _json(
+            {"model": self.name, "predictions": protocol.top_predictions(logits.numpy(), self.labels, k)}
+        )
 
     def _preprocess(self, data: bytes) -> torch.Tensor:
         try:

@@ -1,12 +1,13 @@
 """`fastres serve`: an Open Inference Protocol (KServe v2) HTTP endpoint on Ray Serve.
 
 Ray Serve provides the HTTP proxy, replicas (one Engine each, one GPU each when the cluster has
-GPUs), placement across machines and request batching; fastres provides the deployment
-(fastres.serve_deployment) and the protocol (fastres.oip, testable without Ray). This module is the
+GPUs), placement across machines and request batching; fastres provides the configuration
+(fastres.serving.config), the deployment (fastres.serving.deployment) and the protocol
+(fastres.serving.protocol); the configuration and the protocol import without Ray. This module is the
 driver: it starts a local Ray instance or joins a cluster, deploys, waits until HTTP answers, and
-shuts down what it started.
+shuts down what it started. It imports Ray and the deployment only when start() runs.
 
-    from fastres.serve import ServeConfig, start
+    from fastres.serving import ServeConfig, start
     server = start(ServeConfig("resnet50", weights="DEFAULT"), port=8000)
     ...  # POST server.url + "/v2/models/resnet50/infer"
     server.shutdown()
@@ -16,57 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import signal
 import time
 import urllib.request
 from dataclasses import dataclass
 
-import fastres
-
-from .api import parse_dtype
-from .errors import BackendUnavailableError
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """What each replica serves; the arguments of `fastres serve` that replicas need."""
-
-    model: str
-    weights: str | None = None
-    name: str | None = None  # the model name in URLs; MODEL's stem by default
-    device: str | None = None  # "cuda" or "cpu"; start() picks cuda when the cluster has GPUs
-    dtype: str | None = None
-    backend: str | None = None
-    num_classes: int | None = None
-    labels: str | None = None  # a text file, one class name per line
-    mean: tuple[float, float, float] = fastres.IMAGENET_MEAN  # uint8 input is normalised in the stem
-    std: tuple[float, float, float] = fastres.IMAGENET_STD
-    max_batch: int = 64
-    batch_wait_ms: float = 2.0
-    max_body_bytes: int = 128 << 20
-    # Pixels per request and per engine call (a full batch of 512x512 images): bounds a replica's
-    # memory whatever the image size; larger merged batches run in chunks.
-    max_pixels: int = 64 * 512 * 512
-    warmup_size: int = 224  # image size the replica runs once before it reports ready
-    # /v1/classify: fastres.transforms for the weights (resize the short side, centre crop), overridable
-    resize: int | None = None
-    crop: int | None = None
-
-    @property
-    def model_name(self) -> str:
-        if self.name:
-            return self.name
-        return os.path.splitext(os.path.basename(str(self.model)))[0]
-
-    def __post_init__(self):
-        if min(self.max_batch, self.max_body_bytes, self.max_pixels) < 1 or self.batch_wait_ms < 0:
-            raise ValueError("max_batch, max_body_bytes and max_pixels must be positive, batch_wait_ms >= 0")
-        if not re.fullmatch(r"[\w.\-]+", self.model_name):
-            raise ValueError(
-                f"model name {self.model_name!r} must be letters, digits, '_', '-' or '.'; use --name"
-            )
-
+from ..api import load, parse_dtype
+from ..errors import BackendUnavailableError
+from .config import ServeConfig
 
 # -- the driver: start Ray (or join a cluster), deploy, wait until HTTP answers, shut down ----------
 
@@ -169,7 +127,7 @@ def _preflight(config: ServeConfig) -> None:
     fails here in one line before Ray starts, not as three replica tracebacks after it."""
     if config.dtype is not None:
         parse_dtype(config.dtype)  # the replicas' dtype; this check loads in float32 on the CPU
-    fastres.load(
+    load(
         config.model,
         config.weights,
         device="cpu",
@@ -186,12 +144,12 @@ def _import_ray_serve():
         import ray
         from ray import serve
 
-        from . import serve_deployment
+        from . import deployment
     except ImportError as exc:
         raise BackendUnavailableError(
             f"fastres serve needs Ray Serve: pip install 'fastres[serve]' ({exc})"
         ) from None
-    return ray, serve, serve_deployment
+    return ray, serve, deployment
 
 
 def _even_cpu_share(ray, replicas: int) -> float:

@@ -27,11 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from ..engine import LAYOUTS
+
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("logits", "labels", "probs")
 INPUT_DATATYPES = {"UINT8": np.dtype("uint8"), "FP32": np.dtype("<f4")}
 DEFAULT_TOPK = 5
-LAYOUTS = ("NCHW", "NHWC")
 EXTENSIONS = ["binary_tensor_data", "classification", "statistics"]
 
 

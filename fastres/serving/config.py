@@ -1,0 +1,49 @@
+"""What `fastres serve` deploys: the replicas' configuration, importable without Ray."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from ..specs import IMAGENET_MEAN, IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What each replica serves; the arguments of `fastres serve` that replicas need."""
+
+    model: str
+    weights: str | None = None
+    name: str | None = None  # the model name in URLs; MODEL's stem by default
+    device: str | None = None  # "cuda" or "cpu"; start() picks cuda when the cluster has GPUs
+    dtype: str | None = None
+    backend: str | None = None
+    num_classes: int | None = None
+    labels: str | None = None  # a text file, one class name per line
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # uint8 input is normalised in the stem
+    std: tuple[float, float, float] = IMAGENET_STD
+    max_batch: int = 64
+    batch_wait_ms: float = 2.0
+    max_body_bytes: int = 128 << 20
+    # Pixels per request and per engine call (a full batch of 512x512 images): bounds a replica's
+    # memory whatever the image size; larger merged batches run in chunks.
+    max_pixels: int = 64 * 512 * 512
+    warmup_size: int = 224  # image size the replica runs once before it reports ready
+    # /v1/classify: fastres.transforms for the weights (resize the short side, centre crop), overridable
+    resize: int | None = None
+    crop: int | None = None
+
+    @property
+    def model_name(self) -> str:
+        if self.name:
+            return self.name
+        return os.path.splitext(os.path.basename(str(self.model)))[0]
+
+    def __post_init__(self):
+        if min(self.max_batch, self.max_body_bytes, self.max_pixels) < 1 or self.batch_wait_ms < 0:
+            raise ValueError("max_batch, max_body_bytes and max_pixels must be positive, batch_wait_ms >= 0")
+        if not re.fullmatch(r"[\w.\-]+", self.model_name):
+            raise ValueError(
+                f"model name {self.model_name!r} must be letters, digits, '_', '-' or '.'; use --name"
+            )
