@@ -9,8 +9,6 @@ call cannot overwrite an earlier result. A runner is used by one thread at a tim
 from __future__ import annotations
 
 import contextlib
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +23,7 @@ from .labels import load_labels
 from .numerics import relative_error
 from .planner import Plan
 from .reference import build_resnet
+from .runner import Runner, RunnerCache
 
 NORMALIZE_HINT = (
     "pass uint8 pixels (0-255) as they are, the engine normalises them in its first layer; or convert "
@@ -127,76 +126,6 @@ class CheckResult:
         )
 
 
-class _Runner:
-    """Static state for one input shape: the backend workspace and, on CUDA, a captured graph.
-
-    On CUDA all work on the static buffers runs on the runner's own stream, ordered against the
-    caller's stream on entry and exit, so callers on different streams cannot race on them.
-    """
-
-    def __init__(self, backend: Backend, sample: Tensor, use_cuda_graph: bool):
-        """sample: an input of the shape, dtype and layout this runner serves (its values are unused)."""
-        self.backend = backend
-        self.device = backend.device
-        shape = tuple(sample.shape)
-        self.workspace = backend.make_workspace(shape[0], shape[2], shape[3])
-        self.lock = threading.Lock()
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.graph: torch.cuda.CUDAGraph | None = None
-        if use_cuda_graph:
-            self._capture(sample)
-
-    def _capture(self, sample: Tensor) -> None:
-        with torch.cuda.device(self.device):
-            self._capture_on_device(sample)
-
-    def _capture_on_device(self, sample: Tensor) -> None:
-        caller = torch.cuda.current_stream(self.device)
-        # Same shape, dtype and strides as the calls it serves (kernels read the input by its strides).
-        self.static_input = torch.empty_like(sample, memory_format=torch.preserve_format)
-        if sample.dtype == torch.uint8:
-            self.static_input.random_(0, 256)
-        else:
-            self.static_input.normal_()
-        self.stream.wait_stream(caller)
-        with torch.cuda.stream(self.stream):
-            for _ in range(2):  # compile kernels and settle allocations outside the capture
-                self.backend.run(self.static_input, self.workspace)
-        caller.wait_stream(self.stream)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads may keep replaying their graphs while this one captures.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.static_output = self.backend.run(self.static_input, self.workspace)
-        caller.synchronize()
-
-    def _run(self, x: Tensor) -> Tensor:
-        if self.graph is not None:
-            self.static_input.copy_(x)
-            self.graph.replay()
-            return self.static_output.clone()
-        out = self.backend.run(x, self.workspace)
-        return out.clone() if self.workspace is not None and _may_alias(out, self.workspace) else out
-
-    def __call__(self, x: Tensor) -> Tensor:
-        if self.stream is None:
-            return self._run(x)
-        caller = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(caller)
-        # Triton launches on the current device: make it the engine's (e.g. cuda:1) for this call.
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            out = self._run(x)
-        caller.wait_stream(self.stream)
-        out.record_stream(caller)  # the result's memory is used on the caller's stream from here on
-        return out
-
-
-def _may_alias(out: Tensor, workspace: Any) -> bool:
-    return any(
-        out.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-        for b in getattr(workspace, "buffers", ())
-    )
-
-
 class Engine:
     """Runs a planned ResNet. Call it with N x 3 x H x W images; get float32 logits N x classes."""
 
@@ -223,9 +152,8 @@ class Engine:
         self._state_dict = state_dict
         self.labels: list[str] = load_labels(labels, architecture.num_classes)
         self.mean, self.std = plan.mean, plan.std
-        self._runners: OrderedDict[tuple[int, ...], _Runner] = OrderedDict()
-        self._runners_lock = threading.Lock()
-        self._build_lock = threading.Lock()
+        # Keyed by (shape, dtype, stride): kernels read the input by its strides.
+        self._runners = RunnerCache(max_cached_shapes, lambda x: Runner(self.backend, x, self.cuda_graphs))
 
     @property
     def num_classes(self) -> int:
@@ -241,27 +169,6 @@ class Engine:
             f"Engine({self.architecture.describe()}, backend={self.backend.name}, device={self.device}, "
             f"dtype={dtype}, cuda_graphs={self.cuda_graphs})"
         )
-
-    def _runner(self, x: Tensor) -> _Runner:
-        key = (tuple(x.shape), x.dtype, x.stride())
-        with self._runners_lock:
-            runner = self._runners.get(key)
-            if runner is not None:
-                self._runners.move_to_end(key)
-                return runner
-        # One build at a time: a CUDA-graph capture must not race another capture. Calls for
-        # shapes that are already built go on meanwhile (they only take _runners_lock).
-        with self._build_lock:
-            with self._runners_lock:
-                runner = self._runners.get(key)
-            if runner is None:
-                runner = _Runner(self.backend, x, self.cuda_graphs)
-            with self._runners_lock:
-                self._runners[key] = runner
-                self._runners.move_to_end(key)
-                while len(self._runners) > self.max_cached_shapes:
-                    self._runners.popitem(last=False)
-        return runner
 
     def __call__(self, x: Tensor, layout: str | None = None) -> Tensor:
         """Float32 logits N x num_classes.
@@ -280,7 +187,7 @@ class Engine:
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def _run_chunk(self, x: Tensor) -> Tensor:
-        runner = self._runner(x)
+        runner = self._runners.get((tuple(x.shape), x.dtype, x.stride()), x)
         if runner.workspace is None and runner.graph is None:
             return runner(x)  # stateless: threads may run concurrently
         with runner.lock:

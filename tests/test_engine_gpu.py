@@ -65,4 +65,7 @@ def test_defaults_on_cuda():
 def test_warmup_captures_requested_shapes():
     engine = fastres.optimize(calibrated("resnet18", 10), device="cuda")
     engine.warmup(batch_sizes=(1, 4), image_size=64)
-    assert set(engine._runners) == {(1, 3, 64, 64), (4, 3, 64, 64)}
+    # Runners are keyed by (shape, dtype, stride); warm-up input is contiguous in the engine's dtype.
+    assert set(engine._runners) == {
+        ((n, 3, 64, 64), torch.float16, (3 * 64 * 64, 64 * 64, 64, 1)) for n in (1, 4)
+    }

@@ -104,7 +104,8 @@ class TritonBackend(Backend):
         logits = torch.empty(batch, self.plan.num_classes, device=self.device, dtype=torch.float32)
         pooled = torch.empty(batch, self.plan.spec.feature_channels, device=self.device, dtype=torch.float32)
         # Convs run one after another on one stream, so one scratch pair (the largest any needs) serves
-        # them all; each launch re-arms the counters it used, so they start at zero for the next.
+        # them all. The last arriving CTA re-arms the counters it used, and run() also zeroes them once
+        # per forward (one memset node in a graph), so an aborted launch cannot leave tiles unwritten.
         nhwc = lambda value: tuple(shapes[value][i] for i in (0, 2, 3, 1))
         sizes = [
             self.layers[op.name].scratch_size(nhwc(op.inputs[0]))
@@ -127,6 +128,7 @@ class TritonBackend(Backend):
             stem = self.uint8_stem
         else:
             stem = self.stem
+        workspace.split_scratch[1].zero_()  # re-arm the split-K counters (see make_workspace)
         # x is logical NCHW with the caller's strides: the stem reads it in place.
         out = stem(x, out=values[stem_op.output])
         if observer is not None:
