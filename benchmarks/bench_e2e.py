@@ -2,7 +2,7 @@
 
     pytest benchmarks/bench_e2e.py --benchmark-only [--benchmark-json out.json]
 
-Candidates come from the `fastres bench` harness (fastres.bench): the same realistic random weights
+Candidates come from the `fastres bench` harness (fastres.tools.bench): the same realistic random weights
 (calibrated BatchNorm) for fastres and eager, eager in NCHW and channels-last. Each benchmark group is
 one (model, dtype, batch) so pytest-benchmark prints the candidates side by side; every result carries
 the machine, versions, git revision and date in `extra_info`. On the CPU it runs the torch backend at
@@ -13,7 +13,7 @@ suite is for pytest-benchmark's storage and `--benchmark-compare` between revisi
 import pytest
 import torch
 
-from fastres import bench
+from fastres.tools import bench, environment
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -47,7 +47,7 @@ def _candidates(model: str, dtype_name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def env():
-    return bench.environment(DEVICE)
+    return environment.environment(DEVICE)
 
 
 @pytest.mark.parametrize("candidate", CANDIDATES)

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastres import bench
+from fastres.tools import environment
 
 QUANTILES = [0.5, 0.2, 0.8]
 SHAPES = [(c, b) for c in (2048, 512) for b in (1, 64, 256)]  # (channels, batch)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from fastres.api import parse_dtype
 
-    env = bench.environment(torch.device("cuda"))
+    env = environment.environment(torch.device("cuda"))
     print(", ".join(f"{k}={v}" for k, v in env.items()))
     print(f"{'C':>5} {'batch':>5} {'impl':<8} {'median us':>10} {'GB/s':>7} {'rel err':>9} programs")
     for channels, batch in SHAPES:
@@ -108,7 +108,7 @@ def test_head(benchmark, channels, batch, impl):
     ours, eager, errors, grids, moved = head_callables(channels, batch, torch.float16)
     fn = ours if impl == "fastres" else eager
     benchmark.group = f"head c{channels} b{batch}"
-    benchmark.extra_info.update(bench.environment(torch.device("cuda")))
+    benchmark.extra_info.update(environment.environment(torch.device("cuda")))
     benchmark.extra_info.update(rel_error_vs_float64=errors[impl], bytes_moved=moved, grids=str(grids))
 
     def call():

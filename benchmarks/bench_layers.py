@@ -8,9 +8,9 @@ as time, TFLOP/s and GB/s:
   conv + bias + residual add + ReLU vs cuDNN's conv followed by a separate `add_` and `relu_`.
 
 Each fastres row also carries the performance model's estimate for that launch (`est_ms`, from
-`fastres.estimate`, GPU model picked from the device name with the real SM count, kernel time without the
-CUDA-graph node gap) and `est_over_measured`; the script prints the model's median error per layer kind,
-so the first GPU run calibrates the estimator.
+`fastres.tools.estimate`, GPU model picked from the device name with the real SM count, kernel time
+without the CUDA-graph node gap) and `est_over_measured`; the script prints the model's median error per
+layer kind, so the first GPU run calibrates the estimator.
 
 FLOPs are the useful 2*MACs of the convolution; bytes are the minimum traffic, input + weights + output
 (+ residual), in the compute dtype -- the same count for both implementations, so GB/s compares like
@@ -33,11 +33,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastres import bench, bench_report
 from fastres.graph import ConvOp
 from fastres.planner import plan_resnet
+from fastres.progress import Progress
 from fastres.reference import build_resnet
 from fastres.specs import get_spec
+from fastres.tools import bench, bench_report, environment
 
 QUANTILES = [0.5, 0.2, 0.8]
 
@@ -147,7 +148,7 @@ def layer_callables(shape: ConvShape, dtype: torch.dtype, fused: bool, device: s
 
 def gpu_model():
     """The estimator's assumptions for the visible GPU (by name; SM count from the device itself)."""
-    from fastres.estimate import GPUS, apply_assumptions, gpu_for_device_name
+    from fastres.tools.estimate import GPUS, apply_assumptions, gpu_for_device_name
 
     props = torch.cuda.get_device_properties(0)
     name = gpu_for_device_name(props.name) or ("h100" if props.major >= 9 else "a100")
@@ -158,7 +159,7 @@ def estimate_ms(shape: ConvShape, dtype: torch.dtype, fused: bool, gpu) -> float
     """The model's time for this layer's one launch, without the graph node gap; None if it cannot."""
     from fastres.kernels import ConvLayer
 
-    from fastres.estimate_report import estimate_specs
+    from fastres.tools.estimate_report import estimate_specs
 
     try:
         weight = torch.randn(shape.c_out, shape.c_in // shape.groups, shape.kernel, shape.kernel)
@@ -181,13 +182,13 @@ def compare_layers(
     """Both comparisons on every distinct shape; one row per (comparison, shape, implementation)."""
     from triton.testing import do_bench
 
-    env = bench.environment(torch.device("cuda"))
+    env = environment.environment(torch.device("cuda"))
     elem = torch.empty((), dtype=dtype).element_size()
     work = [("conv", s) for s in distinct_convs(model, batch, image_size)]
     work += [("conv+residual+relu", s) for s in distinct_convs(model, batch, image_size, residual_only=True)]
     rows = []
     gpu = gpu_model()
-    bar = bench.Progress(len(work), f"{model} layers", progress)
+    bar = Progress(len(work), f"{model} layers", progress)
     try:
         for comparison, shape in work:
             fused = comparison != "conv"
@@ -241,7 +242,7 @@ def format_rows(rows: list[dict]) -> str:
             f"{r['tflops']:>8.1f} {r['gbps']:>8.0f} {r['speedup_vs_cudnn']:>8.2f} "
             f"{_opt(est, '.4f'):>8} {_opt(ratio, '.2f'):>8}"
         )
-    lines += ["", "estimate (fastres.estimate) / measured, median per layer kind (1.00 = exact):"]
+    lines += ["", "estimate (fastres.tools.estimate) / measured, median per layer kind (1.00 = exact):"]
     lines += [
         f"  {kind}: {ratio:.2f} over {n} layers" for kind, (ratio, n) in estimate_error_by_kind(rows).items()
     ]
@@ -301,7 +302,7 @@ def _bench(benchmark, shape: ConvShape, impl: str, fused: bool) -> None:
     median, p20, p80 = do_bench(fn, quantiles=QUANTILES)
     elem = torch.empty((), dtype=_DTYPE).element_size()
     benchmark.group = f"{'fused ' if fused else ''}{shape.label}"
-    benchmark.extra_info.update(bench.environment(torch.device("cuda")))
+    benchmark.extra_info.update(environment.environment(torch.device("cuda")))
     benchmark.extra_info.update(
         do_bench_median_ms=median,
         do_bench_p20_ms=p20,

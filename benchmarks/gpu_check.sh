@@ -73,7 +73,7 @@ tail -n 12 '$OUT_DIR'/pytest-gpu-*.log; exit \$rc" ;;
     layers-resnet50) echo "$PY benchmarks/bench_layers.py --model resnet50 --batch 64 --dtype fp16 --out '$OUT_DIR/layers'" ;;
     # The model's estimate for the bench stage's batches, this card's name and SM count (kernels come
     # from Triton's cache by now). An estimate, written beside the measurements to calibrate the model.
-    estimate-resnet50) echo "set -- \$($PY -c 'import torch; from fastres.estimate import gpu_for_device_name as g; \
+    estimate-resnet50) echo "set -- \$($PY -c 'import torch; from fastres.tools.estimate import gpu_for_device_name as g; \
 p = torch.cuda.get_device_properties(0); print(g(p.name) or (\"h100\" if p.major >= 9 else \"a100\"), p.multi_processor_count)'); \
 rc=0; for b in 1 256; do $PY -m fastres compile-report resnet50 --estimate --batch \$b --gpu \$1 --assume sms=\$2 \
 --no-progress --out '$OUT_DIR/estimate' || rc=1; done; exit \$rc" ;;

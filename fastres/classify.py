@@ -169,7 +169,7 @@ def run_classify(
     err: Callable[[str], None],
 ) -> tuple[int, int, float]:
     """Classify and print; returns (images classified, files failed, seconds)."""
-    from .bench import Progress
+    from .progress import Progress
 
     header, width = table_header(files, topk)
     if not as_json:

@@ -1,8 +1,8 @@
 """The `fastres` command line (also `python -m fastres`): bench, info, check, compile-report.
 
-Argument parsing only; the work lives in fastres.bench, fastres.compile_report and the engine. Errors a
-user can fix (unknown model, bad dtype, missing file, no GPU) are one line on stderr and exit status 2;
-a failed parity check or compile report exits 1.
+Argument parsing only; the work lives in fastres.tools (bench, compile_report, estimate) and the engine.
+Errors a user can fix (unknown model, bad dtype, missing file, no GPU) are one line on stderr and exit
+status 2; a failed parity check or compile report exits 1.
 """
 
 from __future__ import annotations
@@ -265,8 +265,8 @@ def _dtype(name: str | None):
 
 
 def cmd_bench(args) -> int:
-    from .bench import BenchConfig, run_benchmark
-    from .bench_report import describe_run, format_table, result_stem, write_results
+    from .tools.bench import BenchConfig, run_benchmark
+    from .tools.bench_report import describe_run, format_table, result_stem, write_results
 
     compare = [c.strip() for c in args.compare.split(",") if c.strip() and c.strip() != "none"]
     config = BenchConfig(
@@ -417,10 +417,10 @@ def cmd_classify(args) -> int:
 
 
 def cmd_compile_report(args, argv: list[str]) -> int:
-    from . import compile_report
+    from .tools import compile_report
 
     if args.estimate:
-        from .estimate_report import estimate_command
+        from .tools.estimate_report import estimate_command
 
         return estimate_command(args, argv)
     if args.arch is None or args.dtype is None:

@@ -16,7 +16,7 @@ pipelining, and its register count no longer says anything about what a launch g
 `compile_spec` compiles a spec for `cuda:<arch>` (no GPU needed: ptxas ships with Triton) and reads the
 resource usage of the cubin with `cuobjdump -res-usage` (registers, stack, local memory) and, on sm_90,
 looks for HGMMA (wgmma) instructions in the SASS; `kernels.sass` reads the SASS's main loop
-(instructions, MMAs and bytes per K-step) for the performance estimate (`fastres.estimate`).
+(instructions, MMAs and bytes per K-step) for the performance estimate (`fastres.tools.estimate`).
 Compilation needs a process in which TRITON_INTERPRET is unset: under the interpreter `@triton.jit`
 yields an `InterpretedFunction` that cannot be lowered. This module still imports (and builds specs)
 under the interpreter.

@@ -1,4 +1,4 @@
-"""The bench harness (fastres/bench.py): statistics, interleaving, row metadata, output files."""
+"""The bench harness (fastres/tools/bench.py): statistics, interleaving, row metadata, output files."""
 
 import csv
 import json
@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import BENCH_ROW_COLUMNS
 
-from fastres import bench, bench_report
+from fastres.tools import bench, bench_report, environment
 
 
 @pytest.mark.parametrize(
@@ -65,7 +65,7 @@ def test_measure_interleaved_runs_round_robin_and_drops_a_failing_candidate():
 
 
 def test_environment_has_the_record_fields():
-    env = bench.environment(torch.device("cpu"))
+    env = environment.environment(torch.device("cpu"))
     for key in ("device_name", "torch", "triton", "fastres", "git_rev", "date_utc"):
         assert key in env
     assert env["torch"] == torch.__version__ and env["date_utc"].endswith("+00:00")

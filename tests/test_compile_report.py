@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fastres.compile_report import parse_arch
+from fastres.tools.compile_report import parse_arch
 
 
 def _env_without_interpreter():

@@ -16,7 +16,7 @@ from fastres.kernels.aot import KernelStats
 from fastres.kernels.sass import OpCounts, SassSummary, find_loops, parse_instructions, summarize
 
 from fastres.cli import main
-from fastres.estimate import GPUS, Gpu, apply_assumptions, estimate_launch, get_gpu, resident_ctas
+from fastres.tools.estimate import GPUS, Gpu, apply_assumptions, estimate_launch, get_gpu, resident_ctas
 
 
 def _env_without_interpreter():
@@ -281,7 +281,7 @@ _LAYERS_SCRIPT = r"""
 import json, sys, torch
 sys.path.insert(0, "benchmarks")
 import bench_layers
-from fastres.estimate import GPUS
+from fastres.tools.estimate import GPUS
 shape = next(s for s in bench_layers.distinct_convs("resnet18", 2, 64) if s.kernel == 3 and s.stride == 1)
 gpu = GPUS["h100"]
 est = {fused: bench_layers.estimate_ms(shape, torch.float16, fused, gpu) for fused in (False, True)}

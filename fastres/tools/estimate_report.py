@@ -21,8 +21,8 @@ from .estimate import ESTIMATE_BANNER, Gpu, LaunchEstimate, assumption_lines, es
 
 def compile_stats(specs: list, arch: int, progress: bool = False) -> dict[tuple, object]:
     """`KernelStats` per distinct compile key (each binary compiled once)."""
-    from .bench import Progress
-    from .kernels import compile_spec
+    from ..kernels import compile_spec
+    from ..progress import Progress
 
     distinct = {}
     for spec in specs:
@@ -51,10 +51,10 @@ def estimate_model(
     model: str, dtype: torch.dtype, batch: int, image_size: int, gpu: Gpu, progress: bool = False
 ) -> tuple[list[LaunchEstimate], int]:
     """Every node of one forward pass, in order, and how many of them are CUDA-graph nodes."""
-    from .backends.triton_backend import TritonBackend
-    from .planner import plan_resnet
-    from .reference import build_resnet
-    from .specs import get_spec
+    from ..backends.triton_backend import TritonBackend
+    from ..planner import plan_resnet
+    from ..reference import build_resnet
+    from ..specs import get_spec
 
     spec = get_spec(model)
     torch.manual_seed(0)
@@ -144,7 +144,7 @@ def run_estimate(
     rows, graph_nodes = estimate_model(model, dtype, batch, image_size, gpu, progress)
     text = format_estimate(rows, graph_nodes, gpu, batch)
     if out_dir is not None:
-        from .bench import environment
+        from .environment import environment
 
         path = Path(out_dir)
         path.mkdir(parents=True, exist_ok=True)
@@ -173,9 +173,9 @@ def run_estimate(
 def estimate_command(args, argv: list[str]) -> int:
     """`fastres compile-report MODEL --estimate ...` (parsed by fastres.cli): check, then run in a child
     process without TRITON_INTERPRET when it is set."""
+    from ..api import parse_dtype
+    from ..errors import InputError
     from . import compile_report
-    from .api import parse_dtype
-    from .errors import InputError
     from .estimate import get_gpu
 
     gpu = get_gpu(args.gpu, args.assume)  # bad --gpu / --assume fail here, as one line

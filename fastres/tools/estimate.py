@@ -49,7 +49,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, fields
 
-from .errors import InputError
+from ..errors import InputError
 
 ESTIMATE_BANNER = "ESTIMATE from an analytical model (fastres.estimate), not a measurement"
 

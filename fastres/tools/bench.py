@@ -28,19 +28,17 @@ from __future__ import annotations
 import copy
 import math
 import os
-import platform
 import resource
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..progress import Progress
+from .environment import environment
 
 ANCHORS = ("eager", "compile")  # what --compare may name
 # reduce-overhead first: it compiles faster, so a --compile-budget that runs out still leaves one anchor.
@@ -125,99 +123,6 @@ def measure_interleaved(
 def _one_line(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}".strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
-
-
-# ---------------------------------------------------------------------------------------------
-# Environment: what every result row carries
-
-
-def _run(cmd: list[str], cwd: str | None = None) -> str | None:
-    try:
-        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def git_revision() -> str | None:
-    """Short hash of the checkout fastres runs from ('+dirty' with uncommitted changes); None outside git."""
-    where = str(Path(__file__).resolve().parent)
-    rev = _run(["git", "rev-parse", "--short", "HEAD"], cwd=where)
-    if rev and _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where):
-        rev += "+dirty"
-    return rev
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    from . import __version__
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    on_gpu = device.type == "cuda"
-    driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if on_gpu else None
-    return {
-        "device_name": torch.cuda.get_device_name(device) if on_gpu else cpu_name(),
-        "driver": driver.splitlines()[0] if driver else None,
-        "cuda": torch.version.cuda if on_gpu else None,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "fastres": __version__,
-        "python": platform.python_version(),
-        "git_rev": git_revision(),
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        # Other processes on the machine skew CPU timings; the 1-minute load average says how much.
-        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Progress: tqdm when installed (the `progress` extra), else a plain counter on stderr
-
-
-class Progress:
-    def __init__(self, total: int, desc: str, enabled: bool = True):
-        self.total, self.desc, self.enabled, self.done = total, desc, enabled, 0
-        self._bar = None
-        self._last = 0.0
-        self.enabled = enabled and sys.stderr.isatty()  # no bar redraws in logs and captured output
-        if self.enabled:
-            try:
-                from tqdm import tqdm
-
-                self._bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
-            except ImportError:
-                pass
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.update(n)
-        elif time.monotonic() - self._last > 0.5 or self.done >= self.total:
-            self._last = time.monotonic()
-            print(f"\r{self.desc}: {self.done}/{self.total}", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        elif self.enabled and self.done:
-            print(file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,8 +233,8 @@ def _peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> tuple[float,
 
 
 def resolve_device_dtype(config: BenchConfig) -> tuple[torch.device, torch.dtype]:
-    from .api import parse_dtype
-    from .errors import BackendUnavailableError
+    from ..api import parse_dtype
+    from ..errors import BackendUnavailableError
 
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -364,8 +269,8 @@ def load_timed(
     """
     import fastres
 
-    from .specs import MODEL_SPECS
-    from .testing import make_calibrated_model
+    from ..specs import MODEL_SPECS
+    from ..testing import make_calibrated_model
 
     if config.weights is None and config.model in MODEL_SPECS:
         module = make_calibrated_model(config.model, seed=config.seed)
@@ -400,7 +305,7 @@ def anchor_candidates(
 
 def run_benchmark(config: BenchConfig, on_rows: Callable[[list[dict]], None] | None = None) -> BenchResult:
     """Measure fastres against its anchors; `on_rows` gets all rows so far after each batch size."""
-    from .specs import MODEL_SPECS, get_spec
+    from ..specs import MODEL_SPECS, get_spec
 
     device, dtype = resolve_device_dtype(config)
     if not os.path.exists(config.model):

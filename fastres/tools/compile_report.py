@@ -69,10 +69,10 @@ def collect_specs(
     model: str, dtype: torch.dtype, batch: int, height: int, width: int, arch: int, num_classes: int = 1000
 ) -> tuple[list[tuple[Any, int]], int]:
     """Distinct kernel specs this model launches, each with its launch count, and the total launches."""
-    from .backends.triton_backend import TritonBackend
-    from .planner import plan_resnet
-    from .reference import build_resnet
-    from .specs import get_spec
+    from ..backends.triton_backend import TritonBackend
+    from ..planner import plan_resnet
+    from ..reference import build_resnet
+    from ..specs import get_spec
 
     spec = get_spec(model)
     torch.manual_seed(0)
@@ -100,8 +100,8 @@ def _variant(spec) -> str:
 
 
 def compile_all(specs: list[tuple[Any, int]], arch: int, progress: bool = True) -> list[KernelReport]:
-    from .bench import Progress
-    from .kernels import compile_spec
+    from ..kernels import compile_spec
+    from ..progress import Progress
 
     reports = []
     bar = Progress(len(specs), f"compiling for sm_{arch}", progress)
@@ -198,7 +198,7 @@ def run(
     reports = compile_all(specs, arch_num, progress)
     total = time.perf_counter() - start
     if out_dir is not None:
-        from .bench import environment
+        from .environment import environment
 
         path = Path(out_dir)
         path.mkdir(parents=True, exist_ok=True)
