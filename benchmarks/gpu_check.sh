@@ -4,8 +4,8 @@
 #   benchmarks/gpu_check.sh [--dry-run]
 #
 # For a machine with no package registry (torch, Triton and Python preinstalled): installs fastres
-# without network, prints the GPU and versions, runs the GPU tests, the model benchmarks, the per-layer
-# conv benchmark with the performance model's estimate beside each layer, and the model's full-network
+# without network, prints the GPU and versions, runs the CUDA-graph smoke checks (gpu_smoke.py), the GPU
+# tests, the model benchmarks, the per-layer conv benchmark with the performance model's estimate beside each layer, and the model's full-network
 # estimate for this card at batch 1 and 256 (estimate/*.json; the sm_90/sm_80 compile reports run in CI). Logs, CSV, JSON and plots go to $OUT when set, else
 # ./gpu-check-results/. Each stage has its own time budget (timeout) and a failing stage does not stop
 # the next; the budgets add up to under 8 minutes. A short summary table (stage, status, seconds) is
@@ -38,15 +38,18 @@ if [ "$DRY_RUN" = 0 ] && [ "$(timeout 60 "$PY" -c 'import torch; print(torch.cud
 fi
 
 # name, budget in seconds, needs a GPU (1/0). The budgets, plus the kill grace per stage, stay under 480 s.
-# The GPU tests get the largest share: a fresh machine compiles every kernel variant once (no warm cache).
+# The smoke stage comes first: it answers the CUDA-graph path's known failure modes (issue 19) even when
+# a later stage runs long, and it compiles resnet18's and resnet50's fp16 kernels, which later stages then
+# find in Triton's cache. The GPU tests get the largest share of the rest.
 STAGES=(
   "install 15 0"
   "versions 15 0"
-  "pytest-gpu 165 1"
-  "bench-resnet50 130 1"
-  "bench-resnet18 30 1"
-  "layers-resnet50 50 1"
-  "estimate-resnet50 35 1"
+  "smoke 100 1"
+  "pytest-gpu 125 1"
+  "bench-resnet50 100 1"
+  "bench-resnet18 20 1"
+  "layers-resnet50 35 1"
+  "estimate-resnet50 30 1"
 )
 total=0
 for s in "${STAGES[@]}"; do set -- $s; total=$((total + $2 + GRACE)); done
@@ -59,6 +62,7 @@ stage_cmd() {
     versions) echo "(nvidia-smi || echo 'nvidia-smi: not available'); $PY -m fastres --version; \
 $PY -c 'import sys, torch, triton; print(\"python\", sys.version.split()[0], \"| torch\", torch.__version__, \
 \"cuda\", torch.version.cuda, \"| triton\", triton.__version__)'; git rev-parse --short HEAD 2>/dev/null || true" ;;
+    smoke) echo "$PY benchmarks/gpu_smoke.py" ;;
     # Three pytest processes at once: a fresh machine spends most of this stage compiling Triton kernels,
     # one at a time per process, and the GPU machine has cores to spare. Each gets its own timeout so
     # no orphan outlives the stage.
