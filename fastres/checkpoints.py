@@ -147,8 +147,15 @@ def _summary(exc: BaseException) -> str:
 
 
 def _unreadable(path: Path, exc: BaseException, kind: str = "PyTorch") -> CheckpointError:
+    # torch's own text for junk bytes is its weights_only advice, which cannot help with a corrupt
+    # file: say what the bytes are not, and what to do.
+    size = path.stat().st_size if path.exists() else 0
+    what = "the file is empty" if size == 0 else f"{size} bytes: truncated, corrupt or another format"
+    detail = "" if "weights only load failed" in str(exc).lower() else f"; {_summary(exc)}"
     return CheckpointError(
-        f"{path} is not a readable {kind} checkpoint (truncated, corrupt or another format): {_summary(exc)}"
+        f"{path} is not a readable {kind} checkpoint ({what}{detail}). Re-download or re-save it "
+        "(torch.save(model.state_dict(), path)), "
+        "or pass a .safetensors file"
     )
 
 

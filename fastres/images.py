@@ -77,6 +77,8 @@ def decode_image(source: bytes | str | os.PathLike) -> torch.Tensor:
             raise FileNotFoundError(f"image not found: {what}")
         if os.path.isdir(what):
             raise InputError(f"{what} is a folder, not an image; use find_images() to list its images")
+        if os.path.getsize(what) == 0:
+            raise ImageDecodeError(f"cannot decode {what}: the file is empty (0 bytes)")
     else:
         raise TypeError(f"decode_image takes a path or encoded bytes, got {type(source).__name__}")
     try:

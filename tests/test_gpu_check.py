@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
-GPU_STAGES = ("smoke", "pytest-gpu", "bench-resnet50", "bench-resnet18", "layers-resnet50", "estimate-resnet50")
+GPU_STAGES = (
+    "smoke", "pytest-gpu", "bench-resnet50", "bench-resnet18", "layers-resnet50", "estimate-resnet50",
+)  # fmt: skip
 
 
 def test_dry_run_skips_gpu_stages_and_fits_the_budget(tmp_path):

@@ -70,3 +70,20 @@ def test_newcomer_paths(tmp_path):
     from fastres.classify import summary
 
     assert summary(1, 0, 1.0).startswith("classified 1 image in")
+
+
+def test_garbage_checkpoint_and_empty_image_say_what_is_wrong(tmp_path):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(torch.randint(0, 256, (3000,), dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(fastres.CheckpointError) as info:
+        fastres.load("resnet18", weights=garbage)
+    message = str(info.value)
+    assert "3000 bytes" in message and "corrupt" in message and "Re-download or re-save" in message
+    assert "weights_only" not in message, "torch's weights_only advice does not help with a corrupt file"
+    pytest.importorskip("PIL")
+    from fastres.images import decode_image
+
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(fastres.ImageDecodeError, match="empty"):
+        decode_image(empty)
