@@ -140,3 +140,22 @@ def test_write_results_gives_parsable_csv_and_json(tiny_run):
     assert "speedup_vs_eager-channels-last" in table[0]
     text = bench_report.format_table(result.rows)
     assert "eager-channels-last" in text and "median ms" in text
+
+
+def _row(candidate: str, median: float, p90: float, load: float | None = 0.1) -> dict:
+    return {"batch": 8, "candidate": candidate, "median_ms": median, "p90_ms": p90,
+            "throughput_img_s": 8e3 / median, "fastres_speedup": 1.0, "first_result_s": 0.5,
+            "peak_mem_mb": 10.0, "error": None, "device": "cpu", "load_avg_1m": load}  # fmt: skip
+
+
+def test_a_disturbed_run_is_flagged_under_the_table():
+    quiet = [_row("fastres", 199.0, 205.0), _row("eager", 327.0, 330.0)]
+    assert bench_report.disturbance_note(quiet, cores=2) is None
+    text = bench_report.format_table(quiet)
+    assert "WARNING" not in text and "noisy" not in text
+    spread = [_row("fastres", 1040.0, 1900.0), _row("eager", 327.0, 330.0)]
+    table = bench_report.format_table(spread)
+    assert "noisy" in table.splitlines()[2] and "noisy" not in table.splitlines()[3]
+    assert "WARNING: this run was disturbed" in table and "1 row(s)" in table
+    loaded = [_row("fastres", 199.0, 205.0, load=3.5)]
+    assert "load average reached 3.5 on 2 cores" in bench_report.disturbance_note(loaded, cores=2)

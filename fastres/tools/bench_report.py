@@ -9,6 +9,35 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+# A row whose 90th percentile is this far above its median was disturbed (other processes, clocks,
+# thermal throttling): its median may be far from a quiet run's, so the table says so.
+NOISY_SPREAD = 1.25
+# A 1-minute load average above this share of the cores means other work competed for the CPU.
+BUSY_LOAD_PER_CORE = 0.5
+
+
+def _spread(r: dict[str, Any]) -> float | None:
+    if not r.get("median_ms") or r.get("p90_ms") is None:
+        return None
+    return r["p90_ms"] / r["median_ms"]
+
+
+def disturbance_note(rows: list[dict[str, Any]], cores: int | None = None) -> str | None:
+    """A warning for the foot of the table when the spread or the machine's load says the run was noisy."""
+    noisy = [r for r in rows if (_spread(r) or 0) > NOISY_SPREAD]
+    cores = cores or os.cpu_count() or 1
+    loads = [r["load_avg_1m"] for r in rows if r.get("load_avg_1m") is not None]
+    busy = bool(loads) and rows[0].get("device") == "cpu" and max(loads) > BUSY_LOAD_PER_CORE * cores
+    if not noisy and not busy:
+        return None
+    parts = []
+    if noisy:
+        parts.append(f"{len(noisy)} row(s) marked 'noisy' have p90 > {NOISY_SPREAD:g}x their median")
+    if busy:
+        parts.append(f"the 1-minute load average reached {max(loads):.1f} on {cores} cores")
+    reasons = "; ".join(parts)
+    return f"WARNING: this run was disturbed ({reasons}): rerun on a quiet machine before quoting it"
+
 
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
@@ -28,7 +57,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 _fmt(r["fastres_speedup"], ".2f"),
                 _fmt(r["first_result_s"], ".2f"),
                 _fmt(r["peak_mem_mb"], ",.0f"),
-                r["error"] or "",
+                r["error"] or ("noisy" if (_spread(r) or 0) > NOISY_SPREAD else ""),
             )
         )
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header) - 1)]
@@ -41,7 +70,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         if i and rows[i]["batch"] != rows[i - 1]["batch"]:
             out.append("")
         out.append(line(row))
-    return "\n".join(out)
+    note = disturbance_note(rows)
+    return "\n".join(out + ([note] if note else []))
 
 
 def describe_run(rows: list[dict[str, Any]]) -> str:
