@@ -1,4 +1,4 @@
-"""The command line (fastres/cli.py), run in-process through main(argv), plus subprocess smoke tests."""
+"""The command line (fastres/cli/), run in-process through main(argv), plus subprocess smoke tests."""
 
 import csv
 import json
@@ -140,7 +140,7 @@ def test_check_passes_and_shows_the_layer_report(capsys, one_thread):
 
 
 def test_layer_report_marks_where_drift_starts():
-    from fastres.cli import format_layer_report
+    from fastres.cli.check import format_layer_report
     from fastres.engine import LayerError
 
     layers = [
