@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             return int(exc.code or 0)
         args.argv = argv  # compile-report re-runs itself in a subprocess with the same arguments
         return args.run(args)
-    except (UsageError, FastresError, FileNotFoundError, ValueError) as exc:
+    # Only errors raised on purpose for the user (and a missing file) become one line; anything else,
+    # a bare ValueError included, is a bug and keeps its traceback.
+    except (UsageError, FastresError, FileNotFoundError) as exc:
         message = str(exc).strip().splitlines() or [type(exc).__name__]
         print(f"fastres: error: {message[0]}", file=sys.stderr)
         return 2
