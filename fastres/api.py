@@ -11,7 +11,7 @@ from torch import nn
 from .backends import BACKENDS, create_backend
 from .checkpoints import Architecture, infer_architecture, load_checkpoint, resolve_model, validate_state_dict
 from .engine import Engine
-from .errors import BackendUnavailableError
+from .errors import BackendUnavailableError, ConfigError
 from .planner import plan_resnet
 from .reference import build_resnet
 from .specs import IMAGENET_MEAN, IMAGENET_STD
@@ -34,7 +34,7 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
         return dtype
     if isinstance(dtype, str) and dtype.lower() in _DTYPE_NAMES:
         return _DTYPE_NAMES[dtype.lower()]
-    raise ValueError(f"unsupported dtype {dtype!r}; use float16 (fp16), bfloat16 (bf16) or float32 (fp32)")
+    raise ConfigError(f"unsupported dtype {dtype!r}; use float16 (fp16), bfloat16 (bf16) or float32 (fp32)")
 
 
 def _resolve_device_dtype_backend(device, dtype, backend) -> tuple[torch.device, torch.dtype, str]:
@@ -51,7 +51,7 @@ def _resolve_device_dtype_backend(device, dtype, backend) -> tuple[torch.device,
     dtype = parse_dtype(dtype) if dtype is not None else (torch.float16 if on_gpu else torch.float32)
     backend = backend or ("triton" if on_gpu else "torch")
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "triton":
         if device.type not in ("cuda", "cpu"):
             raise BackendUnavailableError(f"the triton backend runs on CUDA GPUs, not on {device}")
@@ -74,7 +74,7 @@ def _build_engine(
     options = {}
     if allow_tf32:
         if dtype != torch.float32 or backend == "reference":
-            raise ValueError("allow_tf32=True applies to float32 with the triton or torch backend")
+            raise ConfigError("allow_tf32=True applies to float32 with the triton or torch backend")
         options["allow_tf32"] = True
     if backend == "reference":
         options["module"] = build_resnet(arch.spec, arch.num_classes, state_dict)

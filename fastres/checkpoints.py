@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .errors import ArchitectureMismatchError, CheckpointError, UnknownModelError
+from .errors import ArchitectureMismatchError, CheckpointError, ConfigError, UnknownModelError
 from .reference import build_resnet
 from .specs import MODEL_SPECS, ResNetSpec, find_spec, get_spec
 
@@ -368,7 +368,7 @@ def _check_num_classes(num_classes: int | None) -> None:
     if num_classes is not None and (
         not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1
     ):
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        raise ConfigError(f"num_classes must be a positive int, got {num_classes!r}")
 
 
 def _from_checkpoint(state: dict[str, Tensor], num_classes: int | None) -> Architecture:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import ConfigError
 from .images import decode_image
 from .transforms import ImageTransform
 
@@ -103,7 +104,7 @@ def classify_files(
     """
     device = engine.device if engine.device.type == "cuda" else None
     if batch < 1 or topk < 1:
-        raise ValueError(f"batch and topk must be at least 1, got {batch} and {topk}")
+        raise ConfigError(f"batch and topk must be at least 1, got {batch} and {topk}")
     prefetch = 2 * batch if prefetch is None else prefetch
     groups: dict[tuple[int, int], list[tuple[int, Path, torch.Tensor]]] = {}
     done: dict[int, Classified] = {}
@@ -203,7 +204,7 @@ def summary(ok: int, failed: int, seconds: float) -> str:
 def classify_command(args) -> int:
     """`fastres classify` after argument parsing (fastres.cli): exit status 0, or 1 if a file failed.
 
-    Mistakes a user can fix raise ValueError/FastresError, which the CLI prints as one line (exit 2).
+    Mistakes a user can fix raise a FastresError, which the CLI prints as one line (exit 2).
     """
     import fastres
 
@@ -214,7 +215,7 @@ def classify_command(args) -> int:
 
     workers = DEFAULT_WORKERS if args.workers is None else args.workers
     if args.topk < 1 or args.batch < 1 or workers < 0:
-        raise ValueError(
+        raise ConfigError(
             f"need --topk >= 1, --batch >= 1, --workers >= 0; got {args.topk}, {args.batch}, {workers}"
         )
     files = find_images(args.paths)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .backends import Backend
 from .checkpoints import Architecture
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .graph import execute, normalize
 from .labels import load_labels
 from .numerics import relative_error
@@ -142,12 +142,12 @@ class Engine:
         labels=None,
     ):
         if max_batch < 1 or max_cached_shapes < 1:
-            raise ValueError("max_batch and max_cached_shapes must be at least 1")
+            raise ConfigError("max_batch and max_cached_shapes must be at least 1")
         self.plan, self.backend, self.architecture = plan, backend, architecture
         self.device, self.dtype = backend.device, backend.dtype
         self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
-            raise ValueError("cuda_graphs=True needs a CUDA device")
+            raise ConfigError("cuda_graphs=True needs a CUDA device")
         self.max_batch, self.max_cached_shapes = max_batch, max_cached_shapes
         self._state_dict = state_dict
         self.labels: list[str] = load_labels(labels, architecture.num_classes)
@@ -196,7 +196,7 @@ class Engine:
     def predict(self, x: Tensor, topk: int = 5, layout: str | None = None) -> list[list[Prediction]]:
         """Per image, its `topk` most probable classes (best first) with softmax probabilities and names."""
         if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
-            raise ValueError(f"topk must be a positive integer, got {topk!r}")
+            raise ConfigError(f"topk must be a positive integer, got {topk!r}")
         probs = self(x, layout).float().softmax(dim=1)
         top = probs.topk(min(topk, self.num_classes), dim=1)
         values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()

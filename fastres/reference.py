@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .specs import MODEL_SPECS, STAGE_PLANES, STEM_CHANNELS, ResNetSpec, get_spec
 
 
@@ -84,7 +84,7 @@ class ResNet(nn.Module):
     def __init__(self, spec: ResNetSpec, num_classes: int = 1000):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+            raise ConfigError(f"num_classes must be a positive int, got {num_classes!r}")
         self.spec = spec
         self.inplanes = STEM_CHANNELS
         self.conv1 = nn.Conv2d(3, STEM_CHANNELS, kernel_size=7, stride=2, padding=3, bias=False)

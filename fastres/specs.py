@@ -6,7 +6,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Literal
 
-from .errors import UnknownModelError
+from .errors import ConfigError, UnknownModelError
 
 BlockKind = Literal["basic", "bottleneck"]
 
@@ -29,12 +29,12 @@ def check_normalization(mean, std) -> tuple[tuple[float, float, float], tuple[fl
         try:
             t = tuple(float(c) for c in v)
         except (TypeError, ValueError):
-            raise ValueError(f"{name} must be three numbers (R, G, B), got {v!r}") from None
+            raise ConfigError(f"{name} must be three numbers (R, G, B), got {v!r}") from None
         if len(t) != 3 or not all(math.isfinite(c) for c in t):
-            raise ValueError(f"{name} must be three finite numbers (R, G, B), got {v!r}")
+            raise ConfigError(f"{name} must be three finite numbers (R, G, B), got {v!r}")
         values.append(t)
     if min(values[1]) <= 0:
-        raise ValueError(f"std must be positive per channel, got {std!r}")
+        raise ConfigError(f"std must be positive per channel, got {std!r}")
     return values[0], values[1]
 
 

@@ -1,4 +1,4 @@
-"""The command line (fastres/cli.py), run in-process through main(argv), plus subprocess smoke tests."""
+"""The command line (fastres/cli/), run in-process through main(argv), plus subprocess smoke tests."""
 
 import csv
 import json
@@ -13,6 +13,7 @@ from helpers import BENCH_ROW_COLUMNS
 
 import fastres
 from fastres.cli import main
+from fastres.errors import ConfigError
 
 SUBCOMMANDS = ("bench", "info", "check", "compile-report")
 
@@ -46,6 +47,38 @@ def test_missing_images_file_is_one_line(capsys, tmp_path):
 def test_bad_arch_is_one_line(capsys):
     code, _, err = run_cli(capsys, "compile-report", "resnet18", "--arch", "sm_75", "--dtype", "fp16")
     assert code == 2 and err.count("\n") == 1 and "sm_90" in err
+
+
+def test_internal_value_error_is_a_traceback_not_exit_2(capsys, monkeypatch):
+    def buggy_planner(*args, **kwargs):
+        raise ValueError("internal invariant broken")
+
+    monkeypatch.setattr("fastres.planner.plan_resnet", buggy_planner)
+    with pytest.raises(ValueError, match="internal invariant broken"):
+        main(["info", "resnet18"])
+    assert capsys.readouterr().err == ""
+
+
+def test_user_error_from_inside_a_command_is_exit_2(capsys, monkeypatch):
+    def refusing_planner(*args, **kwargs):
+        raise ConfigError("the planner refuses this option; use another")
+
+    monkeypatch.setattr("fastres.planner.plan_resnet", refusing_planner)
+    code, out, err = run_cli(capsys, "info", "resnet18")
+    assert code == 2 and out == ""
+    assert err == "fastres: error: the planner refuses this option; use another\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["info", "resnet18", "--batch", "0"], "--batch and --image-size must be at least 1"),
+        (["bench", "resnet18", "--device", "cpu", "--compare", "eagre"], "--compare takes eager, compile"),
+    ],
+)
+def test_bad_option_value_is_one_line(capsys, argv, message):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1 and message in err
 
 
 def test_no_command_is_an_error(capsys):
@@ -140,7 +173,7 @@ def test_check_passes_and_shows_the_layer_report(capsys, one_thread):
 
 
 def test_layer_report_marks_where_drift_starts():
-    from fastres.cli import format_layer_report
+    from fastres.cli.check import format_layer_report
     from fastres.engine import LayerError
 
     layers = [
@@ -169,3 +202,19 @@ def test_console_script_smoke():
     assert done.returncode == 0 and "fused :" in done.stdout
     done = subprocess.run([exe, "info", "nonet"], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_output_into_a_closed_pipe_is_not_a_traceback():
+    import subprocess
+    import sys
+
+    # `fastres info resnet50 | head -n 1`: the reader leaves after one line.
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "fastres", "info", "resnet152", "--batch", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    writer.stdout.readline()
+    writer.stdout.close()
+    _, err = writer.communicate(timeout=120)
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()
+    assert writer.returncode in (0, 141)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import ConfigError
 from .base import Backend, Observer
 from .reference_backend import ReferenceBackend
 from .torch_backend import TorchBackend
@@ -18,7 +19,7 @@ def create_backend(name: str, plan, device, dtype, **options) -> Backend:
         from .triton_backend import TritonBackend  # imports triton: only when asked for
 
         return TritonBackend(plan, device, dtype, **options)
-    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
 __all__ = ["BACKENDS", "Backend", "Observer", "create_backend"]

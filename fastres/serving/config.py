@@ -6,6 +6,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from ..errors import ConfigError
 from ..specs import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -42,8 +43,8 @@ class ServeConfig:
 
     def __post_init__(self):
         if min(self.max_batch, self.max_body_bytes, self.max_pixels) < 1 or self.batch_wait_ms < 0:
-            raise ValueError("max_batch, max_body_bytes and max_pixels must be positive, batch_wait_ms >= 0")
+            raise ConfigError("max_batch, max_body_bytes and max_pixels must be positive, batch_wait_ms >= 0")
         if not re.fullmatch(r"[\w.\-]+", self.model_name):
-            raise ValueError(
+            raise ConfigError(
                 f"model name {self.model_name!r} must be letters, digits, '_', '-' or '.'; use --name"
             )

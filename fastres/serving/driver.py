@@ -23,7 +23,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from ..api import load, parse_dtype
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, ConfigError
 from .config import ServeConfig
 
 # -- the driver: start Ray (or join a cluster), deploy, wait until HTTP answers, shut down ----------
@@ -72,7 +72,7 @@ def start(
     """
     ray, serve, deployment = _import_ray_serve()
     if replicas < 1 or not 0 < gpus_per_replica <= 1:
-        raise ValueError(
+        raise ConfigError(
             "replicas must be at least 1 and gpus_per_replica in (0, 1]; add replicas for more GPUs"
         )
     if address is None:  # on a cluster the files need only exist on the nodes that run replicas

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from ..progress import Progress
 from .environment import environment
 
@@ -248,13 +249,13 @@ def resolve_device_dtype(config: BenchConfig) -> tuple[torch.device, torch.dtype
     )
     unknown = set(config.compare) - set(ANCHORS)
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"--compare takes {', '.join(ANCHORS)} (comma-separated), got {', '.join(sorted(unknown))}"
         )
     if not config.batches or any(b < 1 for b in config.batches):
-        raise ValueError(f"batch sizes must be at least 1, got {list(config.batches)}")
+        raise ConfigError(f"batch sizes must be at least 1, got {list(config.batches)}")
     if config.image_size < 32:
-        raise ValueError(f"--image-size must be at least 32 (five stride-2 stages), got {config.image_size}")
+        raise ConfigError(f"--image-size must be at least 32 (five stride-2 stages), got {config.image_size}")
     return device, dtype
 
 
@@ -314,7 +315,7 @@ def run_benchmark(config: BenchConfig, on_rows: Callable[[list[dict]], None] | N
     repeats = config.repeats or (50 if on_gpu else 10)
     warmup = config.warmup if config.warmup is not None else (5 if on_gpu else 2)
     if repeats < 1:
-        raise ValueError(f"--repeats must be at least 1, got {repeats}")
+        raise ConfigError(f"--repeats must be at least 1, got {repeats}")
     if on_gpu:
         torch.cuda.init()
         torch.empty(1, device=device)  # CUDA context up front: the cold load should not pay for it

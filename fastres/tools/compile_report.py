@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
+
 ARCHS = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90}
 
 
@@ -38,7 +40,7 @@ def interpreter_enabled() -> bool:
 def parse_arch(arch: str) -> int:
     digits = arch.lower().removeprefix("sm").lstrip("_")
     if f"sm_{digits}" not in ARCHS:
-        raise ValueError(f"unsupported --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        raise ConfigError(f"unsupported --arch {arch!r}; choose one of {', '.join(ARCHS)}")
     return ARCHS[f"sm_{digits}"]
 
 
@@ -181,7 +183,7 @@ def run(
     """Print the report; 0 when every kernel compiled without spills, 1 otherwise."""
     arch_num = parse_arch(arch)
     if batch < 1 or image_size < 32:
-        raise ValueError(f"need --batch >= 1 and --image-size >= 32, got {batch} and {image_size}")
+        raise ConfigError(f"need --batch >= 1 and --image-size >= 32, got {batch} and {image_size}")
     if interpreter_enabled():
         raise RuntimeError(
             "compile-report cannot compile under TRITON_INTERPRET; use main(), which re-runs "

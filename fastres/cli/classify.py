@@ -1,0 +1,61 @@
+"""`fastres classify`: image files or folders in, top-k labels out."""
+
+from __future__ import annotations
+
+from .args import BACKENDS, DTYPES, UsageError, add_command, add_device, add_weights, examples
+
+
+def add_parser(subparsers) -> None:
+    p = add_command(
+        subparsers,
+        "classify",
+        help="image files or folders in, top-k labels out",
+        description="Classify image files (JPEG, PNG, WebP, BMP; folders searched recursively) with\n"
+        "torchvision's evaluation preprocessing for the weights (resize, centre crop), decoded with\n"
+        "Pillow in a thread pool ahead of the engine. One table row, or with --json one JSON object,\n"
+        "per file on stdout. A file that cannot be decoded is reported on stderr and skipped; the\n"
+        "exit status is then 1. Without --weights the network is random (a warning says so).",
+        epilog=examples(
+            "fastres classify photos/ --weights DEFAULT",
+            "fastres classify cat.jpg dog.png --model resnet18 --weights IMAGENET1K_V1 --topk 3",
+            "fastres classify data/ --weights finetune.pth --labels classes.txt --json > preds.jsonl",
+            "fastres classify data/ --model resnet50 --weights best.pt --resize 160 --crop 144",
+        ),
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders")
+    p.add_argument("--model", default="resnet50", help="model name or checkpoint path (default resnet50)")
+    add_weights(p)
+    add_device(p)
+    p.add_argument("--dtype", choices=DTYPES, help="default fp16 on CUDA, fp32 on the CPU")
+    p.add_argument("--backend", choices=BACKENDS, help="fastres backend")
+    p.add_argument("--topk", type=int, default=5, metavar="K", help="labels per image (default 5)")
+    p.add_argument("--batch", type=int, default=64, metavar="N", help="images per batch (default 64)")
+    p.add_argument(
+        "--labels", metavar="FILE", help="class names, one per line (default: ImageNet's for 1000 classes)"
+    )
+    p.add_argument(
+        "--resize", type=int, metavar="PX", help="short side before the crop (default: the weights'; 0: none)"
+    )
+    p.add_argument("--crop", type=int, metavar="PX", help="centre crop size (default: the weights'; 0: none)")
+    p.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="default ImageNet's")
+    p.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="default ImageNet's")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="decoding threads (default min(8, CPUs)); 0 decodes in the main thread, no prefetch",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..classify import classify_command
+    from ..images import require_pillow
+
+    try:
+        require_pillow()
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    return classify_command(args)

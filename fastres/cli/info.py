@@ -1,0 +1,51 @@
+"""`fastres info`: the fused-op plan of a model, with FLOPs and memory traffic."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import ConfigError
+from .args import add_command, add_model_args, examples, parse_dtype
+
+
+def add_parser(subparsers) -> None:
+    p = add_command(
+        subparsers,
+        "info",
+        help="print the fused-op plan with FLOPs and memory traffic",
+        description="Print the fused-op table of a model for one input size, with FLOPs and bytes per op\n"
+        "and the totals against eager execution. Needs only shapes: no weights are read for a name.",
+        epilog=examples(
+            "fastres info resnet50",
+            "fastres info resnext50_32x4d --batch 64 --dtype bf16",
+            "fastres info checkpoints/best.pt   # architecture inferred from the checkpoint",
+        ),
+    )
+    add_model_args(p, "element size for the byte counts (default fp16)")
+    p.add_argument("--batch", type=int, default=1, metavar="N", help="batch size (default 1)")
+    p.add_argument("--num-classes", type=int, default=1000, metavar="K", help="classifier size for a name")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..checkpoints import resolve_model
+    from ..planner import plan_resnet
+    from ..reference import build_resnet
+    from ..specs import MODEL_SPECS, get_spec
+
+    if args.batch < 1 or args.image_size < 1:
+        raise ConfigError(
+            f"--batch and --image-size must be at least 1, got {args.batch} and {args.image_size}"
+        )
+    if args.model not in MODEL_SPECS and os.path.exists(args.model):
+        arch, state_dict = resolve_model(args.model)
+        spec, num_classes = arch.spec, arch.num_classes
+    else:
+        spec, num_classes = get_spec(args.model), args.num_classes
+        with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
+            state_dict = build_resnet(spec, num_classes).state_dict()
+    plan = plan_resnet(spec, num_classes, state_dict)
+    print(plan.describe(args.batch, args.image_size, args.image_size, parse_dtype(args.dtype or "fp16")))
+    return 0

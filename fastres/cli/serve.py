@@ -1,0 +1,82 @@
+"""`fastres serve`: an Open Inference Protocol (KServe v2) HTTP endpoint on Ray Serve."""
+
+from __future__ import annotations
+
+from .args import BACKENDS, DEVICES, DTYPES, add_command, examples
+
+
+def add_parser(subparsers) -> None:
+    p = add_command(
+        subparsers,
+        "serve",
+        help="an HTTP endpoint (Open Inference Protocol, KServe v2) on Ray Serve, with dynamic batching",
+        description="Serve MODEL over HTTP with the Open Inference Protocol (KServe v2: tritonclient and\n"
+        "KServe clients work unchanged) plus POST /v1/classify for image files. Starts a local Ray\n"
+        "instance, or joins a cluster with --address; one engine per replica, one GPU each when the\n"
+        "cluster has GPUs. Concurrent requests are batched. Needs: pip install 'fastres[serve]'.",
+        epilog=examples(
+            "fastres serve resnet50 --weights DEFAULT",
+            "fastres serve resnet50 --weights ft.pth --labels labels.txt --name birds --port 8080",
+            "fastres serve resnet50 --weights DEFAULT --address auto --replicas 8   # on a Ray cluster",
+        ),
+    )
+    p.add_argument("model", help="a model name (resnet18 ... wide_resnet101_2) or a checkpoint path")
+    p.add_argument("--weights", help="checkpoint path or torchvision weight name (IMAGENET1K_V2, DEFAULT)")
+    p.add_argument("--name", help="the model name in URLs (default: MODEL)")
+    p.add_argument("--device", choices=DEVICES, help="default: cuda when the cluster has GPUs")
+    p.add_argument("--dtype", choices=DTYPES, help="default: fp16 on GPUs, fp32 on CPUs")
+    p.add_argument("--backend", choices=BACKENDS, help="default: triton on GPUs")
+    p.add_argument("--num-classes", type=int, help="classes of the checkpoint's head (default: inferred)")
+    p.add_argument("--replicas", type=int, default=1, help="engines to run (default 1)")
+    p.add_argument(
+        "--gpus-per-replica", type=float, default=1.0, help="GPU share per replica, <= 1 (default 1)"
+    )
+    p.add_argument("--cpus-per-replica", type=float, help="on CPUs; default: the CPUs divided evenly")
+    p.add_argument("--max-batch", type=int, default=64, help="most images per engine call (default 64)")
+    p.add_argument(
+        "--batch-wait-ms", type=float, default=2.0, help="longest wait to fill a batch (default 2)"
+    )
+    p.add_argument("--max-body-mb", type=float, default=128.0, help="largest request body (default 128)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--labels", help="text file with one class name per line (default: ImageNet names)")
+    p.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="uint8 normalisation mean")
+    p.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="uint8 normalisation std")
+    p.add_argument("--resize", type=int, help="/v1/classify: short side (default: the weights' recipe)")
+    p.add_argument("--crop", type=int, help="/v1/classify: centre crop (default: the weights' recipe, 224)")
+    p.add_argument("--warmup-size", type=int, default=224, help="image size run before ready (default 224)")
+    p.add_argument("--address", help="join this Ray cluster ('auto', HOST:6379) instead of starting one")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from .. import serving
+
+    options = {} if args.mean is None else {"mean": tuple(args.mean)}
+    options.update({} if args.std is None else {"std": tuple(args.std)})
+    config = serving.ServeConfig(
+        args.model,
+        weights=args.weights,
+        name=args.name,
+        device=args.device,
+        dtype=args.dtype,
+        backend=args.backend,
+        num_classes=args.num_classes,
+        labels=args.labels,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+        max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        warmup_size=args.warmup_size,
+        resize=args.resize,
+        crop=args.crop,
+        **options,
+    )
+    return serving.serve_forever(
+        config,
+        replicas=args.replicas,
+        gpus_per_replica=args.gpus_per_replica,
+        cpus_per_replica=args.cpus_per_replica,
+        host=args.host,
+        port=args.port,
+        address=args.address,
+    )
