@@ -93,10 +93,13 @@ def fold_batchnorm(ops: list[Op]) -> list[Op]:
             result[result.index(conv)] = new
         else:
             result.append(op)
-    for op in result:
-        if isinstance(op, ConvOp) and op.name not in folded:
-            op.weight, op.bias = to_float64(op.weight), to_float64(op.bias)
-    return result
+    # A conv without BN still leaves in float64, like every folded one; a copy, its input stays as given.
+    return [
+        dataclasses.replace(op, weight=to_float64(op.weight), bias=to_float64(op.bias))
+        if isinstance(op, ConvOp) and op.name not in folded
+        else op
+        for op in result
+    ]
 
 
 def fuse_residual(ops: list[Op]) -> list[Op]:
@@ -134,20 +137,23 @@ def fuse_relu(ops: list[Op]) -> list[Op]:
     """ReLU after a conv (including one with a fused residual) -> that conv's epilogue."""
     result: list[Op] = []
     users = _consumers(ops)
-    renamed: dict[str, str] = {}
+    renamed: dict[str, str] = {}  # a fused ReLU's output -> the conv output that now carries it
+    position: dict[str, int] = {}  # value -> index in result of the op producing it
     for op in ops:
-        op.inputs = [renamed.get(v, v) for v in op.inputs]
-        if isinstance(op, ReluOp):
-            producer = _producers(result).get(op.inputs[0])
+        inputs = [renamed.get(v, v) for v in op.inputs]
+        if isinstance(op, ReluOp) and inputs[0] in position:
+            producer = result[position[inputs[0]]]
+            # `users` holds the ops as given, so the sole-consumer test compares against `op` itself.
             if (
                 isinstance(producer, ConvOp)
                 and not producer.relu
                 and _sole_consumer(users, producer.output) is op
             ):
-                producer.relu = True
+                result[position[inputs[0]]] = dataclasses.replace(producer, relu=True)
                 renamed[op.output] = producer.output
                 continue
-        result.append(op)
+        position[op.output] = len(result)
+        result.append(op if inputs == op.inputs else dataclasses.replace(op, inputs=inputs))
     return result
 
 
@@ -461,7 +467,7 @@ def plan_resnet(
     """
     mean, std = check_normalization(mean, std)
     eager = build_eager_graph(spec, state_dict)
-    ops = fuse_relu(fuse_residual(fold_batchnorm(build_eager_graph(spec, state_dict))))
+    ops = fuse_relu(fuse_residual(fold_batchnorm(eager)))
     if fuse_shortcuts:
         ops = fuse_shortcut(ops)
     ops = fuse_head(ops)
