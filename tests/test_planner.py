@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+import fastres
 from fastres.graph import (
     INPUT,
     LOGITS,
@@ -18,7 +19,7 @@ from fastres.graph import (
     execute,
 )
 from fastres.numerics import assert_close
-from fastres.planner import (
+from fastres.passes import (
     assign_buffers,
     fold_batchnorm,
     fold_normalization,
@@ -26,8 +27,8 @@ from fastres.planner import (
     fuse_relu,
     fuse_residual,
     fuse_shortcut,
-    plan_resnet,
 )
+from fastres.planner import plan_resnet, planning_passes
 from fastres.reference import build_resnet
 from fastres.specs import MODEL_SPECS, get_spec
 from fastres.testing import make_calibrated_model, random_images
@@ -264,3 +265,29 @@ def test_plan_keeps_the_eager_graph_it_was_built_from(resnet18_state):
     plan = plan_resnet(get_spec("resnet18"), 10, resnet18_state)
     eager = build_eager_graph(get_spec("resnet18"), resnet18_state)
     _assert_unchanged(plan.eager_ops, _snapshot(eager), "plan_resnet")
+
+
+def test_planning_passes_is_the_pipeline_and_an_option_drops_its_entry():
+    assert planning_passes() == tuple(run_pass for run_pass, _ in PIPELINE)
+    assert planning_passes(fuse_shortcuts=False) == (fold_batchnorm, fuse_residual, fuse_relu, fuse_head)
+
+
+def test_printed_plan_reports_its_dtype_and_counts_bytes_in_it(resnet18_state):
+    fp32 = plan_resnet(get_spec("resnet18"), 10, resnet18_state, dtype=torch.float32)
+    fp16 = plan_resnet(get_spec("resnet18"), 10, resnet18_state)
+    assert fp16.dtype == torch.float16 and str(fp16) == fp16.describe(dtype=torch.float16)
+    assert str(fp32) == fp32.describe(dtype=torch.float32) != str(fp16)
+    header = str(fp32).splitlines()[0]
+    assert header.endswith("1x3x224x224 float32") and "float16" not in str(fp32)
+    saving = lambda plan: [line for line in str(plan).splitlines() if line.startswith("memory traffic")]
+    peak = lambda plan: float(saving(plan)[0].split("peak activations ")[1].split(" MB")[0])
+    assert peak(fp32) == pytest.approx(2 * peak(fp16), rel=1e-3)
+
+
+def test_a_float32_engine_prints_its_plan_in_float32():
+    engine = fastres.optimize(
+        make_calibrated_model("resnet18", 10, seed=3), device="cpu", dtype=torch.float32
+    )
+    assert engine.dtype == torch.float32
+    assert str(engine.plan) == engine.plan.describe(dtype=torch.float32)
+    assert str(engine.plan).splitlines()[0].endswith(" float32")
