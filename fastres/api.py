@@ -69,7 +69,7 @@ def _build_engine(
     arch: Architecture, state_dict, device, dtype, backend, mean, std, labels, engine_options
 ) -> Engine:
     device, dtype, backend = _resolve_device_dtype_backend(device, dtype, backend)
-    plan = plan_resnet(arch.spec, arch.num_classes, state_dict, mean=mean, std=std)
+    plan = plan_resnet(arch.spec, arch.num_classes, state_dict, mean=mean, std=std, dtype=dtype)
     allow_tf32 = bool(engine_options.pop("allow_tf32", False))
     options = {}
     if allow_tf32:

@@ -12,14 +12,8 @@ from e2e import assert_parity, calibrated
 import fastres
 from fastres.graph import INPUT, ConvOp, build_eager_graph, execute
 from fastres.numerics import assert_close
-from fastres.planner import (
-    fold_batchnorm,
-    fuse_relu,
-    fuse_residual,
-    fuse_shortcut,
-    op_cost,
-    plan_resnet,
-)
+from fastres.passes import fold_batchnorm, fuse_relu, fuse_residual, fuse_shortcut
+from fastres.planner import op_cost, plan_resnet
 from fastres.reference import build_resnet
 from fastres.specs import MODEL_SPECS, get_spec
 from fastres.testing import random_images

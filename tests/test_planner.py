@@ -1,8 +1,11 @@
 """Planner passes: each preserves the network's function (checked in float64) and the plan is fused."""
 
+import copy
+
 import pytest
 import torch
 
+import fastres
 from fastres.graph import (
     INPUT,
     LOGITS,
@@ -16,7 +19,16 @@ from fastres.graph import (
     execute,
 )
 from fastres.numerics import assert_close
-from fastres.planner import assign_buffers, fold_batchnorm, fuse_head, fuse_relu, fuse_residual, plan_resnet
+from fastres.passes import (
+    assign_buffers,
+    fold_batchnorm,
+    fold_normalization,
+    fuse_head,
+    fuse_relu,
+    fuse_residual,
+    fuse_shortcut,
+)
+from fastres.planner import plan_resnet, planning_passes
 from fastres.reference import build_resnet
 from fastres.specs import MODEL_SPECS, get_spec
 from fastres.testing import make_calibrated_model, random_images
@@ -152,3 +164,130 @@ def test_head_op_replaces_avgpool_and_fc(resnet18_state):
     plan = plan_resnet(get_spec("resnet18"), 10, resnet18_state)
     head = plan.ops[-1]
     assert isinstance(head, HeadOp) and tuple(head.weight.shape) == (10, 512)
+
+
+def _snapshot(ops) -> list:
+    """Every op's type and fields, tensors cloned: what a pure pass must leave as it found it."""
+    return [
+        (
+            type(op),
+            {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in vars(op).items()},
+        )
+        for op in ops
+    ]
+
+
+def _assert_unchanged(ops, snapshot, what: str) -> None:
+    assert len(ops) == len(snapshot), f"{what} changed the length of its input"
+    for op, (kind, fields) in zip(ops, snapshot):
+        assert type(op) is kind and vars(op).keys() == fields.keys(), f"{what} changed {op.name}"
+        for key, before in fields.items():
+            now = getattr(op, key)
+            if isinstance(before, torch.Tensor):
+                same = (
+                    isinstance(now, torch.Tensor) and now.dtype == before.dtype and torch.equal(now, before)
+                )
+            else:
+                same = now == before
+            assert same, f"{what} changed {op.name}.{key}"
+
+
+def _no_bn(ops):
+    return not any(isinstance(op, BatchNormOp) for op in ops) and all(
+        op.weight.dtype == torch.float64 for op in ops if isinstance(op, ConvOp)
+    )
+
+
+def _no_add(ops):
+    return not any(isinstance(op, AddOp) for op in ops) and any(
+        isinstance(op, ConvOp) and op.residual is not None for op in ops
+    )
+
+
+def _relu_fused(ops):
+    # Only the block outputs' ReLUs read an add; after fuse_residual those adds are convs, so none is left.
+    return not any(isinstance(op, ReluOp) for op in ops) and any(
+        isinstance(op, ConvOp) and op.relu and op.residual is not None for op in ops
+    )
+
+
+def _shortcut_merged(ops):
+    return sum(isinstance(op, ConvOp) and op.shortcut_input is not None for op in ops) == 4
+
+
+def _head_fused(ops):
+    return isinstance(ops[-1], HeadOp) and not any(op.kind in ("avgpool", "linear") for op in ops)
+
+
+# Each pass, given the output of the passes before it, and what its own output must show.
+PIPELINE = [
+    (fold_batchnorm, _no_bn),
+    (fuse_residual, _no_add),
+    (fuse_relu, _relu_fused),
+    (fuse_shortcut, _shortcut_merged),
+    (fuse_head, _head_fused),
+]
+
+
+@pytest.mark.parametrize("index", range(len(PIPELINE)), ids=[p.__name__ for p, _ in PIPELINE])
+def test_each_pass_leaves_its_input_unchanged(index, resnext_state):
+    ops = build_eager_graph(get_spec("resnext50_32x4d"), resnext_state)
+    for earlier, _ in PIPELINE[:index]:
+        ops = earlier(ops)
+    run_pass, produced_what_it_should = PIPELINE[index]
+    snapshot = _snapshot(ops)
+    assert not produced_what_it_should(ops), "the check must fail before the pass runs"
+    result = run_pass(ops)
+    _assert_unchanged(ops, snapshot, run_pass.__name__)
+    assert produced_what_it_should(result)
+
+
+def test_fold_batchnorm_copies_a_conv_without_bn_to_float64():
+    w = torch.randn(2, 3, 1, 1, generator=torch.Generator().manual_seed(1))
+    ops = [ConvOp("c", [INPUT], "c", weight=w, bias=None)]
+    (conv,) = fold_batchnorm(ops)
+    assert conv is not ops[0] and conv.weight.dtype == torch.float64 and ops[0].weight.dtype == torch.float32
+    torch.testing.assert_close(conv.weight, w.double(), rtol=0, atol=0)
+
+
+def test_fold_normalization_and_assign_buffers_leave_their_input_unchanged(resnet18_state):
+    plan = plan_resnet(get_spec("resnet18"), 10, resnet18_state)
+    snapshot = _snapshot(plan.ops)
+    stem = fold_normalization(plan.ops[0], (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    slots = assign_buffers(plan.ops)
+    _assert_unchanged(plan.ops, snapshot, "fold_normalization / assign_buffers")
+    assert stem is not plan.ops[0] and stem.pad_value is not None and plan.ops[0].pad_value is None
+    assert not torch.equal(stem.weight, plan.ops[0].weight)
+    assert slots == plan.slots
+
+
+def test_plan_keeps_the_eager_graph_it_was_built_from(resnet18_state):
+    plan = plan_resnet(get_spec("resnet18"), 10, resnet18_state)
+    eager = build_eager_graph(get_spec("resnet18"), resnet18_state)
+    _assert_unchanged(plan.eager_ops, _snapshot(eager), "plan_resnet")
+
+
+def test_planning_passes_is_the_pipeline_and_an_option_drops_its_entry():
+    assert planning_passes() == tuple(run_pass for run_pass, _ in PIPELINE)
+    assert planning_passes(fuse_shortcuts=False) == (fold_batchnorm, fuse_residual, fuse_relu, fuse_head)
+
+
+def test_printed_plan_reports_its_dtype_and_counts_bytes_in_it(resnet18_state):
+    fp32 = plan_resnet(get_spec("resnet18"), 10, resnet18_state, dtype=torch.float32)
+    fp16 = plan_resnet(get_spec("resnet18"), 10, resnet18_state)
+    assert fp16.dtype == torch.float16 and str(fp16) == fp16.describe(dtype=torch.float16)
+    assert str(fp32) == fp32.describe(dtype=torch.float32) != str(fp16)
+    header = str(fp32).splitlines()[0]
+    assert header.endswith("1x3x224x224 float32") and "float16" not in str(fp32)
+    saving = lambda plan: [line for line in str(plan).splitlines() if line.startswith("memory traffic")]
+    peak = lambda plan: float(saving(plan)[0].split("peak activations ")[1].split(" MB")[0])
+    assert peak(fp32) == pytest.approx(2 * peak(fp16), rel=1e-3)
+
+
+def test_a_float32_engine_prints_its_plan_in_float32():
+    engine = fastres.optimize(
+        make_calibrated_model("resnet18", 10, seed=3), device="cpu", dtype=torch.float32
+    )
+    assert engine.dtype == torch.float32
+    assert str(engine.plan) == engine.plan.describe(dtype=torch.float32)
+    assert str(engine.plan).splitlines()[0].endswith(" float32")
