@@ -26,6 +26,8 @@ _DTYPE_NAMES = {
     "float32": torch.float32,
     "float": torch.float32,
 }
+# The kernels' dtypes (fastres.kernels.launch.SUPPORTED_DTYPES), restated: importing fastres.kernels
+# needs Triton, which the torch backend on a machine without it must not (test_structure checks they agree).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 

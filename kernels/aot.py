@@ -131,8 +131,9 @@ class KernelSpec:
     def constexpr_dict(self) -> dict[str, Any]:
         return dict(self.constexprs)
 
-    def compile_options(self) -> dict[str, int]:
-        options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+    def compile_options(self) -> dict[str, int | bool]:
+        # FMA contraction stated as the launches state it (launch.LaunchConfig.launch_options).
+        options = {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": True}
         if self.maxnreg is not None:
             options["maxnreg"] = self.maxnreg
         return options

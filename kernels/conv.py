@@ -12,64 +12,36 @@ from dataclasses import replace
 import torch
 import triton
 
-from .aot import KernelSpec, Pointer, make_spec
-from .aot import ShapeOnly as _ShapeOnly
+from .aot import KernelSpec, ShapeOnly, make_spec
 from .conv_configs import (
     AOT_SM_COUNT,
     CONV_CONFIGS,
     ConvConfig,
-    _interpreting,
     choose_split,
     device_arch,
     device_sm_count,
     finalize,
+    pow2_at_least_16,
     steps_per_split,
+    supergroup_factor,
     table_config,
 )
 from .conv_cost import flops, l2_bytes, min_bytes
 from .conv_kernel import _conv_kernel
+from .launch import (
+    SUPPORTED_DTYPES,
+    check_int32_indexing,
+    check_launchable,
+    check_tensor,
+    pointers_for_placeholders,
+)
 from .splitk import reduce_spec, splitk_reduce
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INT32_LIMIT = 2**31
-
-
-def _pow2_at_least_16(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
-def _supergroup_factor(groups: int, cg_in: int, ng: int) -> int:
-    """Smallest power of two P dividing `groups` with P*cg_in >= 16 and P*ng >= 16 (or P = groups)."""
-    p = 1
-    while p < groups and (p * cg_in < 16 or p * ng < 16) and groups % (2 * p) == 0:
-        p *= 2
-    return p
 
 
 def conv_out_shape(input_shape_nhwc, out_channels, kernel_size, stride, padding) -> tuple[int, int, int, int]:
     n, h, w, _ = input_shape_nhwc
     r, s = kernel_size
     return (n, (h + 2 * padding - r) // stride + 1, (w + 2 * padding - s) // stride + 1, out_channels)
-
-
-def _check_tensor(t, what: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise TypeError(f"{what}: expected dtype {dtype}, got {t.dtype}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{what}: expected NHWC shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{what}: expected device {device}, got {t.device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{what}: expected a contiguous NHWC tensor, got strides {t.stride()}")
-
-
-def _check_launchable(x: torch.Tensor, who: str) -> None:
-    if x.device.type != "cuda" and not _interpreting():
-        raise ValueError(
-            f"{who}: expected a CUDA tensor, got one on {x.device} (CPU runs need TRITON_INTERPRET=1)"
-        )
 
 
 class ConvLayer:
@@ -119,7 +91,7 @@ class ConvLayer:
         self.input_precision = "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
 
         ng = c_out // groups
-        p = _supergroup_factor(groups, cg_in, ng)
+        p = supergroup_factor(groups, cg_in, ng)
         self.supergroup = p
         self.kernel_groups = groups // p
         self.kernel_cg = cg_in * p
@@ -226,11 +198,11 @@ class ConvLayer:
     def clip_config(self, config: ConvConfig) -> ConvConfig:
         """Clip BLOCK_N / BLOCK_K to this layer's per-group channel counts (no tile wider than a group),
         the split to one that leaves no K-slice empty, and num_stages to the K-steps of one slice."""
-        block_n = min(config.block_n, _pow2_at_least_16(self.kernel_ng))
+        block_n = min(config.block_n, pow2_at_least_16(self.kernel_ng))
         k_extent = self.kernel_size[0] * self.kernel_size[1] * self.gather_cg or self.kernel_cg
         if self.shortcut_channels:
             k_extent = max(k_extent, self.shortcut_channels)
-        block_k = min(config.block_k, _pow2_at_least_16(k_extent))
+        block_k = min(config.block_k, pow2_at_least_16(k_extent))
         k_steps = self.total_k_steps(block_k)
         split = triton.cdiv(k_steps, steps_per_split(k_steps, min(config.split_k, k_steps)))
         return finalize(replace(config, block_n=block_n, block_k=block_k), split, k_steps)
@@ -333,8 +305,8 @@ class ConvLayer:
         """`__call__` with an explicit config (used by the tests to run every table entry and split)."""
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
             raise ValueError(f"ConvLayer: x must be a 4-d NHWC tensor, got {getattr(x, 'shape', type(x))}")
-        _check_tensor(x, "ConvLayer input x", (*x.shape[:3], self.in_channels), self.dtype, self.device)
-        _check_launchable(x, "ConvLayer")
+        check_tensor(x, "ConvLayer input x", (*x.shape[:3], self.in_channels), self.dtype, self.device)
+        check_launchable(x, "ConvLayer")
         out_shape = self.output_shape(tuple(x.shape))
         if out_shape[1] < 1 or out_shape[2] < 1:
             raise ValueError(f"ConvLayer: input {tuple(x.shape)} is too small for {self!r}")
@@ -343,17 +315,16 @@ class ConvLayer:
         if not self.has_residual and residual is not None:
             raise ValueError("ConvLayer: built with has_residual=False, but a residual was passed")
         if residual is not None:
-            _check_tensor(residual, "ConvLayer residual", out_shape, self.dtype, self.device)
+            check_tensor(residual, "ConvLayer residual", out_shape, self.dtype, self.device)
         self._check_shortcut(shortcut_input, out_shape)
         if out is None:
             out = torch.empty(out_shape, dtype=self.dtype, device=self.device)
         else:
-            _check_tensor(out, "ConvLayer out", out_shape, self.dtype, self.device)
+            check_tensor(out, "ConvLayer out", out_shape, self.dtype, self.device)
         limit = max(x.numel(), out.numel() * config.split_k)
         if shortcut_input is not None:
             limit = max(limit, shortcut_input.numel())
-        if limit >= _INT32_LIMIT:
-            raise ValueError("ConvLayer: tensors of 2**31 elements or more need int64 indexing (unsupported)")
+        check_int32_indexing(limit, "ConvLayer")
         workspace = self._workspace(tuple(x.shape), out_shape, config, scratch)
         args, constexprs, grid = self._kernel_args(x, residual, out, config, shortcut_input, workspace)
         _conv_kernel[grid](**args, **constexprs, **config.launch_options())
@@ -382,7 +353,7 @@ class ConvLayer:
                 f"give the output's (N, OH, OW) = {tuple(out_shape[:3])}"
             )
         shape = (n2, h2, w2, self.shortcut_channels)
-        _check_tensor(shortcut_input, "ConvLayer shortcut_input", shape, self.dtype, self.device)
+        check_tensor(shortcut_input, "ConvLayer shortcut_input", shape, self.dtype, self.device)
 
     def _workspace(self, in_shape, out_shape, config: ConvConfig, scratch=None) -> tuple:
         """(fp32 partials, int32 arrival counters) for a split-K launch, else (None, None).
@@ -419,20 +390,20 @@ class ConvLayer:
         shape = tuple(input_shape_nhwc)
         config = config or self.config_for(shape, arch)
         out_shape = self.output_shape(shape)
-        x = _ShapeOnly(shape, self.dtype)
-        out = _ShapeOnly(out_shape, self.dtype)
-        residual = _ShapeOnly(out_shape, self.dtype) if self.has_residual else None
+        x = ShapeOnly(shape, self.dtype)
+        out = ShapeOnly(out_shape, self.dtype)
+        residual = ShapeOnly(out_shape, self.dtype) if self.has_residual else None
         x2 = None
         if self.shortcut_channels:
             s2 = self.shortcut_stride
-            x2 = _ShapeOnly(
+            x2 = ShapeOnly(
                 (shape[0], out_shape[1] * s2, out_shape[2] * s2, self.shortcut_channels), self.dtype
             )
         ws = (None, None)
         if config.split_k > 1:
-            ws = (_ShapeOnly((config.split_k, 0, 0), torch.float32), _ShapeOnly((0,), torch.int32))
+            ws = (ShapeOnly((config.split_k, 0, 0), torch.float32), ShapeOnly((0,), torch.int32))
         args, constexprs, grid = self._kernel_args(x, residual, out, config, x2, ws)
-        args = {k: (Pointer(v.dtype) if isinstance(v, _ShapeOnly) else v) for k, v in args.items()}
+        args = pointers_for_placeholders(args)
         r, s = self.kernel_size
         name = (
             f"conv{r}x{s}_s{self.stride}_{self.in_channels}to{self.out_channels}_g{self.groups}"

@@ -18,11 +18,12 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 
-from .aot import interpreting as _interpreting
+from .aot import interpreting
+from .launch import LaunchConfig
 
 
 @dataclass(frozen=True)
-class ConvConfig:
+class ConvConfig(LaunchConfig):
     block_m: int
     block_n: int
     block_k: int
@@ -32,19 +33,12 @@ class ConvConfig:
     split_k: int = 1  # K-loop slices per output tile (> 1: fp32 partials, reduced in a fixed order)
     fused_reduce: bool = True  # split_k > 1: the tile's last program reduces (False: a reduce kernel)
 
-    def __str__(self) -> str:
-        cap = f"_r{self.maxnreg}" if self.maxnreg else ""
-        split = f"_k{self.split_k}{'' if self.fused_reduce else 'r'}" if self.split_k > 1 else ""
-        return (
-            f"BM{self.block_m}_BN{self.block_n}_BK{self.block_k}_w{self.num_warps}_s{self.num_stages}"
-            f"{cap}{split}"
-        )
+    def tile_name(self) -> str:
+        return f"BM{self.block_m}_BN{self.block_n}_BK{self.block_k}"
 
-    def launch_options(self) -> dict[str, int]:
-        options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
-        if self.maxnreg is not None:
-            options["maxnreg"] = self.maxnreg
-        return options
+    def __str__(self) -> str:
+        split = f"_k{self.split_k}{'' if self.fused_reduce else 'r'}" if self.split_k > 1 else ""
+        return super().__str__() + split
 
 
 # Config table: (arch family, operand width, layer kind) -> tile config. Chosen by rule, never autotuned.
@@ -97,7 +91,7 @@ def _cuda_arch(index: int) -> int:
 
 def device_arch(device: torch.device) -> int:
     """Compute capability as an int (90, 80, ...); 0 under the interpreter or on the CPU."""
-    if _interpreting() or device.type != "cuda":
+    if interpreting() or device.type != "cuda":
         return 0
     return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
 
@@ -147,6 +141,21 @@ def finalize(config: ConvConfig, split: int, k_steps: int) -> ConvConfig:
     return replace(config, split_k=split, num_stages=max(1, min(config.num_stages, steps)))
 
 
+
+
+# Tile sizes are clipped to the (super-)group's channel counts: these give the clip.
+def pow2_at_least_16(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def supergroup_factor(groups: int, cg_in: int, ng: int) -> int:
+    """Smallest power of two P dividing `groups` with P*cg_in >= 16 and P*ng >= 16 (or P = groups)."""
+    p = 1
+    while p < groups and (p * cg_in < 16 or p * ng < 16) and groups % (2 * p) == 0:
+        p *= 2
+    return p
+
+
 __all__ = [
     "AOT_SM_COUNT",
     "CONV_CONFIGS",
@@ -155,6 +164,8 @@ __all__ = [
     "device_arch",
     "device_sm_count",
     "finalize",
+    "pow2_at_least_16",
     "steps_per_split",
+    "supergroup_factor",
     "table_config",
 ]

@@ -47,8 +47,6 @@ from .splitk import epilogue_store, sum_partials
 
 # Spatial sizes and the pixel count only bound masks and offsets (channel strides stay specialized
 # for vector loads), so they are not specialized: one binary serves every batch and image size.
-# Spatial sizes and the pixel count only bound masks and offsets (channel strides stay specialized
-# for vector loads), so they are not specialized: one binary serves every batch and image size.
 # The K-step counts are constexpr (they follow from channel counts, fixed per layer), so decoding a
 # step into (tap, channel block) is a shift or a multiply-high, never a runtime integer division.
 @triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW", "H2", "W2"])

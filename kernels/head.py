@@ -26,41 +26,66 @@ Every sum runs in a fixed order (no atomics, no split-K): the logits are bitwise
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from .aot import KernelSpec, Pointer, make_spec
-from .aot import interpreting as _interpreting
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .aot import KernelSpec, Pointer, ShapeOnly, interpreting, make_spec
+from .launch import SUPPORTED_DTYPES, LaunchConfig, check_int32_indexing, check_launchable
 
 # The class axis of the packed weight is padded to this multiple: every fc class tile (BLOCK_J <= 64)
 # then lies inside the padded rows, and a row stride divisible by 16 elements lets loads vectorise.
 CLASS_PAD = 64
 
-# Pooling: (BLOCK_P, BLOCK_C, num_warps). 64 pixels cover a 7x7 map in one masked load round; 32
-# channels give C/32 programs per image (64 at batch 1 for C=2048) so the pooling is spread out.
-POOL_CONFIG = (64, 32, 4)
-POOL_INTERP_CONFIG = (64, 256, 4)  # the interpreter pays per program: wide channel slices
 
 
-# fc configs by batch: (max batch, (BLOCK_B, BLOCK_J, BLOCK_K, num_warps, num_stages)). Each row keeps
+@dataclass(frozen=True)
+class HeadPoolConfig(LaunchConfig):
+    block_p: int
+    block_c: int
+    num_warps: int
+    num_stages: int = 1  # one masked load round per pixel block: nothing to pipeline
+
+    def tile_name(self) -> str:
+        return f"BP{self.block_p}_BC{self.block_c}"
+
+
+@dataclass(frozen=True)
+class FcConfig(LaunchConfig):
+    block_b: int
+    block_j: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    def tile_name(self) -> str:
+        return f"BB{self.block_b}_BJ{self.block_j}_BK{self.block_k}"
+
+
+# Pooling: 64 pixels cover a 7x7 map in one masked load round; 32 channels give C/32 programs per
+# image (64 at batch 1 for C=2048) so the pooling is spread out.
+POOL_CONFIG = HeadPoolConfig(64, 32, 4)
+POOL_INTERP_CONFIG = HeadPoolConfig(64, 256, 4)  # the interpreter pays per program: wide channel slices
+
+
+# fc configs by batch: (max batch, FcConfig(BLOCK_B, BLOCK_J, BLOCK_K, num_warps, num_stages)). Each row keeps
 # 64-128 programs on 1000 classes (J_PAD 1024), whatever the channel count. While the batch is tiny, a
 # GEMV with 8-class tiles (one 16-byte load per fp16 weight row) and BLOCK_K 2048: ResNet's whole K in
 # one round of loads per program (no pipelining needed; 80-127 registers, 256 threads). Then 16-row dot
 # tiles (the smallest tl.dot takes), then wider ones, loaded by cp.async (16-byte copies), 3 stages.
 FC_CONFIGS = (
-    (4, (1, 8, 2048, 8, 1)),
-    (16, (16, 16, 128, 4, 3)),
-    (64, (16, 32, 64, 4, 3)),  # BLOCK_K 128 takes 234 registers for the fp32 (FMA) dot on sm_80
-    (128, (32, 32, 64, 4, 3)),
-    (None, (64, 32, 32, 4, 3)),  # BLOCK_K 64 spills the fp32 (FMA) dot on sm_80
+    (4, FcConfig(1, 8, 2048, 8, 1)),
+    (16, FcConfig(16, 16, 128, 4, 3)),
+    (64, FcConfig(16, 32, 64, 4, 3)),  # BLOCK_K 128 takes 234 registers for the fp32 (FMA) dot on sm_80
+    (128, FcConfig(32, 32, 64, 4, 3)),
+    (None, FcConfig(64, 32, 32, 4, 3)),  # BLOCK_K 64 spills the fp32 (FMA) dot on sm_80
 )
 # The interpreter pays per program and per loop step: wide tiles, the same two paths.
 FC_INTERP_CONFIGS = (
-    (4, (1, 64, 1024, 4, 1)),
-    (None, (16, 64, 256, 4, 1)),
+    (4, FcConfig(1, 64, 1024, 4, 1)),
+    (None, FcConfig(16, 64, 256, 4, 1)),
 )
 
 
@@ -155,8 +180,8 @@ def _head_fc_kernel(
         tl.store(out_ptr + out_offs, acc, mask=b_mask[:, None] & j_mask[None, :])
 
 
-def fc_config(batch: int, interpreter: bool = False) -> tuple[int, int, int, int, int]:
-    """(BLOCK_B, BLOCK_J, BLOCK_K, num_warps, num_stages) of the fc launch for this batch size."""
+def fc_config(batch: int, interpreter: bool = False) -> FcConfig:
+    """The fc launch's config for this batch size."""
     for max_batch, config in FC_INTERP_CONFIGS if interpreter else FC_CONFIGS:
         if max_batch is None or batch <= max_batch:
             return config
@@ -208,19 +233,19 @@ class HeadLayer:
         return buf
 
     def _launches(self, x, pooled, out, interpreter: bool):
-        """[(kernel, args, constexprs, grid, num_warps, num_stages, config string)], in launch order."""
+        """[(kernel, args, constexprs, grid, LaunchConfig, config string)], in launch order."""
         n, h, w, c = x.shape
-        block_p, block_c, pool_warps = POOL_INTERP_CONFIG if interpreter else POOL_CONFIG
+        pool_config = POOL_INTERP_CONFIG if interpreter else POOL_CONFIG
         pool = (
             _head_pool_kernel,
             dict(x_ptr=x, pooled_ptr=pooled, BATCH=n, HW=h * w, C=c),
-            dict(BLOCK_P=block_p, BLOCK_C=block_c),
-            (n, triton.cdiv(c, block_c)),
-            pool_warps,
-            1,
-            f"BP{block_p}_BC{block_c}_w{pool_warps}",
+            dict(BLOCK_P=pool_config.block_p, BLOCK_C=pool_config.block_c),
+            (n, triton.cdiv(c, pool_config.block_c)),
+            pool_config,
+            str(pool_config),
         )
-        block_b, block_j, block_k, fc_warps, fc_stages = fc_config(n, interpreter)
+        fc_config_ = fc_config(n, interpreter)
+        block_b, block_j, block_k = fc_config_.block_b, fc_config_.block_j, fc_config_.block_k
         has_bias = self.bias is not None
         fc_args = dict(
             pooled_ptr=pooled,
@@ -241,17 +266,24 @@ class HeadLayer:
             fc_args,
             fc_constexprs,
             (triton.cdiv(n, block_b), self.padded_classes // block_j),
-            fc_warps,
-            fc_stages,
-            f"BB{block_b}_BJ{block_j}_BK{block_k}_S{split}_w{fc_warps}_s{fc_stages}",
+            fc_config_,
+            f"{fc_config_}_S{split}",
         )
         return [pool, fc]
 
     def grids(self, input_shape_nhwc, interpreter: bool = False) -> list[tuple[int, int]]:
         """The grid of each launch for this input shape (programs per launch = product)."""
         shape = tuple(input_shape_nhwc)
-        x, pooled, out = _Shaped(shape), _Shaped((shape[0], shape[3])), _Shaped((shape[0], self.num_classes))
-        return [launch[3] for launch in self._launches(x, pooled, out, interpreter)]
+        return [launch[3] for launch in self._launches(*self._placeholders(shape), interpreter)]
+
+    def _placeholders(self, shape: tuple) -> tuple[ShapeOnly, ShapeOnly, ShapeOnly]:
+        """Input, pooled and logits as shapes only: the launch arguments without allocating."""
+        pooled, logits = (shape[0], shape[3]), (shape[0], self.num_classes)
+        return (
+            ShapeOnly(shape, self.dtype),
+            ShapeOnly(pooled, torch.float32),
+            ShapeOnly(logits, torch.float32),
+        )
 
     def __call__(
         self, x: torch.Tensor, out: torch.Tensor | None = None, pooled: torch.Tensor | None = None
@@ -268,12 +300,8 @@ class HeadLayer:
             raise ValueError(f"HeadLayer: expected x on {self.device}, got {x.device}")
         if not x.is_contiguous():
             raise ValueError(f"HeadLayer: expected a contiguous NHWC tensor, got strides {x.stride()}")
-        if x.device.type != "cuda" and not _interpreting():
-            raise ValueError(
-                f"HeadLayer: expected a CUDA tensor, got {x.device} (CPU needs TRITON_INTERPRET=1)"
-            )
-        if x.numel() >= 2**31:
-            raise ValueError("HeadLayer: tensors of 2**31 elements or more need int64 indexing (unsupported)")
+        check_launchable(x, "HeadLayer")
+        check_int32_indexing(x.numel(), "HeadLayer")
         out_shape = (x.shape[0], self.num_classes)
         if out is None:
             out = torch.empty(out_shape, dtype=torch.float32, device=self.device)
@@ -289,17 +317,15 @@ class HeadLayer:
             pooled = self.pooled_buffer(x.shape[0])
         elif pooled.dtype != torch.float32 or tuple(pooled.shape) != (x.shape[0], self.in_channels):
             raise ValueError(f"HeadLayer: pooled must be fp32 ({x.shape[0]}, {self.in_channels})")
-        for kernel, args, constexprs, grid, num_warps, num_stages, _ in self._launches(
-            x, pooled, out, _interpreting()
-        ):
-            kernel[grid](**args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        for kernel, args, constexprs, grid, config, _ in self._launches(x, pooled, out, interpreting()):
+            kernel[grid](**args, **constexprs, **config.launch_options())
         return out
 
     def aot_specs(self, input_shape_nhwc, arch: int) -> list[KernelSpec]:
         """What `__call__` compiles for this input shape on compute capability `arch`: one spec per launch
         (the same for all archs)."""
         shape = tuple(input_shape_nhwc)
-        x, pooled, out = _Shaped(shape), _Shaped((shape[0], shape[3])), _Shaped((shape[0], self.num_classes))
+        x, pooled, out = self._placeholders(shape)
         pointers = dict(
             x_ptr=Pointer(self.dtype),
             pooled_ptr=Pointer(torch.float32),
@@ -323,7 +349,7 @@ class HeadLayer:
             (triton.cdiv(c, block_k), 2 * n * c * self.num_classes, fc_bytes),
         )
         specs = []
-        for name, (kernel, args, constexprs, grid, num_warps, num_stages, config), (
+        for name, (kernel, args, constexprs, grid, launch_config, config), (
             k_steps,
             flops,
             nbytes,
@@ -334,8 +360,8 @@ class HeadLayer:
                     kernel,
                     args,
                     constexprs,
-                    num_warps=num_warps,
-                    num_stages=num_stages,
+                    num_warps=launch_config.num_warps,
+                    num_stages=launch_config.num_stages,
                     name=name,
                     config=config,
                     grid=grid,
@@ -346,7 +372,3 @@ class HeadLayer:
             )
         return specs
 
-
-class _Shaped:
-    def __init__(self, shape):
-        self.shape = shape

@@ -14,10 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .aot import KernelSpec, Pointer, make_spec
-from .aot import interpreting as _interpreting
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .aot import KernelSpec, Pointer, ShapeOnly, interpreting, make_spec
+from .launch import SUPPORTED_DTYPES, check_int32_indexing, check_launchable
 
 # One config: the op is a pure bandwidth-bound gather; 32 pixels x 64 channels over 4 warps keeps the
 # nine taps' loads in flight without spilling (64x64 spilled on sm_90) and gives 98 pixel tiles per
@@ -121,10 +119,7 @@ def max_pool2d_nhwc(
         raise ValueError(f"max_pool2d_nhwc: expected a 4-d NHWC tensor, got shape {tuple(x.shape)}")
     if not x.is_contiguous():
         raise ValueError(f"max_pool2d_nhwc: expected a contiguous NHWC tensor, got strides {x.stride()}")
-    if x.device.type != "cuda" and not _interpreting():
-        raise ValueError(
-            f"max_pool2d_nhwc: expected a CUDA tensor, got {x.device} (CPU needs TRITON_INTERPRET=1)"
-        )
+    check_launchable(x, "max_pool2d_nhwc")
     _check_geometry(kernel_size, stride, padding)
     out_shape = pool_output_shape(tuple(x.shape), kernel_size, stride, padding)
     if out_shape[1] < 1 or out_shape[2] < 1:
@@ -141,13 +136,11 @@ def max_pool2d_nhwc(
                 f"max_pool2d_nhwc: out must be a contiguous {out_shape} tensor on {x.device}, "
                 f"got {tuple(out.shape)} on {out.device} (contiguous={out.is_contiguous()})"
             )
-    if x.numel() >= 2**31:
-        raise ValueError(
-            "max_pool2d_nhwc: tensors of 2**31 elements or more need int64 indexing (unsupported)"
-        )
-    block_p, block_c = _blocks(_interpreting())
+    check_int32_indexing(x.numel(), "max_pool2d_nhwc")
+    block_p, block_c = _blocks(interpreting())
     args, constexprs, grid = _pool_args(x, out, kernel_size, stride, padding, block_p, block_c)
-    _max_pool_kernel[grid](**args, **constexprs, num_warps=POOL_NUM_WARPS, num_stages=1)
+    launch = dict(num_warps=POOL_NUM_WARPS, num_stages=1, enable_fp_fusion=True)
+    _max_pool_kernel[grid](**args, **constexprs, **launch)
     return out
 
 
@@ -156,7 +149,7 @@ def max_pool_aot_specs(input_shape_nhwc, dtype, arch, kernel_size=3, stride=2, p
     _check_geometry(kernel_size, stride, padding)
     out_shape = pool_output_shape(tuple(input_shape_nhwc), kernel_size, stride, padding)
     block_p, block_c = _blocks(False)
-    shaped = _Shaped(tuple(input_shape_nhwc)), _Shaped(out_shape)
+    shaped = ShapeOnly(tuple(input_shape_nhwc), dtype), ShapeOnly(out_shape, dtype)
     args, constexprs, grid = _pool_args(*shaped, kernel_size, stride, padding, block_p, block_c)
     args.update(x_ptr=Pointer(dtype), out_ptr=Pointer(dtype))
     shape = "x".join(map(str, input_shape_nhwc))
@@ -176,7 +169,3 @@ def max_pool_aot_specs(input_shape_nhwc, dtype, arch, kernel_size=3, stride=2, p
     )
     return [spec]
 
-
-class _Shaped:
-    def __init__(self, shape):
-        self.shape = shape

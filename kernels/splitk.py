@@ -49,7 +49,7 @@ def epilogue_store(
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if APPLY_RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in eager
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -111,7 +111,8 @@ def reduce_args(ws, bias, residual, out, *, m: int, c_out: int, split: int, relu
 def splitk_reduce(ws, bias, residual, out, *, m: int, c_out: int, split: int, relu: bool) -> None:
     """Launch the reduction of `ws[:split]` (fp32, (split, m, c_out)) into `out` (NHWC, m * c_out)."""
     args, constexprs, grid = reduce_args(ws, bias, residual, out, m=m, c_out=c_out, split=split, relu=relu)
-    _splitk_reduce_kernel[grid](**args, **constexprs, num_warps=REDUCE_WARPS, num_stages=1)
+    launch = dict(num_warps=REDUCE_WARPS, num_stages=1, enable_fp_fusion=True)
+    _splitk_reduce_kernel[grid](**args, **constexprs, **launch)
 
 
 def reduce_spec(out_dtype, *, has_bias: bool, has_residual: bool, m: int, c_out: int, split: int,

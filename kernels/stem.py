@@ -47,18 +47,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .aot import KernelSpec, Pointer, make_spec
-from .aot import ShapeOnly as _ShapeOnly
-from .aot import interpreting as _interpreting
-from .conv import device_arch
+from .aot import KernelSpec, ShapeOnly, make_spec
+from .conv_configs import device_arch
+from .launch import (
+    INT32_LIMIT,
+    SUPPORTED_DTYPES,
+    LaunchConfig,
+    check_int32_indexing,
+    check_launchable,
+    pointers_for_placeholders,
+)
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 STEM_IN_CHANNELS = 3
-_INT32_LIMIT = 2**31
 
 
 @dataclass(frozen=True)
-class StemConfig:
+class StemConfig(LaunchConfig):
     block_m: int
     block_n: int
     rows_per_step: int  # filter rows per K-step; BLOCK_K = next power of two >= rows_per_step*S*C
@@ -66,18 +70,8 @@ class StemConfig:
     num_stages: int
     maxnreg: int | None = None
 
-    def __str__(self) -> str:
-        cap = f"_r{self.maxnreg}" if self.maxnreg else ""
-        return (
-            f"BM{self.block_m}_BN{self.block_n}_rows{self.rows_per_step}"
-            f"_w{self.num_warps}_s{self.num_stages}{cap}"
-        )
-
-    def launch_options(self) -> dict[str, int]:
-        options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
-        if self.maxnreg is not None:
-            options["maxnreg"] = self.maxnreg
-        return options
+    def tile_name(self) -> str:
+        return f"BM{self.block_m}_BN{self.block_n}_rows{self.rows_per_step}"
 
 
 # Config table: (arch family, operand width) -> tile config, by rule (never autotuned). One filter row
@@ -191,7 +185,7 @@ def _stem_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
     if APPLY_RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in eager
     out_offs = offs_m[:, None] * C_OUT + offs_n[None, :]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -360,15 +354,12 @@ class StemLayer:
             raise TypeError(f"StemLayer: x must be uint8 or {self.dtype}, got {x.dtype}")
         if x.device != self.device:
             raise ValueError(f"StemLayer: expected x on {self.device}, got {x.device}")
-        if x.device.type != "cuda" and not _interpreting():
-            raise ValueError(
-                f"StemLayer: expected a CUDA tensor, got one on {x.device} (CPU runs need TRITON_INTERPRET=1)"
-            )
+        check_launchable(x, "StemLayer")
         if any(st < 0 for st in x.stride()):
             raise ValueError(f"StemLayer: negative strides are not supported, got {x.stride()}")
         span = sum((size - 1) * st for size, st in zip(x.shape, x.stride())) if x.numel() else 0
         # The pointer of the discarded prefetch past the last filter row must not wrap either.
-        if span + (self.kernel_size[0] + 1) * x.stride(2) >= _INT32_LIMIT:
+        if span + (self.kernel_size[0] + 1) * x.stride(2) >= INT32_LIMIT:
             raise ValueError(
                 "StemLayer: inputs spanning 2**31 elements or more need int64 indexing (unsupported)"
             )
@@ -400,8 +391,7 @@ class StemLayer:
                 f"StemLayer: out must be a contiguous {self.dtype} NHWC tensor of shape {out_shape} on "
                 f"{self.device}, got {getattr(out, 'shape', type(out))}"
             )
-        if out.numel() >= _INT32_LIMIT:
-            raise ValueError("StemLayer: outputs of 2**31 elements or more need int64 indexing (unsupported)")
+        check_int32_indexing(out.numel(), "StemLayer", "outputs")
         if out.numel() == 0:
             return out
         args, constexprs, grid = self._kernel_args(x, x.stride(), out, config)
@@ -424,10 +414,10 @@ class StemLayer:
         config = config or self.config_for(arch)
         out_shape = self.output_shape(shape)
         n, c, h, w = shape
-        x = _ShapeOnly(shape, input_dtype)
-        out = _ShapeOnly(out_shape, self.dtype)
+        x = ShapeOnly(shape, input_dtype)
+        out = ShapeOnly(out_shape, self.dtype)
         args, constexprs, grid = self._kernel_args(x, (c * h * w, h * w, w, 1), out, config)
-        args = {k: (Pointer(v.dtype) if isinstance(v, _ShapeOnly) else v) for k, v in args.items()}
+        args = pointers_for_placeholders(args)
         r, s = self.kernel_size
         pad = "_padval" if self.pad_value is not None else ""
         name = (

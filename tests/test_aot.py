@@ -146,3 +146,39 @@ def test_spec_matches_tritons_own_specializer():
         kind, attr = jit.native_specialize_impl(BaseBackend, value, False, specialize, True)
         assert spec.signature_dict()[name] == kind, name
         assert (names.index(name) in spec.divisible_args) == (attr == "D"), name
+
+
+# The ReLU epilogues as compiled for sm_90: PTX's plain max.f32 returns the non-NaN operand, so a NaN
+# would come out of the ReLU as 0 on the GPU (the interpreter's numpy maximum keeps it either way).
+_RELU_PTX_SCRIPT = r"""
+import json, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastres.kernels import ConvLayer, StemLayer
+
+def ptx(spec):
+    src = ASTSource(spec.fn, spec.signature_dict(), spec.constexpr_dict(), spec.attrs_dict())
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=spec.compile_options()).asm["ptx"]
+
+conv = ConvLayer(torch.randn(64, 64, 3, 3), torch.randn(64), stride=1, padding=1, relu=True,
+                 has_residual=True, dtype=torch.float16)
+stem = StemLayer(torch.randn(64, 3, 7, 7), torch.randn(64), dtype=torch.float16)
+out = {}
+specs = {"conv": conv.aot_specs((1, 14, 14, 64), 90)[0], "stem": stem.aot_specs((1, 224, 224, 3), 90)[0]}
+for name, spec in specs.items():
+    text = ptx(spec)
+    out[name] = {"nan_max": text.count("max.NaN.f32"), "plain_max": text.count("max.f32")}
+print(json.dumps(out))
+"""
+
+
+def test_relu_epilogues_keep_nan_on_the_gpu():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", _RELU_PTX_SCRIPT], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    for kernel, seen in counts.items():
+        assert seen["nan_max"] > 0, f"{kernel}: no NaN-propagating max in the PTX ({seen})"
+        assert seen["plain_max"] == 0, f"{kernel}: a plain max.f32 drops NaN ({seen})"

@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE, KERNELS = ROOT / "fastres", ROOT / "kernels"
 MAX_MODULE_LINES = 450
@@ -106,3 +108,12 @@ def test_no_module_is_too_long_to_read():
         if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
     }
     assert not long, f"modules over {MAX_MODULE_LINES} lines (split them along a seam): {long}"
+
+
+def test_the_engine_and_the_kernels_agree_on_dtypes():
+    pytest.importorskip("triton")
+    from fastres.kernels.launch import SUPPORTED_DTYPES as KERNEL_DTYPES
+
+    from fastres.api import SUPPORTED_DTYPES
+
+    assert SUPPORTED_DTYPES == KERNEL_DTYPES
