@@ -62,8 +62,19 @@ def pil_to_tensor(img) -> torch.Tensor:
     return torch.from_numpy(np.array(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1), order="C"))
 
 
-def decode_image(source: bytes | str | os.PathLike) -> torch.Tensor:
+# Far above any camera's (a 48 MP phone, a 100 MP medium-format back), far below what a small file can
+# claim: a 160 KB single-colour PNG can say 13000 x 13000, which Pillow (limit 179 MP) would decode
+# into gigabytes. Checked from the header, before decoding.
+DEFAULT_MAX_PIXELS = 120_000_000
+
+
+def decode_image(
+    source: bytes | str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> torch.Tensor:
     """Decode an image file (path) or its encoded bytes to a uint8 3 x H x W RGB tensor on the CPU.
+
+    An image whose header claims more than `max_pixels` pixels is refused before it is decoded
+    (InputError); None lifts the limit (Pillow's own bomb check still applies).
 
     Raises ImageDecodeError (an InputError, so a ValueError) naming the file when Pillow cannot read
     it, FileNotFoundError when the path does not exist, and ImportError when Pillow is missing.
@@ -82,9 +93,16 @@ def decode_image(source: bytes | str | os.PathLike) -> torch.Tensor:
     else:
         raise TypeError(f"decode_image takes a path or encoded bytes, got {type(source).__name__}")
     try:
-        with Image.open(stream) as img:
+        with Image.open(stream) as img:  # reads the header only
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise InputError(
+                    f"{what} is {img.width}x{img.height} ({img.width * img.height} pixels), over the "
+                    f"limit of {max_pixels} pixels; resize it first"
+                )
             img.load()  # decode now: a truncated file fails here, not later in a worker
             return pil_to_tensor(img)
+    except InputError:  # the size limit: already says what to do
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         # Pillow reports unreadable data as UnidentifiedImageError (an OSError), truncation as OSError,
         # some corrupt headers as SyntaxError or ValueError

@@ -133,3 +133,25 @@ def test_find_images_errors(tmp_path):
         find_images(tmp_path / "empty")
     with pytest.raises(fastres.InputError, match="no image paths"):
         find_images([])
+
+
+def test_a_decode_bomb_is_refused_from_its_header(monkeypatch):
+    import io
+
+    from PIL import Image, ImageFile
+
+    from fastres.errors import InputError
+    from fastres.images import decode_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200), (40, 90, 200)).save(buf, format="PNG")
+    data = buf.getvalue()
+    assert decode_image(data, max_pixels=60_000).shape == (3, 200, 300)
+
+    def never(self, *args, **kwargs):
+        raise AssertionError("the image was decoded before its size was checked")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", never)
+    refused = r"^<\d+ bytes of image data> is 300x200 \(60000 pixels\), over the limit"
+    with pytest.raises(InputError, match=refused):
+        decode_image(data, max_pixels=59_999)

@@ -271,6 +271,7 @@ class ImageClassifier:
 
     def _preprocess(self, data: bytes) -> torch.Tensor:
         try:
-            return self.transform(decode_image(data))
+            # Refused from the header, before decoding: one image may not exceed the whole batch's limit.
+            return self.transform(decode_image(data, max_pixels=self.config.max_pixels))
         except InputError as exc:  # ImageDecodeError included
             raise OIPError(str(exc)) from None
