@@ -185,6 +185,6 @@ class TorchBackend(Backend):
                     observer(op.name, out)
                 for value in self.dead_after[index]:
                     del values[value]
-            if non_finite is not None and bool(non_finite.any()):
-                out[non_finite.to(out.device)] = float("nan")
+            if non_finite is not None:  # masked_fill, not `if any()`: no host sync per call on a GPU
+                out = out.masked_fill(non_finite.to(out.device)[:, None], float("nan"))
         return out
