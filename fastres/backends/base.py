@@ -23,6 +23,8 @@ class Backend:
     """
 
     name = "base"
+    # The dtype float input is handed over in; None: the engine's compute dtype.
+    input_float_dtype: torch.dtype | None = None
 
     def __init__(self, plan: Plan, device: torch.device, dtype: torch.dtype):
         self.plan, self.device, self.dtype = plan, torch.device(device), dtype
