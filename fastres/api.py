@@ -53,7 +53,8 @@ def _resolve_device_dtype_backend(device, dtype, backend) -> tuple[torch.device,
         )
     on_gpu = device.type == "cuda"
     if backend is None:
-        backend = "triton" if on_gpu else ("openvino" if device.type == "cpu" and openvino_available() else "torch")
+        cpu_default = "openvino" if device.type == "cpu" and openvino_available() else "torch"
+        backend = "triton" if on_gpu else cpu_default
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if dtype is not None:

@@ -1,4 +1,4 @@
-"""The openvino backend (CPU): parity for the family, uint8 in both layouts, odd shapes, ownership, threads."""
+"""The openvino backend: parity for the family, uint8 in both layouts, odd shapes, ownership, threads."""
 
 import sys
 
@@ -11,7 +11,9 @@ import fastres
 from fastres.errors import BackendUnavailableError, ConfigError
 from fastres.testing import random_images
 
-openvino = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'fastres[openvino]')")
+openvino = pytest.importorskip(
+    "openvino", reason="OpenVINO is not installed (pip install 'fastres[openvino]')"
+)
 
 from fastres.backends.openvino_backend import cpu_capabilities, default_precision  # noqa: E402
 
@@ -123,3 +125,14 @@ def test_missing_openvino_is_a_typed_error_and_the_default_falls_back(monkeypatc
         fastres.optimize(model, device="cpu", backend="openvino")
     engine = fastres.optimize(model, device="cpu")
     assert engine.backend_name == "torch" and engine.dtype == torch.float32
+
+
+def test_cli_check_passes_on_openvino_and_says_where_the_layer_report_is(capsys):
+    from fastres.cli import main
+
+    code = main(
+        ["check", "resnet18", "--device", "cpu", "--batch", "2", "--image-size", "48", "--dtype", "fp32"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "backend=openvino" in out and "PASS" in out and "--backend torch has it" in out

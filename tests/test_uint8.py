@@ -165,7 +165,9 @@ def test_labels_with_the_wrong_count_are_rejected(tmp_path):
     with pytest.raises(fastres.InputError, match="2 names but the model has 10 classes"):
         fastres.optimize(calibrated("resnet18", 10), device="cpu", backend="torch", labels=str(path))
     with pytest.raises(fastres.InputError, match="cannot read labels file"):
-        fastres.optimize(calibrated("resnet18", 10), device="cpu", backend="torch", labels=str(tmp_path / "missing.txt"))
+        fastres.optimize(
+            calibrated("resnet18", 10), device="cpu", backend="torch", labels=str(tmp_path / "missing.txt")
+        )
 
 
 @pytest.mark.interpreter

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import warnings
 from typing import Any
 
 import torch
@@ -70,8 +71,19 @@ def default_precision() -> torch.dtype:
     return {ov.Type.bf16: torch.bfloat16, ov.Type.f16: torch.float16}.get(hint, torch.float32)
 
 
+def precision_config(dtype: torch.dtype) -> dict[str, Any]:
+    """The CPU plugin's config for this compute dtype; a typed error where the CPU cannot run it."""
+    capabilities = cpu_capabilities()
+    if _CAPABILITY[dtype] not in capabilities:
+        raise BackendUnavailableError(
+            f"this CPU has no {_CAPABILITY[dtype]} support in OpenVINO (it has {', '.join(capabilities)}); "
+            "use dtype='fp32'"
+        )
+    return {"INFERENCE_PRECISION_HINT": _PRECISIONS[dtype]}
+
+
 class PlanModule(nn.Module):
-    """The folded plan as a module that OpenVINO's converter can trace: float32 parameters, plain torch ops."""
+    """The folded plan as a module OpenVINO's converter can trace: float32 parameters, plain torch ops."""
 
     def __init__(self, ops):
         super().__init__()
@@ -96,6 +108,7 @@ class OpenVinoBackend(Backend):
     name = "openvino"
     # Float input stays float32: OpenVINO converts to its inference precision inside the model.
     input_float_dtype = torch.float32
+    observes_layers = False  # one compiled graph: its intermediate values are not handed out
     # What eager is compared with: OpenVINO's CPU plugin runs oneDNN's blocked channels-last convs, and
     # rounds like them (resnet34 fp32 at 67x93: 1.16e-5 vs float64, eager channels-last 9.2e-6, eager
     # NCHW 4.8e-6, fastres's torch backend 1.14e-5).
@@ -106,20 +119,17 @@ class OpenVinoBackend(Backend):
         if self.device.type != "cpu":
             raise BackendUnavailableError(f"the openvino backend runs on the CPU, not on {self.device}")
         ov = import_openvino()
-        if _CAPABILITY[dtype] not in cpu_capabilities():
-            raise BackendUnavailableError(
-                f"this CPU has no {_CAPABILITY[dtype]} support in OpenVINO (it has {', '.join(cpu_capabilities())}); "
-                "use dtype='fp32'"
-            )
         if threads is not None and threads < 1 or streams is not None and streams < 1:
             raise ConfigError("threads and streams must be at least 1")
-        self.config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _PRECISIONS[dtype]}
+        self.config = precision_config(dtype)
         if threads is not None:
             self.config["INFERENCE_NUM_THREADS"] = threads
         if streams is not None:
             self.config["NUM_STREAMS"] = streams
         example = torch.randn(1, 3, 64, 64)
-        with torch.no_grad():
+        # The converter traces with torch.jit, which warns that it is deprecated: not the user's concern.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
             self.model = ov.convert_model(
                 PlanModule(plan.ops), example_input=example, input=[ov.PartialShape([-1, 3, -1, -1])]
             )
