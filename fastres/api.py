@@ -76,6 +76,11 @@ def _resolve_device_dtype_backend(device, dtype, backend) -> tuple[torch.device,
     return device, dtype, backend
 
 
+def resolve_backend(device=None, backend: str | None = None) -> str:
+    """The backend `fastres.load` would use for these arguments."""
+    return _resolve_device_dtype_backend(device, None if backend is None else "fp32", backend)[2]
+
+
 def _build_engine(
     arch: Architecture, state_dict, device, dtype, backend, mean, std, labels, engine_options
 ) -> Engine:

@@ -107,7 +107,9 @@ def test_rows_carry_metadata_and_timings(tiny_run):
             assert key in r, key
         assert r["error"] is None and r["samples"] == 2
         assert r["p90_ms"] >= r["median_ms"] > 0
-        assert r["dtype"] == "float32" and r["device"] == "cpu" and r["backend"] == backends.get(r["candidate"])
+        assert (
+            r["dtype"] == "float32" and r["device"] == "cpu" and r["backend"] == backends.get(r["candidate"])
+        )
         assert r["cpu_isa"] is not None and r["openvino"] == (openvino.__version__ if ov else None)
     fast = [r for r in rows if r["candidate"] == "fastres"]
     assert all(r["cold_load_s"] > 0 and r["warm_load_s"] > 0 and r["fastres_speedup"] == 1.0 for r in fast)
