@@ -11,6 +11,7 @@ from torch import nn
 from .backends import BACKENDS, create_backend
 from .backends.openvino_backend import default_precision as default_openvino_precision
 from .backends.openvino_backend import openvino_available
+from .calibration import weights_hash
 from .checkpoints import Architecture, infer_architecture, load_checkpoint, resolve_model, validate_state_dict
 from .engine import Engine
 from .errors import BackendUnavailableError, ConfigError
@@ -27,6 +28,7 @@ _DTYPE_NAMES = {
     "fp32": torch.float32,
     "float32": torch.float32,
     "float": torch.float32,
+    "int8": torch.int8,
 }
 # The kernels' dtypes (fastres.kernels.launch.SUPPORTED_DTYPES), restated: importing fastres.kernels
 # needs Triton, which the torch backend on a machine without it must not (test_structure checks they agree).
@@ -34,11 +36,14 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in SUPPORTED_DTYPES:
+    if isinstance(dtype, torch.dtype) and dtype in (*SUPPORTED_DTYPES, torch.int8):
         return dtype
     if isinstance(dtype, str) and dtype.lower() in _DTYPE_NAMES:
         return _DTYPE_NAMES[dtype.lower()]
-    raise ConfigError(f"unsupported dtype {dtype!r}; use float16 (fp16), bfloat16 (bf16) or float32 (fp32)")
+    raise ConfigError(
+        f"unsupported dtype {dtype!r}; use float16 (fp16), bfloat16 (bf16), float32 (fp32) or int8 "
+        "(with calibration=)"
+    )
 
 
 def _resolve_device_dtype_backend(device, dtype, backend) -> tuple[torch.device, torch.dtype, str]:
@@ -63,6 +68,11 @@ def _resolve_device_dtype_backend(device, dtype, backend) -> tuple[torch.device,
         dtype = default_openvino_precision()  # what OpenVINO's users get: bf16 on CPUs that have it
     else:
         dtype = torch.float16 if on_gpu else torch.float32
+    if dtype == torch.int8 and backend != "openvino":
+        raise ConfigError(
+            f"int8 runs on the openvino backend (the CPU; pip install 'fastres[openvino]'), "
+            f"not on {backend}: int8 on the GPU is not available yet, use fp16 there"
+        )
     if backend == "triton":
         if device.type not in ("cuda", "cpu"):
             raise BackendUnavailableError(f"the triton backend runs on CUDA GPUs, not on {device}")
@@ -86,8 +96,24 @@ def _build_engine(
 ) -> Engine:
     device, dtype, backend = _resolve_device_dtype_backend(device, dtype, backend)
     plan = plan_resnet(arch.spec, arch.num_classes, state_dict, mean=mean, std=std, dtype=dtype)
-    allow_tf32 = bool(engine_options.pop("allow_tf32", False))
+    calibration = engine_options.pop("calibration", None)
+    save_calibration = engine_options.pop("save_calibration", None)
     options = {}
+    if dtype == torch.int8:
+        if calibration is None:
+            raise ConfigError(
+                "dtype='int8' needs calibration=: about 300 representative images (a tensor, or a folder "
+                "of image files), or a calibration file saved earlier with save_calibration="
+            )
+        options.update(
+            calibration=calibration,
+            save_calibration=save_calibration,
+            model_name=arch.name,
+            weights_sha256=weights_hash(state_dict),
+        )
+    elif calibration is not None or save_calibration is not None:
+        raise ConfigError("calibration= and save_calibration= apply to dtype='int8'")
+    allow_tf32 = bool(engine_options.pop("allow_tf32", False))
     if allow_tf32:
         if dtype != torch.float32 or backend == "reference":
             raise ConfigError("allow_tf32=True applies to float32 with the triton or torch backend")
@@ -136,6 +162,9 @@ def load(
         cuda_graphs (default on for CUDA), max_batch (larger batches run in chunks),
         max_cached_shapes (input shapes kept warm, LRU); openvino only: threads (OpenVINO's
         INFERENCE_NUM_THREADS), streams (NUM_STREAMS).
+    int8 (openvino backend): dtype='int8' with calibration= images (a tensor as engine inputs are,
+        uint8 pixels, or a folder of image files preprocessed as `fastres classify` does; about 300)
+        or a saved calibration .json; save_calibration='calib.json' keeps the result for reuse.
     """
     arch, state_dict = resolve_model(model, weights, num_classes=num_classes)
     if state_dict is None:

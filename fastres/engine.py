@@ -227,6 +227,14 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def save_calibration(self, path) -> None:
+        """Write this int8 engine's calibration (a .json record and its artefact beside it) for reuse:
+        `fastres.load(..., dtype="int8", calibration=path)` then skips calibrating."""
+        save = getattr(self.backend, "save_calibration", None)
+        if save is None:
+            raise ConfigError(f"save_calibration: the {self.backend.name} backend has no int8 calibration")
+        save(path)
+
     def reference(self) -> nn.Module:
         """The unfolded PyTorch reference network with this engine's weights (float32, eval mode)."""
         model = build_resnet(self.architecture.spec, self.num_classes, self._state_dict)
@@ -252,8 +260,10 @@ class Engine:
             ref = model.double()(x)
             # Eager in the backend's layout: channels-last kernels round differently from NCHW ones.
             memory_format = getattr(self.backend, "memory_format", torch.contiguous_format)
-            eager_model = model.to(self.device, self.dtype, memory_format=memory_format)
-            eager_input = x.to(self.device, self.dtype).contiguous(memory_format=memory_format)
+            # Eager PyTorch has no int8 convolution: an int8 engine is shown beside eager float32.
+            eager_dtype = torch.float32 if self.dtype == torch.int8 else self.dtype
+            eager_model = model.to(self.device, eager_dtype, memory_format=memory_format)
+            eager_input = x.to(self.device, eager_dtype).contiguous(memory_format=memory_format)
             eager = eager_model(eager_input).double().cpu()
         scale = ref.abs().max().item() or 1.0
         k = min(5, self.num_classes)

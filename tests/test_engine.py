@@ -161,6 +161,8 @@ def test_bad_options_are_clear_errors():
     with pytest.raises(ValueError, match="unknown backend"):
         fastres.optimize(model, device="cpu", backend="tensorrt")
     with pytest.raises(ValueError, match="unsupported dtype"):
+        fastres.optimize(model, device="cpu", backend="torch", dtype="int4")
+    with pytest.raises(ValueError, match=r"int8 runs on the openvino backend.*fastres\[openvino\]"):
         fastres.optimize(model, device="cpu", backend="torch", dtype="int8")
     with pytest.raises(TypeError, match="nn.Module"):
         fastres.optimize({"not": "a module"})
@@ -172,7 +174,13 @@ def test_default_device_dtype_and_backend_without_gpu():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         engine = fastres.load("resnet18", num_classes=3)
-    assert (engine.device.type, engine.dtype, engine.backend_name) == ("cpu", torch.float32, "torch")
+    from fastres.backends.openvino_backend import default_precision, openvino_available
+
+    if openvino_available():  # OpenVINO's own default precision (bf16 on CPUs with bf16 instructions)
+        expected = ("cpu", default_precision(), "openvino")
+    else:
+        expected = ("cpu", torch.float32, "torch")
+    assert (engine.device.type, engine.dtype, engine.backend_name) == expected
 
 
 def test_tf32_is_opt_in_and_never_left_switched():

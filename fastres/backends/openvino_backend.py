@@ -28,7 +28,7 @@ from .base import Backend, Observer
 INSTALL_HINT = "install it with pip install 'fastres[openvino]' (or use backend='torch')"
 # OpenVINO element types of the precisions its CPU plugin runs; fp16 needs AVX512-FP16 or AMX-FP16.
 _PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
-_CAPABILITY = {torch.float32: "FP32", torch.bfloat16: "BF16", torch.float16: "FP16"}
+_CAPABILITY = {torch.float32: "FP32", torch.bfloat16: "BF16", torch.float16: "FP16", torch.int8: "INT8"}
 
 
 def import_openvino():
@@ -79,7 +79,8 @@ def precision_config(dtype: torch.dtype) -> dict[str, Any]:
             f"this CPU has no {_CAPABILITY[dtype]} support in OpenVINO (it has {', '.join(capabilities)}); "
             "use dtype='fp32'"
         )
-    return {"INFERENCE_PRECISION_HINT": _PRECISIONS[dtype]}
+    # int8: the quantized model's int8 layers run in int8, the rest in the plugin's default precision.
+    return {"INFERENCE_PRECISION_HINT": _PRECISIONS[dtype]} if dtype in _PRECISIONS else {}
 
 
 class PlanModule(nn.Module):
@@ -91,6 +92,19 @@ class PlanModule(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return execute(self.ops, x)
+
+
+def float_model(plan):
+    """The plan as an OpenVINO model taking normalised float32 N x 3 x H x W, any batch and size."""
+    ov = import_openvino()
+    # The converter traces with torch.jit, which warns that it is deprecated: not the user's concern.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ov.convert_model(
+            PlanModule(plan.ops),
+            example_input=torch.randn(1, 3, 64, 64),
+            input=[ov.PartialShape([-1, 3, -1, -1])],
+        )
 
 
 def _as_float32(op):
@@ -114,11 +128,22 @@ class OpenVinoBackend(Backend):
     # NCHW 4.8e-6, fastres's torch backend 1.14e-5).
     memory_format = torch.channels_last
 
-    def __init__(self, plan, device, dtype, *, threads: int | None = None, streams: int | None = None):
+    def __init__(
+        self,
+        plan,
+        device,
+        dtype,
+        *,
+        threads: int | None = None,
+        streams: int | None = None,
+        calibration=None,
+        save_calibration=None,
+        model_name: str | None = None,
+        weights_sha256: str | None = None,
+    ):
         super().__init__(plan, device, dtype)
         if self.device.type != "cpu":
             raise BackendUnavailableError(f"the openvino backend runs on the CPU, not on {self.device}")
-        ov = import_openvino()
         if threads is not None and threads < 1 or streams is not None and streams < 1:
             raise ConfigError("threads and streams must be at least 1")
         self.config = precision_config(dtype)
@@ -126,15 +151,25 @@ class OpenVinoBackend(Backend):
             self.config["INFERENCE_NUM_THREADS"] = threads
         if streams is not None:
             self.config["NUM_STREAMS"] = streams
-        example = torch.randn(1, 3, 64, 64)
-        # The converter traces with torch.jit, which warns that it is deprecated: not the user's concern.
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            self.model = ov.convert_model(
-                PlanModule(plan.ops), example_input=example, input=[ov.PartialShape([-1, 3, -1, -1])]
+        self.calibration = None  # the CalibrationRecord of an int8 engine
+        if dtype == torch.int8:
+            from .openvino_int8 import int8_model
+
+            self.model, self.calibration = int8_model(
+                lambda: float_model(plan), plan, calibration, save_calibration, model_name, weights_sha256
             )
+        else:
+            self.model = float_model(plan)
         self._compiled: dict[tuple[torch.dtype, str], Any] = {}
         self._lock = threading.Lock()
+
+    def save_calibration(self, path):
+        if self.calibration is None:
+            raise ConfigError("save_calibration: this engine is not int8 (load it with dtype='int8')")
+        from .openvino_int8 import save
+
+        self.calibration = save(self.model, self.calibration, path)
+        return self.calibration
 
     def compiled(self, input_dtype: torch.dtype, layout: str):
         """The compiled model for one input kind, built on first use (about 0.1-1 s) and kept."""

@@ -1,4 +1,5 @@
-"""The `fastres` command line (also `python -m fastres`): bench, info, check, compile-report, classify, serve.
+"""The `fastres` command line (also `python -m fastres`): bench, info, check, compile-report, classify,
+calibrate, serve.
 
 Argument parsing only, one module per command (add_parser(subparsers) and run(args)); the work lives
 in fastres.tools (bench, compile_report, estimate), fastres.classify, fastres.serving and the engine.
@@ -18,10 +19,10 @@ import torch
 
 from .. import __version__
 from ..errors import FastresError
-from . import bench, check, classify, compile_report, info, serve
+from . import bench, calibrate, check, classify, compile_report, info, serve
 from .args import CliParser, UsageError, examples
 
-COMMANDS = (bench, info, check, compile_report, classify, serve)
+COMMANDS = (bench, info, check, compile_report, classify, calibrate, serve)
 
 
 def _version() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 DTYPES = ("fp16", "bf16", "fp32")
+ENGINE_DTYPES = (*DTYPES, "int8")  # int8: the openvino backend, with --calibration
 BACKENDS = ("triton", "torch", "openvino", "reference")
 DEVICES = ("cuda", "cpu")
 
@@ -35,10 +36,19 @@ def add_command(subparsers, name: str, *, help: str, description: str, epilog: s
     )
 
 
-def add_model_args(p: argparse.ArgumentParser, dtype_help: str) -> None:
+def add_model_args(p: argparse.ArgumentParser, dtype_help: str, dtypes=DTYPES) -> None:
     p.add_argument("model", help="a model name (resnet18 ... wide_resnet101_2) or a checkpoint path")
-    p.add_argument("--dtype", choices=DTYPES, help=dtype_help)
+    p.add_argument("--dtype", choices=dtypes, help=dtype_help)
     add_image_size(p)
+
+
+def add_calibration(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--calibration",
+        metavar="PATH",
+        help="for --dtype int8: a calibration file saved by `fastres calibrate` (.json), or a folder of "
+        "representative images (about 300) to calibrate on now",
+    )
 
 
 def add_image_size(p: argparse.ArgumentParser) -> None:

@@ -9,7 +9,17 @@ import torch
 
 from ..errors import ConfigError, InputError
 from ..numerics import DRIFT_FACTOR, PARITY_FACTOR, PARITY_FLOOR, parity_bound
-from .args import BACKENDS, add_command, add_device, add_model_args, add_weights, examples, parse_dtype
+from .args import (
+    BACKENDS,
+    ENGINE_DTYPES,
+    add_calibration,
+    add_command,
+    add_device,
+    add_model_args,
+    add_weights,
+    examples,
+    parse_dtype,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -19,22 +29,32 @@ def add_parser(subparsers) -> None:
         help="parity against a float64 reference, with a per-layer drift report",
         description="Compare fastres's logits with the reference run in float64, beside eager PyTorch's\n"
         "own error in the same dtype, and show per layer where the error grows. Exit status 1 when\n"
-        f"fastres's relative error exceeds {PARITY_FACTOR:g}x eager's (and {PARITY_FLOOR:g}).",
+        f"fastres's relative error exceeds {PARITY_FACTOR:g}x eager's (and {PARITY_FLOOR:g}); for int8,\n"
+        "when its top-1 agreement with the float32 reference is below --min-top1.",
         epilog=examples(
             "fastres check resnet50",
             "fastres check resnet18 --device cpu --batch 2 --image-size 64",
             "fastres check resnet50 --weights resnet50.pth --images batch.pt --dtype bf16",
+            "fastres check resnet50 --weights W.pth --dtype int8 --calibration calib.json --images val/",
         ),
     )
-    add_model_args(p, "compute dtype (default fp16 on CUDA, fp32 on the CPU)")
+    add_model_args(p, "compute dtype (default fp16 on CUDA, fp32 on the CPU)", ENGINE_DTYPES)
+    add_calibration(p)
+    p.add_argument(
+        "--min-top1",
+        type=float,
+        metavar="F",
+        help="fail below this top-1 agreement with the reference (default 0.99 for int8, else unchecked)",
+    )
     p.add_argument("--batch", type=int, default=4, metavar="N", help="random images (default 4)")
     add_device(p)
     add_weights(p)
     p.add_argument("--backend", choices=BACKENDS, help="fastres backend")
     p.add_argument(
         "--images",
-        metavar="FILE.pt",
-        help="a saved N x 3 x H x W float tensor (normalised) instead of random images",
+        metavar="PATH",
+        help="a saved N x 3 x H x W float tensor (normalised, .pt) or a folder of image files "
+        "(preprocessed as `fastres classify` does) instead of random images",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and images")
     p.set_defaults(run=run)
@@ -43,6 +63,10 @@ def add_parser(subparsers) -> None:
 def _load_images(path: str) -> torch.Tensor:
     if not os.path.exists(path):
         raise FileNotFoundError(f"--images file not found: {path}")
+    if os.path.isdir(path):
+        from ..calibration import decode_files
+
+        return decode_files(path)  # uint8 pixels: the engine normalises them
     data = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(data, dict):
         tensors = [v for v in data.values() if isinstance(v, torch.Tensor)]
@@ -90,14 +114,22 @@ def run(args) -> int:
     from ..testing import make_calibrated_model, random_images
 
     dtype = parse_dtype(args.dtype)
+    int8 = dtype == torch.int8
+    if int8 and args.calibration is None:
+        raise ConfigError(
+            "--dtype int8 needs --calibration (a file from `fastres calibrate`, or an image folder)"
+        )
+    options = {"calibration": args.calibration} if int8 else {}
     if args.weights is None and args.model in MODEL_SPECS:
         module = make_calibrated_model(args.model, seed=args.seed)
-        engine = fastres.optimize(module, device=args.device, dtype=dtype, backend=args.backend)
+        engine = fastres.optimize(module, device=args.device, dtype=dtype, backend=args.backend, **options)
         source = "random weights with calibrated BatchNorm"
     else:
         if args.model not in MODEL_SPECS and not os.path.exists(args.model):
             fastres.get_spec(args.model)  # one-line UnknownModelError listing the names
-        engine = fastres.load(args.model, args.weights, device=args.device, dtype=dtype, backend=args.backend)
+        engine = fastres.load(
+            args.model, args.weights, device=args.device, dtype=dtype, backend=args.backend, **options
+        )
         source = f"weights {args.weights or args.model}"
     if args.images:
         x = _load_images(args.images)
@@ -114,10 +146,21 @@ def run(args) -> int:
         print(format_layer_report(engine.layer_errors(x)))
     else:
         print(f"per-layer report: not available on the {engine.backend_name} backend; --backend torch has it")
-    bound = parity_bound(result.eager_relative_error)
-    ok = result.relative_error <= bound
-    print(
-        f"{'PASS' if ok else 'FAIL'}: fastres relative error {result.relative_error:.3e} "
-        f"{'<=' if ok else '>'} {bound:.3e} (max of {PARITY_FACTOR:g}x eager's, {PARITY_FLOOR:g})"
-    )
+    min_top1 = args.min_top1 if args.min_top1 is not None else (0.99 if int8 else None)
+    if int8:  # quantization error is judged by agreement: eager PyTorch has no int8 to compare with
+        ok = True
+    else:
+        bound = parity_bound(result.eager_relative_error)
+        ok = result.relative_error <= bound
+        print(
+            f"{'PASS' if ok else 'FAIL'}: fastres relative error {result.relative_error:.3e} "
+            f"{'<=' if ok else '>'} {bound:.3e} (max of {PARITY_FACTOR:g}x eager's, {PARITY_FLOOR:g})"
+        )
+    if min_top1 is not None:
+        agrees = result.top1_agreement >= min_top1
+        ok = ok and agrees
+        print(
+            f"{'PASS' if agrees else 'FAIL'}: top-1 agreement {result.top1_agreement:.1%} "
+            f"{'>=' if agrees else '<'} {min_top1:.1%} (--min-top1)"
+        )
     return 0 if ok else 1
