@@ -232,6 +232,7 @@ def classify_command(args) -> int:
             mean=norm.mean,
             std=norm.std,
             labels=args.labels,
+            **({"calibration": args.calibration} if args.calibration else {}),
         )
     if args.weights is None and args.model in MODEL_SPECS:
         print(

@@ -227,6 +227,10 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """The checkpoint's tensors this engine was planned from (CPU, unfolded; do not modify)."""
+        return self._state_dict
+
     def save_calibration(self, path) -> None:
         """Write this int8 engine's calibration (a .json record and its artefact beside it) for reuse:
         `fastres.load(..., dtype="int8", calibration=path)` then skips calibrating."""

@@ -132,3 +132,28 @@ def test_cli_calibrate_then_check_int8(tmp_path, capsys):
     # an impossible threshold fails: the exit status follows the agreement
     assert main([*check, "--images", str(images), "--min-top1", "1.01"]) == 1
     assert "FAIL: top-1 agreement" in capsys.readouterr().out
+
+
+def test_serve_int8_reads_the_saved_calibration_and_refuses_a_mismatch(saved, tmp_path):
+    pytest.importorskip("ray", reason="Ray Serve is absent (pip install 'fastres[serve]')")
+    from fastres.serving.config import ServeConfig
+    from fastres.serving.deployment import ImageClassifier
+    from fastres.serving.driver import _preflight
+
+    engine, path, model = saved
+    weights = tmp_path / "w.pth"
+    torch.save(model.state_dict(), weights)
+    config = ServeConfig(
+        "resnet18", weights=str(weights), device="cpu", dtype="int8", calibration=str(path), max_batch=2,
+        warmup_size=32,
+    )  # fmt: skip
+    _preflight(config)  # checks the record against the weights before any replica starts
+    replica = ImageClassifier.func_or_class(config)
+    x = random_images(2, 48, 48, seed=5)
+    torch.testing.assert_close(replica.engine(x), engine(x), rtol=0, atol=0)
+    other = tmp_path / "other.pth"
+    torch.save(calibrated("resnet18", 10, seed=1).state_dict(), other)
+    with pytest.raises(CalibrationMismatchError):
+        _preflight(ServeConfig("resnet18", weights=str(other), dtype="int8", calibration=str(path)))
+    with pytest.raises(ConfigError, match="go together"):
+        _preflight(ServeConfig("resnet18", weights=str(weights), dtype="int8"))

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import sys
 
-from .args import BACKENDS, add_command, add_device, add_model_args, add_weights, examples, parse_dtype
+from .args import (
+    BACKENDS,
+    ENGINE_DTYPES,
+    add_command,
+    add_device,
+    add_model_args,
+    add_weights,
+    examples,
+    parse_dtype,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -23,7 +32,7 @@ def add_parser(subparsers) -> None:
             "fastres bench resnet50 --weights resnet50.pth --batch 64 --repeats 100 --out results/",
         ),
     )
-    add_model_args(p, "compute dtype (default fp16 on CUDA, fp32 on the CPU)")
+    add_model_args(p, "compute dtype (default fp16 on CUDA, fp32 on the CPU)", ENGINE_DTYPES)
     p.add_argument(
         "--batch",
         type=int,

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from .args import BACKENDS, DTYPES, UsageError, add_command, add_device, add_weights, examples
+from .args import (
+    BACKENDS,
+    ENGINE_DTYPES,
+    UsageError,
+    add_calibration,
+    add_command,
+    add_device,
+    add_weights,
+    examples,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -26,7 +35,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default="resnet50", help="model name or checkpoint path (default resnet50)")
     add_weights(p)
     add_device(p)
-    p.add_argument("--dtype", choices=DTYPES, help="default fp16 on CUDA, fp32 on the CPU")
+    p.add_argument(
+        "--dtype", choices=ENGINE_DTYPES, help="fp16 on CUDA; on the CPU OpenVINO's default, else fp32"
+    )
+    add_calibration(p)
     p.add_argument("--backend", choices=BACKENDS, help="fastres backend")
     p.add_argument("--topk", type=int, default=5, metavar="K", help="labels per image (default 5)")
     p.add_argument("--batch", type=int, default=64, metavar="N", help="images per batch (default 64)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .args import BACKENDS, DEVICES, DTYPES, add_command, examples
+from .args import BACKENDS, DEVICES, ENGINE_DTYPES, add_command, examples
 
 
 def add_parser(subparsers) -> None:
@@ -24,8 +24,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--weights", help="checkpoint path or torchvision weight name (IMAGENET1K_V2, DEFAULT)")
     p.add_argument("--name", help="the model name in URLs (default: MODEL)")
     p.add_argument("--device", choices=DEVICES, help="default: cuda when the cluster has GPUs")
-    p.add_argument("--dtype", choices=DTYPES, help="default: fp16 on GPUs, fp32 on CPUs")
-    p.add_argument("--backend", choices=BACKENDS, help="default: triton on GPUs")
+    p.add_argument(
+        "--dtype", choices=ENGINE_DTYPES, help="default: fp16 on GPUs; on CPUs OpenVINO's default, else fp32"
+    )
+    p.add_argument(
+        "--backend", choices=BACKENDS, help="default: triton on GPUs, openvino on CPUs when installed"
+    )
+    p.add_argument("--calibration", metavar="FILE.json", help="--dtype int8: a file from `fastres calibrate`")
     p.add_argument("--num-classes", type=int, help="classes of the checkpoint's head (default: inferred)")
     p.add_argument("--replicas", type=int, default=1, help="engines to run (default 1)")
     p.add_argument(
@@ -61,6 +66,7 @@ def run(args) -> int:
         device=args.device,
         dtype=args.dtype,
         backend=args.backend,
+        calibration=args.calibration,
         num_classes=args.num_classes,
         labels=args.labels,
         max_batch=args.max_batch,

@@ -20,6 +20,8 @@ class ServeConfig:
     device: str | None = None  # "cuda" or "cpu"; start() picks cuda when the cluster has GPUs
     dtype: str | None = None
     backend: str | None = None
+    # dtype "int8": a calibration file from `fastres calibrate` (every replica reads it, none recalibrates)
+    calibration: str | None = None
     num_classes: int | None = None
     labels: str | None = None  # a text file, one class name per line
     mean: tuple[float, float, float] = IMAGENET_MEAN  # uint8 input is normalised in the stem

@@ -22,7 +22,10 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
+import torch
+
 from ..api import load, parse_dtype
+from ..calibration import check_record, is_saved_calibration, read_record, weights_hash
 from ..errors import BackendUnavailableError, ConfigError
 from .config import ServeConfig
 
@@ -125,9 +128,18 @@ def start(
 def _preflight(config: ServeConfig) -> None:
     """Load the model once on this machine's CPU, so that a bad checkpoint, labels file or option
     fails here in one line before Ray starts, not as three replica tracebacks after it."""
-    if config.dtype is not None:
-        parse_dtype(config.dtype)  # the replicas' dtype; this check loads in float32 on the CPU
-    load(
+    dtype = parse_dtype(config.dtype) if config.dtype is not None else None  # the replicas' dtype
+    if (dtype == torch.int8) != bool(config.calibration):
+        raise ConfigError(
+            "--dtype int8 and --calibration go together (make the file with `fastres calibrate`)"
+        )
+    if config.calibration and not is_saved_calibration(config.calibration):
+        raise ConfigError(
+            f"--calibration must be a .json from `fastres calibrate`, got {config.calibration}: "
+            "replicas read one saved calibration rather than each calibrating"
+        )
+    # This check loads in float32 on the CPU, whatever the replicas run.
+    engine = load(
         config.model,
         config.weights,
         device="cpu",
@@ -137,6 +149,15 @@ def _preflight(config: ServeConfig) -> None:
         std=config.std,
         labels=config.labels,
     )
+    if config.calibration:
+        record = read_record(config.calibration)
+        check_record(
+            record,
+            config.calibration,
+            model=engine.architecture.name,
+            weights_sha256=weights_hash(engine.state_dict()),
+            backend="openvino",
+        )
 
 
 def _import_ray_serve():

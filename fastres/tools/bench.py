@@ -52,6 +52,7 @@ def openvino_available() -> bool:
 
     return available()
 
+
 # ---------------------------------------------------------------------------------------------
 # Statistics and the interleaved measurement
 
@@ -201,7 +202,11 @@ def resolve_device_dtype(config: BenchConfig) -> tuple[torch.device, torch.dtype
 
 
 def load_timed(
-    config: BenchConfig, device: torch.device, dtype: torch.dtype, first_x: torch.Tensor
+    config: BenchConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    first_x: torch.Tensor,
+    calibration: torch.Tensor | None = None,
 ) -> tuple[Any, torch.nn.Module, list[float]]:
     """Load fastres twice, timing each load to its first result: (engine, float32 module, [cold, warm]).
 
@@ -214,13 +219,14 @@ def load_timed(
     from ..specs import MODEL_SPECS
     from ..testing import make_calibrated_model
 
+    int8 = {"calibration": calibration} if calibration is not None else {}
     if config.weights is None and config.model in MODEL_SPECS:
         module = make_calibrated_model(config.model, seed=config.seed)
-        load = lambda: fastres.optimize(module, device=device, dtype=dtype, backend=config.backend)
+        load = lambda: fastres.optimize(module, device=device, dtype=dtype, backend=config.backend, **int8)
     else:
         module = None
         load = lambda: fastres.load(
-            config.model, config.weights, device=device, dtype=dtype, backend=config.backend
+            config.model, config.weights, device=device, dtype=dtype, backend=config.backend, **int8
         )
     load_times = []
     with torch.inference_mode():
@@ -234,12 +240,22 @@ def load_timed(
     return engine, (engine.reference() if module is None else module), load_times
 
 
+def int8_calibration_images(x: torch.Tensor, count: int = 32) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(count, *x.shape[1:], generator=gen)
+
+
 def other_backend_candidates(config: BenchConfig, engine, module, device, dtype) -> list[Candidate]:
     """On the CPU without --backend, fastres on its other CPU backend too ("fastres-torch" beside
     the default openvino), so that one run shows what each backend gives."""
     import fastres
 
-    if device.type != "cpu" or config.backend is not None or engine.backend_name == "torch":
+    if (
+        device.type != "cpu"
+        or config.backend is not None
+        or engine.backend_name == "torch"
+        or dtype == torch.int8
+    ):
         return []
     try:
         other = fastres.optimize(module, device=device, dtype=dtype, backend="torch")
@@ -265,13 +281,17 @@ def run_benchmark(config: BenchConfig, on_rows: Callable[[list[dict]], None] | N
         torch.empty(1, device=device)  # CUDA context up front: the cold load should not pay for it
     size, batches = config.image_size, list(config.batches)
     gen = torch.Generator().manual_seed(config.seed)
-    first_x = torch.randn(batches[0], 3, size, size, generator=gen).to(device, dtype)
+    # int8 engines take float input, and the float anchors then run in float32 (eager has no int8).
+    input_dtype = torch.float32 if dtype == torch.int8 else dtype
+    first_x = torch.randn(batches[0], 3, size, size, generator=gen).to(device, input_dtype)
 
-    engine, module, load_times = load_timed(config, device, dtype, first_x)
+    # int8: calibrated on random images (the load time includes it); timing does not depend on them.
+    calibration = int8_calibration_images(first_x) if dtype == torch.int8 else None
+    engine, module, load_times = load_timed(config, device, dtype, first_x, calibration)
     candidates = [
         Candidate("fastres", engine),
         *other_backend_candidates(config, engine, module, device, dtype),
-        *anchor_candidates(module, device, dtype, config.compare),
+        *anchor_candidates(module, device, dtype, config.compare, calibration),
     ]
     backend_of = {c.name: c.fn.backend_name for c in candidates if c.name.startswith("fastres")}
     names = [c.name for c in candidates]
@@ -303,7 +323,7 @@ def run_benchmark(config: BenchConfig, on_rows: Callable[[list[dict]], None] | N
             x = (
                 first_x
                 if batch == batches[0]
-                else torch.randn(batch, 3, size, size, generator=gen).to(device, dtype)
+                else torch.randn(batch, 3, size, size, generator=gen).to(device, input_dtype)
             )
             first: dict[str, float] = {}
             with torch.inference_mode():

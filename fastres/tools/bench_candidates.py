@@ -84,7 +84,9 @@ def _never(x: torch.Tensor) -> Any:
     raise RuntimeError("candidate was not built")
 
 
-def openvino_candidates(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> list[Candidate]:
+def openvino_candidates(
+    module: torch.nn.Module, device: torch.device, dtype: torch.dtype, calibration: torch.Tensor | None = None
+) -> list[Candidate]:
     """OpenVINO's converter and CPU plugin on the module itself, in the run's precision."""
     if device.type != "cpu":
         return []
@@ -99,6 +101,11 @@ def openvino_candidates(module: torch.nn.Module, device: torch.device, dtype: to
                 example_input=torch.randn(1, 3, 64, 64),
                 input=[ov.PartialShape([-1, 3, -1, -1])],
             )
+        if dtype == torch.int8:
+            import nncf
+
+            items = [calibration[i : i + 1].numpy() for i in range(calibration.shape[0])]
+            model = nncf.quantize(model, nncf.Dataset(items), subset_size=len(items))
         request = core().compile_model(model, "CPU", precision_config(dtype)).create_infer_request()
     except Exception as exc:  # not installed, or this CPU lacks the precision: a row that says so
         return [Candidate("openvino", _never, error=one_line(exc))]
@@ -110,13 +117,20 @@ def openvino_candidates(module: torch.nn.Module, device: torch.device, dtype: to
 
 
 def anchor_candidates(
-    module: torch.nn.Module, device: torch.device, dtype: torch.dtype, compare: Sequence[str]
+    module: torch.nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    compare: Sequence[str],
+    calibration: torch.Tensor | None = None,
 ) -> list[Candidate]:
+    """int8 runs: eager and torch.compile in float32 (PyTorch has no int8 conv to time), OpenVINO in
+    int8 quantized by NNCF on the same calibration images as fastres."""
+    float_dtype = torch.float32 if dtype == torch.int8 else dtype
     out = []
     if "eager" in compare:
-        out += eager_candidates(module, device, dtype)
+        out += eager_candidates(module, device, float_dtype)
     if "compile" in compare:
-        out += compile_candidates(module, device, dtype)
+        out += compile_candidates(module, device, float_dtype)
     if "openvino" in compare:
-        out += openvino_candidates(module, device, dtype)
+        out += openvino_candidates(module, device, dtype, calibration)
     return out

@@ -87,6 +87,11 @@ def describe_run(rows: list[dict[str, Any]]) -> str:
         f"load to first result: cold {_fmt(fast['cold_load_s'], '.2f')} s, "
         f"warm {_fmt(fast['warm_load_s'], '.2f')} s; "
         f"'fastres x' = candidate median / fastres median; memory: {fast['mem_method']}"
+        + (
+            "\nint8: eager and torch.compile run float32 (PyTorch has no int8 conv); openvino is NNCF int8"
+            if r["dtype"] == "int8"
+            else ""
+        )
     )
 
 
