@@ -29,18 +29,6 @@ from .config import ServeConfig
 
 # -- the driver: start Ray (or join a cluster), deploy, wait until HTTP answers, shut down ----------
 
-# A local Ray instance started by start(): nothing joins it, so nothing of it should be reachable from
-# the network, and every Ray RPC and HTTP endpoint wants a token. Environment variables, since Ray's
-# processes (GCS, raylet, agents, workers) read them when they start.
-_LOCAL_RAY_ENV = {
-    # Off, Ray keeps the node address 127.0.0.1 as given; on (the Linux default), ray.init "resolves"
-    # 127.0.0.1 to the machine's network address and the agents listen there. Off, every Ray listener
-    # is on loopback but the Serve replicas' inter-deployment gRPC port, which Ray binds to [::]
-    # unconditionally (README: Serving, "What listens where").
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_AUTH_MODE": "token",  # Ray >= 2.52; an older Ray ignores it
-}
-
 
 def _health_app(name: str) -> str:
     return f"{name}-health"
@@ -149,18 +137,35 @@ def start(
 
 
 def _start_local_ray(ray) -> None:
+    """A local instance: nothing joins it, so no port of it should be reachable from the network, and
+    every Ray RPC and HTTP endpoint wants a token. Environment variables, since Ray's processes (GCS,
+    raylet, agents, workers) read them when they start."""
     from ray._private import ray_constants
 
-    for key, value in _LOCAL_RAY_ENV.items():
-        os.environ.setdefault(key, value)
-    # A token private to this process unless the user set one: Ray would otherwise write a shared one to
-    # ~/.ray/auth_token. Ray's processes inherit it from the environment.
-    if os.environ.get("RAY_AUTH_MODE") == "token" and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    # On (the Linux default), ray.init "resolves" the node address 127.0.0.1 to the machine's network
+    # address and the agents listen there. Off, every Ray listener is on loopback but the Serve
+    # replicas' inter-deployment gRPC port, which Ray binds to [::] unconditionally (README: Serving).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # Ray read RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it was imported (before start() ran, usually);
     # this process resolves its node address with the value read then.
     ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in ("0", "false")
+    if "RAY_AUTH_MODE" not in os.environ:  # set by the user (even to "disabled"): Ray's to honour
+        _enable_ray_token_auth()
     ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+
+
+def _enable_ray_token_auth() -> None:
+    """RAY_AUTH_MODE=token for this process and the Ray processes it starts, with a token private to
+    it unless the user set one (Ray would write one to ~/.ray/auth_token, shared by all their clusters)."""
+    try:  # Ray >= 2.52; Ray's own switch, which also refreshes the config this process read at import
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+        from ray._raylet import AuthenticationTokenLoader
+    except ImportError:  # an older Ray has no token authentication
+        return
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # 256 bits, as Ray's own tokens
+    _enable_token_auth()
+    AuthenticationTokenLoader.instance().reset_cache()  # the token may have been looked up before
 
 
 def _preflight(config: ServeConfig) -> None:
