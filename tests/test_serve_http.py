@@ -125,6 +125,12 @@ def test_multipart_files_come_back_byte_exact():
         (b"no delimiter at all", None, "no parts for its boundary"),
         (b"------fastresBoundary7\r\n\r\nabc", None, "no closing boundary"),
         (b"------fastresBoundary7\r\nX: y\r\nabc", None, "part headers do not end"),
+        (
+            b"------fastresBoundary7\r\nX: y\r\n"
+            b"------fastresBoundary7\r\n\r\nabc\r\n------fastresBoundary7--",
+            None,
+            "part headers do not end",
+        ),
         (b"------fastresBoundary7junk\r\n\r\nabc\r\n------fastresBoundary7--", None, "not followed by CRLF"),
         (b"x", "multipart/form-data", "needs a boundary"),
         (b"x", "multipart/form-data; boundary=" + "b" * 71, "needs a boundary"),

@@ -137,7 +137,7 @@ def split_multipart(body: bytes, content_type: str, max_parts: int) -> list[byte
             headers, start = b"", line_end + 4
         else:
             headers_end = body.find(b"\r\n\r\n", line_end + 2)
-            if headers_end < 0:
+            if headers_end < 0 or body.find(delimiter, line_end, headers_end) >= 0:  # not in this part
                 raise RequestError("malformed multipart/form-data body (part headers do not end)")
             headers, start = body[line_end + 2 : headers_end], headers_end + 4
         end = body.find(delimiter, start)
