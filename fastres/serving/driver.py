@@ -139,7 +139,8 @@ def start(
 def _start_local_ray(ray) -> None:
     """A local instance: nothing joins it, so no port of it should be reachable from the network, and
     every Ray RPC and HTTP endpoint wants a token. Environment variables, since Ray's processes (GCS,
-    raylet, agents, workers) read them when they start."""
+    raylet, agents, workers) read them when they start; they stay set for the rest of this process, as
+    Ray's own default token mode does."""
     from ray._private import ray_constants
 
     # On (the Linux default), ray.init "resolves" the node address 127.0.0.1 to the machine's network
