@@ -69,7 +69,7 @@ def test_import_graph_has_no_cycle():
         path.append(node)
         for dep in sorted(graph[node]):
             if state.get(dep) == 1:
-                cycle = path[path.index(dep) :] + [dep]
+                cycle = path[path.index(dep):] + [dep]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if dep not in state:
                 visit(dep)
