@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from .backends import BACKENDS, create_backend
+from .backends.openvino_backend import default_precision as default_openvino_precision
+from .backends.openvino_backend import openvino_available
 from .checkpoints import Architecture, infer_architecture, load_checkpoint, resolve_model, validate_state_dict
 from .engine import Engine
 from .errors import BackendUnavailableError, ConfigError
@@ -50,10 +52,17 @@ def _resolve_device_dtype_backend(device, dtype, backend) -> tuple[torch.device,
             "device 'cuda' was requested but torch sees no CUDA GPU; use device='cpu'"
         )
     on_gpu = device.type == "cuda"
-    dtype = parse_dtype(dtype) if dtype is not None else (torch.float16 if on_gpu else torch.float32)
-    backend = backend or ("triton" if on_gpu else "torch")
+    if backend is None:
+        cpu_default = "openvino" if device.type == "cpu" and openvino_available() else "torch"
+        backend = "triton" if on_gpu else cpu_default
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if dtype is not None:
+        dtype = parse_dtype(dtype)
+    elif backend == "openvino":
+        dtype = default_openvino_precision()  # what OpenVINO's users get: bf16 on CPUs that have it
+    else:
+        dtype = torch.float16 if on_gpu else torch.float32
     if backend == "triton":
         if device.type not in ("cuda", "cpu"):
             raise BackendUnavailableError(f"the triton backend runs on CUDA GPUs, not on {device}")
@@ -67,6 +76,11 @@ def _resolve_device_dtype_backend(device, dtype, backend) -> tuple[torch.device,
     return device, dtype, backend
 
 
+def resolve_backend(device=None, backend: str | None = None) -> str:
+    """The backend `fastres.load` would use for these arguments."""
+    return _resolve_device_dtype_backend(device, None if backend is None else "fp32", backend)[2]
+
+
 def _build_engine(
     arch: Architecture, state_dict, device, dtype, backend, mean, std, labels, engine_options
 ) -> Engine:
@@ -78,6 +92,12 @@ def _build_engine(
         if dtype != torch.float32 or backend == "reference":
             raise ConfigError("allow_tf32=True applies to float32 with the triton or torch backend")
         options["allow_tf32"] = True
+    for name in ("threads", "streams"):
+        if engine_options.get(name) is not None:
+            if backend != "openvino":
+                raise ConfigError(f"{name}= applies to the openvino backend")
+            options[name] = engine_options.pop(name)
+        engine_options.pop(name, None)
     if backend == "reference":
         options["module"] = build_resnet(arch.spec, arch.num_classes, state_dict)
     runner = create_backend(backend, plan, device, dtype, **options)
@@ -103,15 +123,19 @@ def load(
     weights: a checkpoint path, a state dict, an nn.Module, or a torchvision weight name
         ('IMAGENET1K_V1', 'IMAGENET1K_V2', 'DEFAULT'); None gives torchvision's random initialisation,
         seeded so that every load without weights gives the same network.
-    device: 'cuda' when available, else 'cpu'. dtype: float16 on CUDA, float32 on CPU.
-    backend: 'triton' on CUDA, 'torch' on CPU; 'reference' runs the unfused PyTorch model.
+    device: 'cuda' when available, else 'cpu'.
+    backend: 'triton' on CUDA; on the CPU 'openvino' when OpenVINO is installed (fastres[openvino]),
+        else 'torch'; 'reference' runs the unfused PyTorch model.
+    dtype: float16 on CUDA; on the CPU float32, except that the openvino backend follows OpenVINO's
+        own default (bfloat16 on CPUs with bf16 instructions, else float32): pass 'fp32' for IEEE fp32.
     mean, std: per-channel RGB statistics for uint8 input, normalised as (x / 255 - mean) / std inside
         the first layer (ImageNet's by default); float input is taken as already normalised.
     labels: class names for `Engine.predict`: a list or a text file with one name per line
         (default: ImageNet-1k's names for 1000 classes, else "class i").
     engine_options: allow_tf32 (float32 convs on TF32 tensor cores; off by default: IEEE fp32),
         cuda_graphs (default on for CUDA), max_batch (larger batches run in chunks),
-        max_cached_shapes (input shapes kept warm, LRU).
+        max_cached_shapes (input shapes kept warm, LRU); openvino only: threads (OpenVINO's
+        INFERENCE_NUM_THREADS), streams (NUM_STREAMS).
     """
     arch, state_dict = resolve_model(model, weights, num_classes=num_classes)
     if state_dict is None:

@@ -181,7 +181,8 @@ class Engine:
         if x.shape[0] == 0:  # documented: an empty batch gives an empty result
             return torch.empty(0, self.num_classes, device=self.device, dtype=torch.float32)
         # uint8 stays uint8 (4x less to move; the first layer reads it), float takes the engine dtype.
-        x = x.to(self.device) if x.dtype == torch.uint8 else x.to(device=self.device, dtype=self.dtype)
+        float_dtype = self.backend.input_float_dtype or self.dtype
+        x = x.to(self.device) if x.dtype == torch.uint8 else x.to(device=self.device, dtype=float_dtype)
         x = _canonical_layout(x)
         outputs = [self._run_chunk(chunk) for chunk in x.split(self.max_batch)]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)

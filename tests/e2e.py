@@ -2,6 +2,7 @@
 
 import threading
 
+import pytest
 import torch
 
 from fastres.graph import normalize
@@ -9,6 +10,20 @@ from fastres.numerics import PARITY_FACTOR, PARITY_FLOOR, relative_error
 from fastres.testing import make_calibrated_model
 
 _MODELS: dict = {}
+
+# The ten models, each with a class count that exercises the head; the four largest are slow on 2 cores.
+FAMILY = [
+    pytest.param("resnet18", 1000, id="resnet18-1000"),
+    pytest.param("resnet34", 10, id="resnet34-10"),
+    pytest.param("resnet50", 1000, id="resnet50-1000"),
+    pytest.param("resnet101", 3, id="resnet101-3"),
+    pytest.param("resnet152", 1000, id="resnet152-1000", marks=pytest.mark.slow),
+    pytest.param("resnext50_32x4d", 17, id="resnext50_32x4d-17"),
+    pytest.param("resnext101_32x8d", 1000, id="resnext101_32x8d-1000", marks=pytest.mark.slow),
+    pytest.param("resnext101_64x4d", 5, id="resnext101_64x4d-5", marks=pytest.mark.slow),
+    pytest.param("wide_resnet50_2", 1, id="wide_resnet50_2-1"),
+    pytest.param("wide_resnet101_2", 100, id="wide_resnet101_2-100", marks=pytest.mark.slow),
+]
 
 
 def calibrated(name: str, num_classes: int = 1000, seed: int = 0):

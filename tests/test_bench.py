@@ -7,7 +7,10 @@ import pytest
 import torch
 from helpers import BENCH_ROW_COLUMNS
 
+from fastres.backends.openvino_backend import openvino_available
 from fastres.tools import bench, bench_report, environment
+
+openvino = pytest.importorskip("openvino") if openvino_available() else None
 
 
 @pytest.mark.parametrize(
@@ -92,15 +95,22 @@ def tiny_run(tmp_path_factory):
 def test_rows_carry_metadata_and_timings(tiny_run):
     result, _ = tiny_run
     rows = result.rows
-    assert [(r["batch"], r["candidate"]) for r in rows] == [
-        (b, c) for b in (1, 2) for c in ("fastres", "eager", "eager-channels-last")
-    ]
+    # With OpenVINO installed the default CPU backend is openvino, shown beside fastres on the torch
+    # backend, and OpenVINO run directly on the module is an anchor.
+    ov = openvino_available()
+    candidates = ("fastres", "fastres-torch", "eager", "eager-channels-last", "openvino")
+    candidates = candidates if ov else ("fastres", "eager", "eager-channels-last")
+    assert [(r["batch"], r["candidate"]) for r in rows] == [(b, c) for b in (1, 2) for c in candidates]
+    backends = {"fastres": "openvino" if ov else "torch", "fastres-torch": "torch"}
     for r in rows:
         for key in (*BENCH_ROW_COLUMNS, "mem_method"):
             assert key in r, key
         assert r["error"] is None and r["samples"] == 2
         assert r["p90_ms"] >= r["median_ms"] > 0
-        assert r["dtype"] == "float32" and r["device"] == "cpu" and r["backend"] == "torch"
+        assert (
+            r["dtype"] == "float32" and r["device"] == "cpu" and r["backend"] == backends.get(r["candidate"])
+        )
+        assert r["cpu_isa"] is not None and r["openvino"] == (openvino.__version__ if ov else None)
     fast = [r for r in rows if r["candidate"] == "fastres"]
     assert all(r["cold_load_s"] > 0 and r["warm_load_s"] > 0 and r["fastres_speedup"] == 1.0 for r in fast)
     assert all(r["speedup_vs_eager"] > 0 for r in fast)
@@ -120,6 +130,7 @@ def test_compile_failure_is_a_row_not_a_crash(monkeypatch):
         device="cpu",
         image_size=32,
         compare=["compile"],
+        backend="torch",
         repeats=1,
         warmup=0,
         progress=False,

@@ -132,6 +132,10 @@ def test_bench_writes_csv_and_json(capsys, tmp_path, one_thread):
         "64",
         "--repeats",
         "3",
+        "--backend",
+        "torch",
+        "--compare",
+        "eager",
         "--out",
         str(out_dir),
     )
@@ -165,7 +169,17 @@ def _importable(module: str) -> bool:
 
 def test_check_passes_and_shows_the_layer_report(capsys, one_thread):
     code, out, _ = run_cli(
-        capsys, "check", "resnet18", "--device", "cpu", "--batch", "2", "--image-size", "64"
+        capsys,
+        "check",
+        "resnet18",
+        "--device",
+        "cpu",
+        "--batch",
+        "2",
+        "--image-size",
+        "64",
+        "--backend",
+        "torch",
     )
     assert code == 0, out
     assert "top-1 agreement" in out and "per-layer relative error" in out

@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from e2e import assert_parity, assert_same_results_from_threads, calibrated
+from e2e import FAMILY, assert_parity, assert_same_results_from_threads, calibrated
 
 import fastres
 from fastres.engine import validate_images
@@ -12,21 +12,7 @@ from fastres.numerics import parity_bound
 from fastres.testing import random_images
 
 
-@pytest.mark.parametrize(
-    "name, num_classes",
-    [
-        pytest.param("resnet18", 1000, id="resnet18-1000"),
-        pytest.param("resnet34", 10, id="resnet34-10"),
-        pytest.param("resnet50", 1000, id="resnet50-1000"),
-        pytest.param("resnet101", 3, id="resnet101-3"),
-        pytest.param("resnet152", 1000, id="resnet152-1000", marks=pytest.mark.slow),
-        pytest.param("resnext50_32x4d", 17, id="resnext50_32x4d-17"),
-        pytest.param("resnext101_32x8d", 1000, id="resnext101_32x8d-1000", marks=pytest.mark.slow),
-        pytest.param("resnext101_64x4d", 5, id="resnext101_64x4d-5", marks=pytest.mark.slow),
-        pytest.param("wide_resnet50_2", 1, id="wide_resnet50_2-1"),
-        pytest.param("wide_resnet101_2", 100, id="wide_resnet101_2-100", marks=pytest.mark.slow),
-    ],
-)
+@pytest.mark.parametrize("name, num_classes", FAMILY)
 def test_torch_backend_matches_reference_on_odd_sizes(name, num_classes):
     model = calibrated(name, num_classes)
     engine = fastres.optimize(model, device="cpu", backend="torch")
@@ -40,7 +26,7 @@ def test_torch_backend_matches_reference_on_odd_sizes(name, num_classes):
 )
 def test_tiny_and_odd_images(size):
     model = calibrated("resnet18", 10)
-    engine = fastres.optimize(model, device="cpu")
+    engine = fastres.optimize(model, device="cpu", backend="torch")
     assert_parity(engine, model, random_images(2, *size, seed=6), torch.float32)
 
 
@@ -49,9 +35,9 @@ def test_load_by_name_with_checkpoint_file_and_optimize_agree(tmp_path):
     path = tmp_path / "ckpt.pth"
     torch.save({"state_dict": model.state_dict(), "epoch": 3}, path)
     x = random_images(2, 64, 64, seed=7)
-    by_name = fastres.load("resnet50", weights=path, device="cpu")
-    by_path = fastres.load(path, device="cpu")
-    live = fastres.optimize(model, device="cpu")
+    by_name = fastres.load("resnet50", weights=path, device="cpu", backend="torch")
+    by_path = fastres.load(path, device="cpu", backend="torch")
+    live = fastres.optimize(model, device="cpu", backend="torch")
     assert torch.equal(by_name(x), by_path(x)) and torch.equal(by_name(x), live(x))
 
 
@@ -61,14 +47,14 @@ def test_optimize_a_finetuned_module_with_a_new_head():
     finetuned.load_state_dict(model.state_dict())
     finetuned.fc = torch.nn.Linear(finetuned.fc.in_features, 10)
     finetuned.eval()
-    engine = fastres.optimize(finetuned, device="cpu")
+    engine = fastres.optimize(finetuned, device="cpu", backend="torch")
     assert engine.num_classes == 10
     assert_parity(engine, finetuned, random_images(3, 40, 40, seed=8), torch.float32)
 
 
 def test_load_without_weights_warns_untrained():
     with pytest.warns(UserWarning, match="untrained"):
-        engine = fastres.load("resnet18", device="cpu", num_classes=4)
+        engine = fastres.load("resnet18", device="cpu", backend="torch", num_classes=4)
     assert engine(random_images(1, 32, 32)).shape == (1, 4)
 
 
@@ -85,7 +71,7 @@ def test_reference_backend_and_engine_reference_match_the_module():
 
 def test_check_reports_errors_and_agreement():
     model = calibrated("resnet18", 10)
-    result = fastres.optimize(model, device="cpu").check(random_images(4, 48, 48, seed=10))
+    result = fastres.optimize(model, device="cpu", backend="torch").check(random_images(4, 48, 48, seed=10))
     assert result.relative_error <= parity_bound(result.eager_relative_error)
     assert result.top1_agreement == 1.0 and result.top5_agreement == 1.0
     assert "top-1 agreement" in str(result)
@@ -106,7 +92,7 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("x, message", BAD_INPUTS)
 def test_bad_inputs_raise_input_error(x, message):
-    engine = fastres.optimize(calibrated("resnet18", 10), device="cpu")
+    engine = fastres.optimize(calibrated("resnet18", 10), device="cpu", backend="torch")
     with pytest.raises(fastres.InputError, match=message):
         engine(x)
     with pytest.raises(ValueError):  # InputError is a ValueError for callers who catch broadly
@@ -114,14 +100,14 @@ def test_bad_inputs_raise_input_error(x, message):
 
 
 def test_empty_batch_gives_empty_logits():
-    engine = fastres.optimize(calibrated("resnet18", 10), device="cpu")
+    engine = fastres.optimize(calibrated("resnet18", 10), device="cpu", backend="torch")
     out = engine(torch.randn(0, 3, 32, 32))
     assert out.shape == (0, 10) and out.dtype == torch.float32
 
 
 def test_any_float_dtype_and_memory_format_is_accepted():
     model = calibrated("resnet18", 10)
-    engine = fastres.optimize(model, device="cpu")
+    engine = fastres.optimize(model, device="cpu", backend="torch")
     x = random_images(2, 40, 40, seed=12)
     expected = engine(x)
     torch.testing.assert_close(engine(x.double()), expected)
@@ -131,7 +117,7 @@ def test_any_float_dtype_and_memory_format_is_accepted():
 
 def test_results_never_alias_later_calls():
     model = calibrated("resnet18", 10)
-    engine = fastres.optimize(model, device="cpu")
+    engine = fastres.optimize(model, device="cpu", backend="torch")
     a, b = random_images(2, 40, 40, seed=13), random_images(2, 40, 40, seed=14)
     first = engine(a)
     snapshot = first.clone()
@@ -142,8 +128,8 @@ def test_results_never_alias_later_calls():
 
 def test_large_batches_run_in_chunks_and_shapes_are_bounded():
     model = calibrated("resnet18", 10)
-    whole = fastres.optimize(model, device="cpu")
-    chunked = fastres.optimize(model, device="cpu", max_batch=2, max_cached_shapes=2)
+    whole = fastres.optimize(model, device="cpu", backend="torch")
+    chunked = fastres.optimize(model, device="cpu", backend="torch", max_batch=2, max_cached_shapes=2)
     x = random_images(5, 32, 32, seed=15)
     torch.testing.assert_close(chunked(x), whole(x), rtol=1e-5, atol=1e-6)
     for size in (16, 24, 40):
@@ -153,7 +139,7 @@ def test_large_batches_run_in_chunks_and_shapes_are_bounded():
 
 def test_concurrent_calls_from_threads():
     model = calibrated("resnet18", 10)
-    engine = fastres.optimize(model, device="cpu")
+    engine = fastres.optimize(model, device="cpu", backend="torch")
     inputs = [random_images(2, 36, 36, seed=100 + i) for i in range(8)]
     assert_same_results_from_threads(engine, inputs)
 
@@ -175,7 +161,7 @@ def test_bad_options_are_clear_errors():
     with pytest.raises(ValueError, match="unknown backend"):
         fastres.optimize(model, device="cpu", backend="tensorrt")
     with pytest.raises(ValueError, match="unsupported dtype"):
-        fastres.optimize(model, device="cpu", dtype="int8")
+        fastres.optimize(model, device="cpu", backend="torch", dtype="int8")
     with pytest.raises(TypeError, match="nn.Module"):
         fastres.optimize({"not": "a module"})
 
@@ -192,8 +178,8 @@ def test_default_device_dtype_and_backend_without_gpu():
 def test_tf32_is_opt_in_and_never_left_switched():
     model = calibrated("resnet18", 10)
     before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    engine = fastres.optimize(model, device="cpu", allow_tf32=True)
+    engine = fastres.optimize(model, device="cpu", backend="torch", allow_tf32=True)
     engine(random_images(1, 32, 32))
     assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
     with pytest.raises(ValueError, match="allow_tf32"):
-        fastres.optimize(model, device="cpu", dtype="fp16", allow_tf32=True)
+        fastres.optimize(model, device="cpu", backend="torch", dtype="fp16", allow_tf32=True)

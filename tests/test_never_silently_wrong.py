@@ -53,9 +53,9 @@ def test_load_without_weights_is_the_same_network_every_time():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         state = torch.random.get_rng_state()
-        first = fastres.load("resnet18", num_classes=10, device="cpu")
+        first = fastres.load("resnet18", num_classes=10, device="cpu", backend="torch")
         assert torch.equal(torch.random.get_rng_state(), state), "load must not move the caller's RNG"
-        second = fastres.load("resnet18", num_classes=10, device="cpu")
+        second = fastres.load("resnet18", num_classes=10, device="cpu", backend="torch")
     x = random_images(2, 32, 32, seed=13)
     torch.testing.assert_close(first(x), second(x), rtol=0, atol=0)
 

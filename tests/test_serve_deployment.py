@@ -116,6 +116,19 @@ def test_large_images_run_in_chunks_within_the_pixel_limit(weights):
     assert [c[0] for c in calls] == [2, 2, 1]
 
 
+def test_an_openvino_replica_takes_the_cpus_ray_gave_it(weights, monkeypatch):
+    pytest.importorskip("openvino", reason="OpenVINO is absent (pip install 'fastres[openvino]')")
+    from fastres.serving import deployment
+
+    monkeypatch.setattr(deployment, "replica_cpu_threads", lambda: 1)
+    config = ServeConfig(
+        "resnet18", weights=weights, device="cpu", backend="openvino", dtype="fp32", max_batch=2
+    )
+    replica = ImageClassifier.func_or_class(config)
+    assert replica.engine.backend_name == "openvino"
+    assert replica.engine.backend.config["INFERENCE_NUM_THREADS"] == 1
+
+
 class _Probe:
     """A deployment handle's `ready` method: answers, never answers, or fails."""
 

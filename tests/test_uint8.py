@@ -54,13 +54,13 @@ def test_zero_padding_would_break_the_folded_stem():
 @pytest.mark.parametrize("size", [(1, 1), (33, 17), (64, 64)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_torch_backend_uint8_parity(nhwc, size):
     model = calibrated("resnet18", 10)
-    engine = fastres.optimize(model, device="cpu", mean=ODD_MEAN_STD[0], std=ODD_MEAN_STD[1])
+    engine = fastres.optimize(model, device="cpu", backend="torch", mean=ODD_MEAN_STD[0], std=ODD_MEAN_STD[1])
     assert_parity(engine, model, pixels(3, *size, seed=3, nhwc=nhwc), torch.float32)
 
 
 def test_uint8_matches_float_input_and_layouts_agree():
     model = calibrated("resnet50", 7)
-    engine = fastres.optimize(model, device="cpu", mean=ODD_MEAN_STD[0], std=ODD_MEAN_STD[1])
+    engine = fastres.optimize(model, device="cpu", backend="torch", mean=ODD_MEAN_STD[0], std=ODD_MEAN_STD[1])
     x = pixels(2, 41, 35, seed=4)
     from_pixels = engine(x)
     from_float = engine(normalize(x, engine.mean, engine.std).float())
@@ -75,13 +75,13 @@ def test_reference_backend_takes_uint8():
     model = calibrated("resnet18", 10)
     x = pixels(2, 32, 32, seed=6)
     ref = fastres.optimize(model, device="cpu", backend="reference")
-    fused = fastres.optimize(model, device="cpu")
+    fused = fastres.optimize(model, device="cpu", backend="torch")
     assert relative_error(fused(x), ref(x)) < 1e-4
 
 
 def test_ambiguous_layout_needs_an_explicit_layout():
     model = calibrated("resnet18", 10)
-    engine = fastres.optimize(model, device="cpu")
+    engine = fastres.optimize(model, device="cpu", backend="torch")
     x = pixels(2, 3, 3, seed=7)  # N x 3 x 3 x 3: channels could be dim 1 or dim 3
     with pytest.raises(fastres.InputError, match="layout='NCHW' or layout='NHWC'"):
         engine(x)
@@ -98,7 +98,7 @@ def test_ambiguous_layout_needs_an_explicit_layout():
 
 def test_check_and_layer_errors_accept_uint8():
     model = calibrated("resnet18", 10)
-    engine = fastres.optimize(model, device="cpu", mean=ODD_MEAN_STD[0], std=ODD_MEAN_STD[1])
+    engine = fastres.optimize(model, device="cpu", backend="torch", mean=ODD_MEAN_STD[0], std=ODD_MEAN_STD[1])
     x = pixels(2, 40, 40, seed=9)
     result = engine.check(x)
     assert result.relative_error <= parity_bound(result.eager_relative_error)
@@ -107,7 +107,7 @@ def test_check_and_layer_errors_accept_uint8():
 
 
 def test_warmup_uint8_then_call():
-    engine = fastres.optimize(calibrated("resnet18", 10), device="cpu")
+    engine = fastres.optimize(calibrated("resnet18", 10), device="cpu", backend="torch")
     engine.warmup(batch_sizes=(2,), image_size=(20, 24), input_dtype=torch.uint8, layout="NHWC")
     assert engine(pixels(2, 20, 24, seed=10, nhwc=True)).shape == (2, 10)
 
@@ -123,7 +123,7 @@ def test_warmup_uint8_then_call():
 )
 def test_bad_mean_std_is_a_clear_value_error(mean, std, message):
     with pytest.raises(ValueError, match=message):
-        fastres.optimize(calibrated("resnet18", 10), device="cpu", mean=mean, std=std)
+        fastres.optimize(calibrated("resnet18", 10), device="cpu", backend="torch", mean=mean, std=std)
 
 
 def test_predict_names_probabilities_and_order(tmp_path):
@@ -131,7 +131,7 @@ def test_predict_names_probabilities_and_order(tmp_path):
     names = ["cat", "dog", "bird", "fish"]
     path = tmp_path / "labels.txt"
     path.write_text("\n".join(names) + "\n\n")
-    engine = fastres.optimize(model, device="cpu", labels=str(path))
+    engine = fastres.optimize(model, device="cpu", backend="torch", labels=str(path))
     x = pixels(3, 32, 32, seed=11)
     logits = engine(x)
     predictions = engine.predict(x, topk=3)
@@ -152,20 +152,22 @@ def test_default_labels_are_imagenet_for_1000_classes():
     names = imagenet_categories()
     assert len(names) == 1000 and len(set(names)) == 1000
     assert names[0] == "tench" and names[1] == "goldfish" and names[999] == "toilet tissue"
-    engine = fastres.optimize(calibrated("resnet18", 1000), device="cpu")
+    engine = fastres.optimize(calibrated("resnet18", 1000), device="cpu", backend="torch")
     assert engine.labels == list(names)
     top = engine.predict(pixels(1, 32, 32, seed=12), topk=1)[0][0]
     assert top.label == names[top.index]
-    assert fastres.optimize(calibrated("resnet18", 10), device="cpu").labels[3] == "class 3"
+    assert fastres.optimize(calibrated("resnet18", 10), device="cpu", backend="torch").labels[3] == "class 3"
 
 
 def test_labels_with_the_wrong_count_are_rejected(tmp_path):
     path = tmp_path / "labels.txt"
     path.write_text("a\nb\n")
     with pytest.raises(fastres.InputError, match="2 names but the model has 10 classes"):
-        fastres.optimize(calibrated("resnet18", 10), device="cpu", labels=str(path))
+        fastres.optimize(calibrated("resnet18", 10), device="cpu", backend="torch", labels=str(path))
     with pytest.raises(fastres.InputError, match="cannot read labels file"):
-        fastres.optimize(calibrated("resnet18", 10), device="cpu", labels=str(tmp_path / "missing.txt"))
+        fastres.optimize(
+            calibrated("resnet18", 10), device="cpu", backend="torch", labels=str(tmp_path / "missing.txt")
+        )
 
 
 @pytest.mark.interpreter

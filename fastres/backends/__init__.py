@@ -7,7 +7,7 @@ from .base import Backend, Observer
 from .reference_backend import ReferenceBackend
 from .torch_backend import TorchBackend
 
-BACKENDS = ("triton", "torch", "reference")
+BACKENDS = ("triton", "torch", "openvino", "reference")
 
 
 def create_backend(name: str, plan, device, dtype, **options) -> Backend:
@@ -15,6 +15,10 @@ def create_backend(name: str, plan, device, dtype, **options) -> Backend:
         return TorchBackend(plan, device, dtype, **options)
     if name == "reference":
         return ReferenceBackend(plan, device, dtype, **options)
+    if name == "openvino":
+        from .openvino_backend import OpenVinoBackend  # imports openvino: only when asked for
+
+        return OpenVinoBackend(plan, device, dtype, **options)
     if name == "triton":
         from .triton_backend import TritonBackend  # imports triton: only when asked for
 

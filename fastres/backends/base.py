@@ -23,6 +23,10 @@ class Backend:
     """
 
     name = "base"
+    # The dtype float input is handed over in; None: the engine's compute dtype.
+    input_float_dtype: torch.dtype | None = None
+    # Whether `run` can report every op's output to an observer (per-layer drift reports).
+    observes_layers = True
 
     def __init__(self, plan: Plan, device: torch.device, dtype: torch.dtype):
         self.plan, self.device, self.dtype = plan, torch.device(device), dtype

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 DTYPES = ("fp16", "bf16", "fp32")
-BACKENDS = ("triton", "torch", "reference")
+BACKENDS = ("triton", "torch", "openvino", "reference")
 DEVICES = ("cuda", "cpu")
 
 

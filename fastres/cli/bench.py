@@ -13,8 +13,9 @@ def add_parser(subparsers) -> None:
         "bench",
         help="time fastres against eager PyTorch (and torch.compile) in one interleaved run",
         description="Time fastres against its anchors in one run, measurements interleaved round-robin:\n"
-        "eager PyTorch in the same dtype (NCHW, and channels-last with cudnn.benchmark on) and, with\n"
-        "--compare ...,compile, torch.compile. Without --weights the network has realistic random\n"
+        "eager PyTorch in the same dtype (NCHW, and channels-last with cudnn.benchmark on), on the CPU\n"
+        "OpenVINO run directly on the same module (when installed) and, with --compare ...,compile,\n"
+        "torch.compile. Without --weights the network has realistic random\n"
         "weights (calibrated BatchNorm). Writes a table to stdout and CSV, JSON and a PNG plot to --out.",
         epilog=examples(
             "fastres bench resnet50 --batch 1 8 64 256 --dtype fp16 --compare eager,compile",
@@ -34,15 +35,16 @@ def add_parser(subparsers) -> None:
     add_device(p)
     p.add_argument(
         "--compare",
-        default="eager",
         metavar="LIST",
-        help="anchors, comma-separated: eager, compile, or none (default eager)",
+        help="anchors, comma-separated: eager, compile, openvino (the CPU), or none "
+        "(default eager, plus openvino on the CPU when it is installed)",
     )
     add_weights(p)
     p.add_argument(
         "--backend",
         choices=BACKENDS,
-        help="fastres backend (default triton on CUDA, torch on the CPU)",
+        help="fastres backend (default triton on CUDA; on the CPU openvino when installed, else torch; "
+        "without --backend the CPU run also shows fastres-torch)",
     )
     p.add_argument(
         "--repeats", type=int, metavar="N", help="timed calls per candidate (default 50 CUDA, 10 CPU)"
@@ -70,7 +72,11 @@ def run(args) -> int:
     from ..tools.bench import BenchConfig, run_benchmark
     from ..tools.bench_report import describe_run, format_table, result_stem, write_results
 
-    compare = [c.strip() for c in args.compare.split(",") if c.strip() and c.strip() != "none"]
+    compare = (
+        None
+        if args.compare is None
+        else [c.strip() for c in args.compare.split(",") if c.strip() and c.strip() != "none"]
+    )
     config = BenchConfig(
         model=args.model,
         batches=args.batch,

@@ -110,7 +110,10 @@ def run(args) -> int:
     print(f"{engine!r}; {source}; input {'x'.join(map(str, x.shape))}")
     result = engine.check(x)
     print(result)
-    print(format_layer_report(engine.layer_errors(x)))
+    if engine.backend.observes_layers:
+        print(format_layer_report(engine.layer_errors(x)))
+    else:
+        print(f"per-layer report: not available on the {engine.backend_name} backend; --backend torch has it")
     bound = parity_bound(result.eager_relative_error)
     ok = result.relative_error <= bound
     print(

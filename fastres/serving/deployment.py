@@ -28,6 +28,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import fastres
 
+from ..api import resolve_backend
 from ..checkpoints import is_weight_name
 from ..errors import InputError, RequestError
 from ..images import decode_image
@@ -72,12 +73,28 @@ def _error(message: str, status: int = 400, headers: dict[str, str] | None = Non
     )
 
 
+def replica_cpu_threads() -> int | None:
+    """The CPUs Ray gave this replica, as OpenVINO's thread count (None outside a Ray actor).
+
+    Torch follows the OMP_NUM_THREADS that Ray sets per actor; OpenVINO's own thread pool would
+    otherwise take every core of the node, and replicas sharing a node would oversubscribe it.
+    """
+    try:
+        import ray
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except Exception:  # not in a Ray worker
+        return None
+    return max(1, int(cpus)) if cpus else None
+
+
 @serve.deployment(name="fastres", ray_actor_options={"num_cpus": 1})
 class ImageClassifier:
     """One replica: an Engine, warmed up in __init__ (Serve reports ready only after it returns)."""
 
     def __init__(self, config: ServeConfig):
         self.config, self.name = config, config.model_name
+        backend = resolve_backend(config.device, config.backend)
         self.engine = fastres.load(
             config.model,
             config.weights,
@@ -90,6 +107,7 @@ class ImageClassifier:
             labels=config.labels,
             max_batch=config.max_batch,
             max_cached_shapes=32,  # batch-size buckets x image sizes x layouts seen
+            threads=replica_cpu_threads() if backend == "openvino" else None,
         )
         self.labels = list(self.engine.labels)
         # /v1/classify's preprocessing: torchvision's evaluation recipe for these weights, as `fastres

@@ -25,13 +25,11 @@ between processes, so a "cold" load in a fresh process may still find compiled k
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import resource
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,12 +37,20 @@ import torch
 
 from ..errors import ConfigError
 from ..progress import Progress
+from .bench_candidates import (  # noqa: F401  (re-exported: benchmarks/ use them through this module)
+    ANCHORS,
+    Candidate,
+    anchor_candidates,
+    cudnn_benchmark,
+    one_line,
+)
 from .environment import environment
 
-ANCHORS = ("eager", "compile")  # what --compare may name
-# reduce-overhead first: it compiles faster, so a --compile-budget that runs out still leaves one anchor.
-_GPU_COMPILE_MODES = ("reduce-overhead", "max-autotune-no-cudagraphs")
 
+def openvino_available() -> bool:
+    from ..backends.openvino_backend import openvino_available as available
+
+    return available()
 
 # ---------------------------------------------------------------------------------------------
 # Statistics and the interleaved measurement
@@ -115,77 +121,10 @@ def measure_interleaved(
             try:
                 samples[name].append(timer(calls[name]))
             except Exception as exc:  # an anchor that fails mid-run is a row with its error
-                errors[name] = _one_line(exc)
+                errors[name] = one_line(exc)
         if on_step is not None:
             on_step()
     return samples, errors
-
-
-def _one_line(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
-
-
-# ---------------------------------------------------------------------------------------------
-# Candidates
-
-
-@dataclass
-class Candidate:
-    """One thing to time: `fn(x)` on a batch already on the device in the run's dtype."""
-
-    name: str
-    fn: Callable[[torch.Tensor], Any]
-    error: str | None = None  # set when it could not even be built
-    is_compile: bool = False
-
-
-@contextmanager
-def cudnn_benchmark(on: bool) -> Iterator[None]:
-    saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = on
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = saved
-
-
-def eager_candidates(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> list[Candidate]:
-    """Eager PyTorch in NCHW, and channels-last with cudnn.benchmark on, in the run's dtype."""
-    nchw = copy.deepcopy(module).to(device, dtype).eval()
-    cl = copy.deepcopy(module).to(device, dtype).to(memory_format=torch.channels_last).eval()
-
-    def channels_last(x: torch.Tensor) -> Any:
-        with cudnn_benchmark(True):
-            return cl(x.contiguous(memory_format=torch.channels_last))
-
-    return [Candidate("eager", nchw), Candidate("eager-channels-last", channels_last)]
-
-
-def compile_candidates(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> list[Candidate]:
-    """torch.compile anchors (static shapes). Build failures become candidates that carry their error."""
-    modes = _GPU_COMPILE_MODES if device.type == "cuda" else ("default",)
-    out = []
-    for mode in modes:
-        name = f"compile-{mode}"
-        try:
-            compiled = torch.compile(copy.deepcopy(module).to(device, dtype).eval(), mode=mode, dynamic=False)
-        except Exception as exc:
-            out.append(Candidate(name, _never, error=_one_line(exc), is_compile=True))
-            continue
-        if mode == "reduce-overhead":
-
-            def fn(x: torch.Tensor, compiled=compiled) -> Any:
-                torch.compiler.cudagraph_mark_step_begin()  # previous outputs may be overwritten: fine here
-                return compiled(x)
-        else:
-            fn = compiled
-        out.append(Candidate(name, fn, is_compile=True))
-    return out
-
-
-def _never(x: torch.Tensor) -> Any:
-    raise RuntimeError("candidate was not built")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +138,7 @@ class BenchConfig:
     dtype: torch.dtype | None = None  # fp16 on CUDA, fp32 on the CPU
     device: str | torch.device | None = None
     image_size: int = 224
-    compare: Sequence[str] = ("eager",)
+    compare: Sequence[str] | None = None  # eager, and on the CPU OpenVINO too when it is installed
     weights: Any = None
     backend: str | None = None
     repeats: int | None = None  # 50 on CUDA, 10 on the CPU
@@ -247,6 +186,8 @@ def resolve_device_dtype(config: BenchConfig) -> tuple[torch.device, torch.dtype
         if config.dtype is not None
         else (torch.float16 if device.type == "cuda" else torch.float32)
     )
+    if config.compare is None:
+        config.compare = ["eager", *(["openvino"] if device.type == "cpu" and openvino_available() else [])]
     unknown = set(config.compare) - set(ANCHORS)
     if unknown:
         raise ConfigError(
@@ -293,15 +234,18 @@ def load_timed(
     return engine, (engine.reference() if module is None else module), load_times
 
 
-def anchor_candidates(
-    module: torch.nn.Module, device: torch.device, dtype: torch.dtype, compare: Sequence[str]
-) -> list[Candidate]:
-    out = []
-    if "eager" in compare:
-        out += eager_candidates(module, device, dtype)
-    if "compile" in compare:
-        out += compile_candidates(module, device, dtype)
-    return out
+def other_backend_candidates(config: BenchConfig, engine, module, device, dtype) -> list[Candidate]:
+    """On the CPU without --backend, fastres on its other CPU backend too ("fastres-torch" beside
+    the default openvino), so that one run shows what each backend gives."""
+    import fastres
+
+    if device.type != "cpu" or config.backend is not None or engine.backend_name == "torch":
+        return []
+    try:
+        other = fastres.optimize(module, device=device, dtype=dtype, backend="torch")
+    except Exception as exc:  # e.g. a dtype the torch backend cannot run here: a row that says so
+        return [Candidate("fastres-torch", lambda x: None, error=one_line(exc))]
+    return [Candidate("fastres-torch", other)]
 
 
 def run_benchmark(config: BenchConfig, on_rows: Callable[[list[dict]], None] | None = None) -> BenchResult:
@@ -324,7 +268,12 @@ def run_benchmark(config: BenchConfig, on_rows: Callable[[list[dict]], None] | N
     first_x = torch.randn(batches[0], 3, size, size, generator=gen).to(device, dtype)
 
     engine, module, load_times = load_timed(config, device, dtype, first_x)
-    candidates = [Candidate("fastres", engine), *anchor_candidates(module, device, dtype, config.compare)]
+    candidates = [
+        Candidate("fastres", engine),
+        *other_backend_candidates(config, engine, module, device, dtype),
+        *anchor_candidates(module, device, dtype, config.compare),
+    ]
+    backend_of = {c.name: c.fn.backend_name for c in candidates if c.name.startswith("fastres")}
     names = [c.name for c in candidates]
     anchors = names[1:]
 
@@ -340,7 +289,6 @@ def run_benchmark(config: BenchConfig, on_rows: Callable[[list[dict]], None] | N
         "weights": str(weights),
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
-        "backend": engine.backend_name,
         "image_size": size,
     }
     timer = CudaEventTimer(device) if on_gpu else cpu_timer
@@ -384,7 +332,7 @@ def run_benchmark(config: BenchConfig, on_rows: Callable[[list[dict]], None] | N
                             cand.fn(x)
                         _sync(device)
                     except Exception as exc:  # torch.compile failures and the like: a row, not a crash
-                        errors[cand.name] = _one_line(exc)
+                        errors[cand.name] = one_line(exc)
                     progress.update(warmup + 1)
                 live = {c.name: (lambda c=c, x=x: c.fn(x)) for c in candidates if c.name not in errors}
                 samples, failed = measure_interleaved(live, repeats, timer, progress.update)
@@ -395,7 +343,7 @@ def run_benchmark(config: BenchConfig, on_rows: Callable[[list[dict]], None] | N
             batch_errors = {**errors, **failed}
             stats = {n: summarize(s) for n, s in samples.items() if s and n not in batch_errors}
             for name in names:
-                row = {**base, "candidate": name, "batch": batch}
+                row = {**base, "candidate": name, "batch": batch, "backend": backend_of.get(name)}
                 st = stats.get(name)
                 row.update(
                     {

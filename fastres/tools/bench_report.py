@@ -77,9 +77,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def describe_run(rows: list[dict[str, Any]]) -> str:
     r = rows[0]
     fast = next(x for x in rows if x["candidate"] == "fastres")
+    cpu = f"; ISA {r['cpu_isa'] or 'unknown'}" if r.get("cpu_isa") is not None else ""
+    openvino = f", openvino {r['openvino']}" if r.get("openvino") else ""
     return (
-        f"{r['model']} ({r['weights']}) {r['dtype']} on {r['device']} [{r['device_name']}], "
-        f"backend {r['backend']}, image {r['image_size']}px; torch {r['torch']}, triton {r['triton']}, "
+        f"{r['model']} ({r['weights']}) {r['dtype']} on {r['device']} [{r['device_name']}{cpu}], "
+        f"backend {fast['backend']}, image {r['image_size']}px; "
+        f"torch {r['torch']}, triton {r['triton']}{openvino}, "
         f"fastres {r['fastres']} ({r['git_rev'] or 'no git'}), {r['date_utc']}\n"
         f"load to first result: cold {_fmt(fast['cold_load_s'], '.2f')} s, "
         f"warm {_fmt(fast['warm_load_s'], '.2f')} s; "

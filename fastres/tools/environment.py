@@ -40,6 +40,29 @@ def cpu_name() -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
+# The ISA extensions that decide CPU inference speed (bf16 and int8 dot products, AMX tiles).
+_ISA_FLAGS = (
+    "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
+)
+
+
+def cpu_isa() -> str:
+    """The relevant ISA flags of this CPU, space-separated ('' where /proc/cpuinfo is not readable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return ""
+    return " ".join(flag for flag in _ISA_FLAGS if flag in flags)
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     from .. import __version__
 
@@ -57,6 +80,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cuda": torch.version.cuda if on_gpu else None,
         "torch": torch.__version__,
         "triton": triton_version,
+        "cpu_isa": None if on_gpu else cpu_isa(),
+        "openvino": None if on_gpu else _version("openvino"),
         "fastres": __version__,
         "python": platform.python_version(),
         "git_rev": git_revision(),

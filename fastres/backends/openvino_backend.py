@@ -1,0 +1,192 @@
+"""The plan run by OpenVINO's CPU plugin: the fastest CPU path (an optional extra: fastres[openvino]).
+
+The folded plan is converted once, at load time, into an OpenVINO model with a dynamic batch and
+image size. Each input kind (float or uint8 pixels, NCHW or NHWC) gets its own compiled model whose
+PrePostProcessor does what the caller would otherwise do by hand: uint8 -> float, the
+(x / 255 - mean) / std normalisation and the layout change, all inside the compiled model. The
+normalisation runs before the stem, so its zero padding is zero in normalised space: the same
+border as eager PyTorch on normalised images, and as the plan's folded uint8 stem.
+
+Inputs and outputs are shared with torch, not copied: the input tensor's memory is handed to
+OpenVINO, and each call's output is a fresh torch tensor that OpenVINO writes into.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import BackendUnavailableError, ConfigError
+from ..graph import ConvOp, HeadOp, LinearOp, execute
+from .base import Backend, Observer
+
+INSTALL_HINT = "install it with pip install 'fastres[openvino]' (or use backend='torch')"
+# OpenVINO element types of the precisions its CPU plugin runs; fp16 needs AVX512-FP16 or AMX-FP16.
+_PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+_CAPABILITY = {torch.float32: "FP32", torch.bfloat16: "BF16", torch.float16: "FP16"}
+
+
+def import_openvino():
+    try:
+        import openvino
+    except ImportError as error:
+        raise BackendUnavailableError(f"the openvino backend needs OpenVINO; {INSTALL_HINT}") from error
+    return openvino
+
+
+def openvino_available() -> bool:
+    try:
+        import_openvino()
+    except BackendUnavailableError:
+        return False
+    return True
+
+
+_CORE = None
+_CORE_LOCK = threading.Lock()
+
+
+def core():
+    """One OpenVINO Core per process: it owns the plugins and their thread pools."""
+    global _CORE
+    with _CORE_LOCK:
+        if _CORE is None:
+            _CORE = import_openvino().Core()
+        return _CORE
+
+
+def cpu_capabilities() -> tuple[str, ...]:
+    return tuple(core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def default_precision() -> torch.dtype:
+    """What OpenVINO's CPU plugin runs by default here: bf16 where the CPU has it, else fp32."""
+    ov = import_openvino()
+    hint = core().get_property("CPU", "INFERENCE_PRECISION_HINT")
+    return {ov.Type.bf16: torch.bfloat16, ov.Type.f16: torch.float16}.get(hint, torch.float32)
+
+
+def precision_config(dtype: torch.dtype) -> dict[str, Any]:
+    """The CPU plugin's config for this compute dtype; a typed error where the CPU cannot run it."""
+    capabilities = cpu_capabilities()
+    if _CAPABILITY[dtype] not in capabilities:
+        raise BackendUnavailableError(
+            f"this CPU has no {_CAPABILITY[dtype]} support in OpenVINO (it has {', '.join(capabilities)}); "
+            "use dtype='fp32'"
+        )
+    return {"INFERENCE_PRECISION_HINT": _PRECISIONS[dtype]}
+
+
+class PlanModule(nn.Module):
+    """The folded plan as a module OpenVINO's converter can trace: float32 parameters, plain torch ops."""
+
+    def __init__(self, ops):
+        super().__init__()
+        self.ops = [_as_float32(op) for op in ops]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return execute(self.ops, x)
+
+
+def _as_float32(op):
+    if not isinstance(op, (ConvOp, HeadOp, LinearOp)):
+        return op
+    changes = {
+        name: getattr(op, name).float()
+        for name in ("weight", "bias", "shortcut_weight", "pad_value")
+        if getattr(op, name, None) is not None
+    }
+    return dataclasses.replace(op, **changes)
+
+
+class OpenVinoBackend(Backend):
+    name = "openvino"
+    # Float input stays float32: OpenVINO converts to its inference precision inside the model.
+    input_float_dtype = torch.float32
+    observes_layers = False  # one compiled graph: its intermediate values are not handed out
+    # What eager is compared with: OpenVINO's CPU plugin runs oneDNN's blocked channels-last convs, and
+    # rounds like them (resnet34 fp32 at 67x93: 1.16e-5 vs float64, eager channels-last 9.2e-6, eager
+    # NCHW 4.8e-6, fastres's torch backend 1.14e-5).
+    memory_format = torch.channels_last
+
+    def __init__(self, plan, device, dtype, *, threads: int | None = None, streams: int | None = None):
+        super().__init__(plan, device, dtype)
+        if self.device.type != "cpu":
+            raise BackendUnavailableError(f"the openvino backend runs on the CPU, not on {self.device}")
+        ov = import_openvino()
+        if threads is not None and threads < 1 or streams is not None and streams < 1:
+            raise ConfigError("threads and streams must be at least 1")
+        self.config = precision_config(dtype)
+        if threads is not None:
+            self.config["INFERENCE_NUM_THREADS"] = threads
+        if streams is not None:
+            self.config["NUM_STREAMS"] = streams
+        example = torch.randn(1, 3, 64, 64)
+        # The converter traces with torch.jit, which warns that it is deprecated: not the user's concern.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.model = ov.convert_model(
+                PlanModule(plan.ops), example_input=example, input=[ov.PartialShape([-1, 3, -1, -1])]
+            )
+        self._compiled: dict[tuple[torch.dtype, str], Any] = {}
+        self._lock = threading.Lock()
+
+    def compiled(self, input_dtype: torch.dtype, layout: str):
+        """The compiled model for one input kind, built on first use (about 0.1-1 s) and kept."""
+        key = (input_dtype, layout)
+        with self._lock:
+            if key not in self._compiled:
+                self._compiled[key] = core().compile_model(self._with_preprocessing(*key), "CPU", self.config)
+            return self._compiled[key]
+
+    def _with_preprocessing(self, input_dtype: torch.dtype, layout: str):
+        ov = import_openvino()
+        from openvino.preprocess import PrePostProcessor
+
+        ppp = PrePostProcessor(self.model.clone())
+        tensor = ppp.input().tensor()
+        tensor.set_layout(ov.Layout(layout))
+        ppp.input().model().set_layout(ov.Layout("NCHW"))
+        if input_dtype == torch.uint8:
+            tensor.set_element_type(ov.Type.u8)
+            steps = ppp.input().preprocess().convert_element_type(ov.Type.f32)
+            steps.mean([255.0 * m for m in self.plan.mean]).scale([255.0 * s for s in self.plan.std])
+        return ppp.build()
+
+    def make_workspace(self, batch: int, height: int, width: int) -> Any:
+        return {}  # infer requests by input kind, made on the first call (the runner holds its lock)
+
+    def run(self, x: Tensor, workspace: Any, observer: Observer | None = None) -> Tensor:
+        if observer is not None:
+            raise ConfigError(
+                "per-layer drift is not available on the openvino backend (OpenVINO runs the plan as one "
+                "compiled graph); use backend='torch'"
+            )
+        ov = import_openvino()
+        # NHWC storage is fed as it lies (the compiled model transposes), anything else as NCHW.
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            layout, data = "NHWC", x.permute(0, 2, 3, 1)
+        else:
+            layout, data = "NCHW", x.contiguous()
+        if data.dtype != torch.uint8:
+            data = data.float()
+        key = (data.dtype, layout)
+        request = workspace.get(key) if workspace is not None else None
+        if request is None:
+            request = self.compiled(*key).create_infer_request()
+            if workspace is not None:
+                workspace[key] = request
+        request.set_input_tensor(ov.Tensor(data.numpy(), shared_memory=True))
+        out = torch.empty(x.shape[0], self.plan.ops[-1].weight.shape[0], dtype=torch.float32)
+        request.set_output_tensor(ov.Tensor(out.numpy(), shared_memory=True))
+        request.infer()
+        if data.dtype != torch.uint8:
+            # OpenVINO's fused ReLUs and max-pools turn NaN into numbers; eager gives that image NaN.
+            non_finite = ~torch.isfinite(data).flatten(1).all(dim=1)
+            out.masked_fill_(non_finite[:, None], float("nan"))
+        return out
