@@ -117,6 +117,12 @@ BAD_REQUESTS = [
     pytest.param(_tensor_body(data=[0.5] * 12), None, "integers from 0 to 255", id="uint8-floats"),
     pytest.param(_tensor_body(data=[[1, 2], [3]]), None, "ragged", id="ragged"),
     pytest.param(_tensor_body(data=_nested(200)), None, "too deeply nested", id="nested-200"),
+    pytest.param(  # str() of a list nested ~1000 deep would be a RecursionError, hence a 500
+        json.dumps({"inputs": json.loads(_tensor_body())["inputs"], "id": _nested(900)}).encode(),
+        None,
+        "'id' must be a string",
+        id="id-list",
+    ),
     pytest.param(  # json.loads raises RecursionError, which is no ValueError
         _tensor_body(data=None).replace(b"null", b"[" * 100_000 + b"1" + b"]" * 100_000),
         None,

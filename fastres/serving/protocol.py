@@ -220,6 +220,8 @@ def parse_infer_request(
         raise OIPError("FP32 input holds NaN or infinity")
     outputs = _requested_outputs(request, params, num_classes)
     request_id = request.get("id")
+    if not (request_id is None or isinstance(request_id, (str, int, float))):  # OIP: a string
+        raise OIPError(f"'id' must be a string, got {type(request_id).__name__}")
     return InferRequest(
         array.reshape(shape), datatype, layout, outputs, None if request_id is None else str(request_id)
     )
