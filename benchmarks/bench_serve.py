@@ -10,7 +10,8 @@ before sending the next, for --duration seconds. Requests in flight at the deadl
 Reported per setting: answered requests per second and images per second, latency p50/p90/p99,
 errors (a non-200 answer or a malformed one) and lost requests (sent, never answered: a timeout or a
 dropped connection), plus how many engine calls served them (the deployment's statistics). With
---url it loads an already running server instead (one row, its own batch-wait setting).
+--url it loads an already running server instead (one row, its own batch-wait setting); the API key
+of one started with FASTRES_API_KEY is read from that variable here too.
 """
 
 from __future__ import annotations
@@ -37,7 +38,12 @@ def _request_body(image_size: int, seed: int) -> tuple[bytes, dict]:
     tensor = {"name": "input", "datatype": "UINT8", "shape": list(pixels.shape)}
     tensor["parameters"] = {"binary_data_size": len(raw)}
     header = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}}).encode()
-    return header + raw, {"Inference-Header-Content-Length": str(len(header))}
+    return header + raw, {"Inference-Header-Content-Length": str(len(header)), **_auth()}
+
+
+def _auth() -> dict[str, str]:
+    key = os.environ.get("FASTRES_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 class _Client(threading.Thread):
@@ -83,7 +89,7 @@ class _Client(threading.Thread):
 def _stats(host, port, name) -> dict:
     conn = http.client.HTTPConnection(host, port, timeout=30)
     try:
-        conn.request("GET", f"/v2/models/{name}/stats")
+        conn.request("GET", f"/v2/models/{name}/stats", headers=_auth())
         return json.loads(conn.getresponse().read())["model_stats"][0]
     finally:
         conn.close()

@@ -31,3 +31,13 @@ class BackendUnavailableError(FastresError, RuntimeError):
 
 class ConfigError(FastresError, ValueError):
     """An option or setting fastres cannot honour (bad dtype, batch size, port, ...)."""
+
+
+class RequestError(FastresError):
+    """A request a server refuses: `status` is the HTTP status (4xx), `headers` extra response headers
+    (Allow for a 405, WWW-Authenticate for a 401)."""
+
+    def __init__(self, message: str, status: int = 400, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.headers = dict(headers or {})

@@ -94,6 +94,13 @@ def _tensor_body(**changes):
     return json.dumps({"inputs": [tensor]}).encode()
 
 
+def _nested(depth):
+    data = [1] * 12
+    for _ in range(depth):
+        data = [data]
+    return data
+
+
 BAD_REQUESTS = [
     pytest.param(b"{not json", None, "not valid JSON", id="not-json"),
     pytest.param(b"[1, 2]", None, "JSON object", id="not-an-object"),
@@ -109,6 +116,19 @@ BAD_REQUESTS = [
     pytest.param(_tensor_body(data=[300] * 12), None, "integers from 0 to 255", id="uint8-range"),
     pytest.param(_tensor_body(data=[0.5] * 12), None, "integers from 0 to 255", id="uint8-floats"),
     pytest.param(_tensor_body(data=[[1, 2], [3]]), None, "ragged", id="ragged"),
+    pytest.param(_tensor_body(data=_nested(200)), None, "too deeply nested", id="nested-200"),
+    pytest.param(  # str() of a list nested ~1000 deep would be a RecursionError, hence a 500
+        json.dumps({"inputs": json.loads(_tensor_body())["inputs"], "id": _nested(900)}).encode(),
+        None,
+        "'id' must be a string",
+        id="id-list",
+    ),
+    pytest.param(  # json.loads raises RecursionError, which is no ValueError
+        _tensor_body(data=None).replace(b"null", b"[" * 100_000 + b"1" + b"]" * 100_000),
+        None,
+        "nests JSON too deeply",
+        id="nested-100000",
+    ),
     pytest.param(_tensor_body(data="abc"), None, "JSON list", id="data-string"),
     pytest.param(_tensor_body(data=None), None, "JSON list", id="data-null"),
     pytest.param(
@@ -254,28 +274,6 @@ def test_binary_response_parses_with_tritonclient():
     assert np.array_equal(result.as_numpy("logits"), logits)
     assert result.as_numpy("labels").shape == (2, 3) and result.as_numpy("probs").shape == (2, 3)
     assert result.as_numpy("labels")[0, 0].decode() in LABELS
-
-
-def test_multipart_files_come_back_byte_exact():
-    files = [bytes(range(256)) + b"\r\n--x\r\n", b"\x89PNG\r\n\x1a\n" + bytes(100)]
-    boundary = "----fastresBoundary7"
-    body = b""
-    for i, data in enumerate(files):
-        body += (
-            (
-                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="f{i}.bin"\r\n'
-                "Content-Type: application/octet-stream\r\n\r\n"
-            ).encode()
-            + data
-            + b"\r\n"
-        )
-    body += f"--{boundary}--\r\n".encode()
-    assert protocol.split_multipart(body, f"multipart/form-data; boundary={boundary}") == files
-    assert protocol.split_multipart(b"raw", "image/png") == [b"raw"]
-    with pytest.raises(OIPError, match="empty request body"):
-        protocol.split_multipart(b"", "image/jpeg")
-    with pytest.raises(OIPError, match="no file|no parts"):
-        protocol.split_multipart(f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}")
 
 
 def test_metadata_and_statistics():

@@ -44,3 +44,40 @@ def test_bad_inputs_fail_in_one_line_before_ray_starts(tmp_path, capsys, problem
     expected = "not a readable PyTorch checkpoint" if problem == "truncated-checkpoint" else "9 names"
     assert len(err) == 1 and expected in err[0], err
     assert not ray.is_initialized()
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """`fastres serve`'s arguments as serve_forever receives them; nothing starts."""
+    import fastres.serving
+
+    calls = []
+    monkeypatch.setattr(
+        fastres.serving, "serve_forever", lambda config, **options: calls.append((config, options)) or 0
+    )
+    monkeypatch.delenv("FASTRES_API_KEY", raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "example.org"])
+def test_a_non_loopback_host_without_a_key_warns_in_one_line(captured, capsys, host):
+    assert main(["serve", "resnet18", "--host", host]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "without an API key" in err[0] and host in err[0], err
+    assert captured[0][0].api_key is None and captured[0][1]["host"] == host
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+def test_loopback_or_a_key_does_not_warn(captured, capsys, monkeypatch, host):
+    assert main(["serve", "resnet18", "--host", host]) == 0
+    assert main(["serve", "resnet18", "--host", "0.0.0.0", "--api-key", "k1"]) == 0
+    monkeypatch.setenv("FASTRES_API_KEY", "k2")
+    assert main(["serve", "resnet18", "--host", "0.0.0.0"]) == 0
+    assert capsys.readouterr().err == ""
+    assert [config.api_key for config, _ in captured] == [None, "k1", "k2"]
+    assert "k2" not in repr(captured[2][0])  # the key stays out of logs that print the config
+
+
+def test_api_key_must_fit_in_a_header():
+    with pytest.raises(ValueError, match="printable ASCII"):
+        ServeConfig("resnet50", api_key="with space")

@@ -4,6 +4,10 @@ The deployment class is built directly (Ray Serve's decorator keeps it as `func_
 merged batches are constructed by hand: every result is checked against the engine called alone.
 """
 
+import asyncio
+import json
+import time
+
 import pytest
 import torch
 
@@ -11,7 +15,7 @@ pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install
 
 from fastres.numerics import LAYER_RTOL, assert_close  # noqa: E402
 from fastres.serving import ServeConfig  # noqa: E402
-from fastres.serving.deployment import ImageClassifier, _Item  # noqa: E402
+from fastres.serving.deployment import Health, ImageClassifier, _Item  # noqa: E402
 from fastres.serving.protocol import OIPError  # noqa: E402
 from fastres.testing import make_calibrated_model  # noqa: E402
 
@@ -123,3 +127,53 @@ def test_an_openvino_replica_takes_the_cpus_ray_gave_it(weights, monkeypatch):
     replica = ImageClassifier.func_or_class(config)
     assert replica.engine.backend_name == "openvino"
     assert replica.engine.backend.config["INFERENCE_NUM_THREADS"] == 1
+
+
+class _Probe:
+    """A deployment handle's `ready` method: answers, never answers, or fails."""
+
+    def __init__(self, behaviour):
+        self.behaviour, self.cancelled = behaviour, 0
+
+    @property
+    def ready(self):
+        return self
+
+    def remote(self):
+        probe = self
+
+        class Response:
+            def __await__(self):
+                if probe.behaviour == "hang":
+                    yield from asyncio.sleep(3600).__await__()
+                if probe.behaviour == "dead":
+                    raise RuntimeError("ActorDiedError")
+                return True
+
+            def cancel(self):
+                probe.cancelled += 1
+
+        return Response()
+
+
+def _get(app, path, method="GET"):
+    from starlette.requests import Request
+
+    scope = {"type": "http", "method": method, "path": path, "headers": [], "query_string": b""}
+    return asyncio.run(app(Request(scope)))
+
+
+@pytest.mark.parametrize("behaviour, status", [("answer", 200), ("hang", 503), ("dead", 503)])
+def test_readiness_answers_promptly_and_truthfully(behaviour, status):
+    health = Health.func_or_class("birds", timeout_s=0.3)
+    health._handle = probe = _Probe(behaviour)
+    started = time.monotonic()
+    response = _get(health, "/v2/health/ready")
+    assert time.monotonic() - started < 2, "readiness waited for the replica"
+    assert response.status_code == status, response.body
+    body = json.loads(response.body)
+    assert body["ready"] is (status == 200) and (status == 200 or "within 0.3 s" in body["error"])
+    assert probe.cancelled == (behaviour == "hang")
+    assert json.loads(_get(health, "/v2/health/live").body) == {"live": True}
+    refused = _get(health, "/v2/health/live", "DELETE")
+    assert refused.status_code == 405 and refused.headers["allow"] == "GET"

@@ -18,7 +18,7 @@ WITHOUT_RAY = textwrap.dedent(
     sys.modules["ray"] = None
 
     import numpy as np
-    from fastres.serving import protocol
+    from fastres.serving import http, protocol  # noqa: F401  (http too: no Ray)
     from fastres.serving.config import ServeConfig
 
     config = ServeConfig("/ckpt/birds-v2.pth", max_batch=4)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import sys
+
 from .args import BACKENDS, DEVICES, ENGINE_DTYPES, add_command, examples
 
 
@@ -51,12 +55,25 @@ def add_parser(subparsers) -> None:
     p.add_argument("--crop", type=int, help="/v1/classify: centre crop (default: the weights' recipe, 224)")
     p.add_argument("--warmup-size", type=int, default=224, help="image size run before ready (default 224)")
     p.add_argument("--address", help="join this Ray cluster ('auto', HOST:6379) instead of starting one")
+    p.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' on all but the health routes (default: $FASTRES_API_KEY; "
+        "the environment keeps the key out of `ps`)",
+    )
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     from .. import serving
 
+    api_key = args.api_key or os.environ.get("FASTRES_API_KEY") or None
+    if api_key is None and not _is_loopback(args.host):
+        print(
+            f"fastres: warning: serving on {args.host} without an API key: anyone who can reach the port "
+            "can use the model (set FASTRES_API_KEY or --api-key)",
+            file=sys.stderr,
+            flush=True,
+        )
     options = {} if args.mean is None else {"mean": tuple(args.mean)}
     options.update({} if args.std is None else {"std": tuple(args.std)})
     config = serving.ServeConfig(
@@ -75,6 +92,7 @@ def run(args) -> int:
         warmup_size=args.warmup_size,
         resize=args.resize,
         crop=args.crop,
+        api_key=api_key,
         **options,
     )
     return serving.serve_forever(
@@ -86,3 +104,12 @@ def run(args) -> int:
         port=args.port,
         address=args.address,
     )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False

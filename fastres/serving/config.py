@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from ..specs import IMAGENET_MEAN, IMAGENET_STD
@@ -28,7 +28,7 @@ class ServeConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     max_batch: int = 64
     batch_wait_ms: float = 2.0
-    max_body_bytes: int = 128 << 20
+    max_body_bytes: int = 128 << 20  # refused from Content-Length (413) before any byte is read
     # Pixels per request and per engine call (a full batch of 512x512 images): bounds a replica's
     # memory whatever the image size; larger merged batches run in chunks.
     max_pixels: int = 64 * 512 * 512
@@ -36,6 +36,8 @@ class ServeConfig:
     # /v1/classify: fastres.transforms for the weights (resize the short side, centre crop), overridable
     resize: int | None = None
     crop: int | None = None
+    # Required as `Authorization: Bearer KEY` on every route but health; out of repr, hence of logs.
+    api_key: str | None = field(default=None, repr=False)
 
     @property
     def model_name(self) -> str:
@@ -46,6 +48,8 @@ class ServeConfig:
     def __post_init__(self):
         if min(self.max_batch, self.max_body_bytes, self.max_pixels) < 1 or self.batch_wait_ms < 0:
             raise ConfigError("max_batch, max_body_bytes and max_pixels must be positive, batch_wait_ms >= 0")
+        if self.api_key is not None and not re.fullmatch(r"[\x21-\x7e]+", self.api_key):
+            raise ConfigError("the API key must be printable ASCII without spaces (it is sent in a header)")
         if not re.fullmatch(r"[\w.\-]+", self.model_name):
             raise ConfigError(
                 f"model name {self.model_name!r} must be letters, digits, '_', '-' or '.'; use --name"

@@ -2,8 +2,8 @@
 
 Concurrent requests are merged by `@serve.batch` (up to `max_batch` images, waiting at most
 `batch_wait_ms`) and split back per request; requests whose images differ in size, dtype or layout
-run as separate engine calls. Every client error is a 400 (404 for an unknown model) with an
-{"error": ...} body; nothing a client sends stops the replica.
+run as separate engine calls. Every client error is a 4xx with an {"error": ...} body (fastres.serving.http
+says which), and bodies are parsed off the event loop: nothing a client sends stops or stalls the replica.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import asyncio
 import inspect
 import json
 import logging
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,9 +30,9 @@ import fastres
 
 from ..api import resolve_backend
 from ..checkpoints import is_weight_name
-from ..errors import InputError
+from ..errors import InputError, RequestError
 from ..images import decode_image
-from . import protocol
+from . import http, protocol
 from .config import ServeConfig
 from .protocol import OIPError
 
@@ -46,7 +45,6 @@ _COUNT_IMAGES = (
     if "batch_size_fn" in inspect.signature(serve.batch).parameters
     else {}
 )
-_MODEL_ROUTE = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/\w+)?$")
 
 
 @dataclass
@@ -69,8 +67,10 @@ def _json(obj, status: int = 200) -> Response:
     return Response(json.dumps(obj).encode(), status_code=status, media_type="application/json")
 
 
-def _error(message: str, status: int = 400) -> Response:
-    return Response(protocol.error_body(message), status_code=status, media_type="application/json")
+def _error(message: str, status: int = 400, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        protocol.error_body(message), status_code=status, headers=headers, media_type="application/json"
+    )
 
 
 def replica_cpu_threads() -> int | None:
@@ -192,69 +192,58 @@ class ImageClassifier:
     async def __call__(self, request: Request) -> Response:
         try:
             return await self._route(request)
-        except OIPError as exc:
-            return _error(str(exc), exc.status)
+        except RequestError as exc:  # OIPError included
+            return _error(str(exc), exc.status, exc.headers)
         except Exception as exc:  # a bug, not the client's fault; the replica stays up
             log.exception("request failed")
             return _error(f"internal error: {type(exc).__name__}: {exc}", 500)
 
+    async def ready(self) -> bool:
+        """The health deployment's probe: answers once __init__ (the warm-up) has returned."""
+        return True
+
     async def _route(self, request: Request) -> Response:
-        path, method = request.url.path.rstrip("/") or "/", request.method
-        if path in ("/v2/health/live", "/v2/health/ready"):
-            return _json({"live": True} if path.endswith("live") else {"ready": True})
-        if path == "/v2":
+        route = http.resolve(
+            request.method,
+            request.url.path,
+            self.name,
+            api_key=self.config.api_key,
+            authorization=request.headers.get("authorization"),
+        )
+        action = route.action
+        if action in ("live", "ready"):  # reached only without the health application in front
+            return _json({"live": True} if action == "live" else {"ready": True})
+        if action == "server":
             return _json(
                 {"name": "fastres", "version": fastres.__version__, "extensions": protocol.EXTENSIONS}
             )
-        if path == "/v1/classify":
-            self._expect(method, "POST")
-            return await self._classify(request)
-        match = _MODEL_ROUTE.match(path)
-        if match is None:
-            raise OIPError(f"no route {method} {path}; see GET /v2/models/{self.name}", 404)
-        if match["name"] != self.name or match["version"] not in (None, "1"):
-            raise OIPError(
-                f"unknown model {match['name']!r} (version {match['version'] or 'any'}); "
-                f"this server serves {self.name!r} version 1",
-                404,
-            )
-        action = match["action"]
-        if action is None:
-            self._expect(method, "GET")
+        if action == "model":
             return _json(protocol.model_metadata(self.name, len(self.labels)))
-        if action == "/ready":
+        if action == "model_ready":
             return _json({"name": self.name, "ready": True})
-        if action == "/stats":
+        if action == "stats":
             return _json(self.stats.triton_statistics(self.name))
-        if action == "/infer":
-            self._expect(method, "POST")
+        if action == "infer":
             return await self._infer(request)
-        raise OIPError(f"no route {method} {path}", 404)
-
-    @staticmethod
-    def _expect(method: str, allowed: str) -> None:
-        if method != allowed:
-            raise OIPError(f"use {allowed} here, not {method}", 405)
+        return await self._classify(request)
 
     async def _body(self, request: Request) -> bytes:
         limit = self.config.max_body_bytes
-        declared = request.headers.get("content-length", "")
-        too_big = (
-            f"request body is over this server's limit of {limit} bytes (--max-body-mb); split the batch"
-        )
-        if declared.isdigit() and int(declared) > limit:
-            raise OIPError(too_big)
+        http.check_content_length(request.headers.get("content-length"), limit)
         chunks, total = [], 0
-        async for chunk in request.stream():
+        async for chunk in request.stream():  # chunked bodies declare no length: count as they come
             total += len(chunk)
             if total > limit:
-                raise OIPError(too_big)
+                raise http.too_large(limit)
             chunks.append(chunk)
         return b"".join(chunks)
 
     async def _infer(self, request: Request) -> Response:
         body = await self._body(request)
-        parsed = protocol.parse_infer_request(
+        # In a thread: a large JSON body takes a while to parse, and the event loop must keep
+        # answering (and batching) the other requests meanwhile.
+        parsed = await asyncio.to_thread(
+            protocol.parse_infer_request,
             body,
             request.headers.get("inference-header-content-length"),
             num_classes=len(self.labels),
@@ -269,15 +258,11 @@ class ImageClassifier:
 
     async def _classify(self, request: Request) -> Response:
         topk = request.query_params.get("topk", str(min(protocol.DEFAULT_TOPK, len(self.labels))))
-        k = protocol.parse_topk(
-            int(topk) if topk.isdigit() else topk, len(self.labels), "query parameter 'topk'"
-        )
+        k = protocol.parse_topk(http.query_int(topk), len(self.labels), "query parameter 'topk'")
         body = await self._body(request)
-        files = protocol.split_multipart(body, request.headers.get("content-type", ""))
-        if len(files) > self.config.max_batch:
-            raise OIPError(f"{len(files)} images are over this server's limit of {self.config.max_batch}")
-        loop = asyncio.get_running_loop()
-        images = await loop.run_in_executor(None, lambda: [self._preprocess(f) for f in files])
+        content_type = request.headers.get("content-type", "")
+        files = await asyncio.to_thread(http.split_multipart, body, content_type, self.config.max_batch)
+        images = await asyncio.to_thread(lambda: [self._preprocess(f) for f in files])
         pixels = sum(image.shape[1] * image.shape[2] for image in images)
         if pixels > self.config.max_pixels:  # only without a crop: --crop 0
             raise OIPError(f"{pixels} pixels are over this server's limit of {self.config.max_pixels}")
@@ -294,3 +279,54 @@ class ImageClassifier:
             return self.transform(decode_image(data, max_pixels=self.config.max_pixels))
         except InputError as exc:  # ImageDecodeError included
             raise OIPError(str(exc)) from None
+
+
+READY_TIMEOUT_S = 2.0  # a replica's event loop answers in milliseconds; seconds mean none can
+
+
+@serve.deployment(name="fastres-health", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+class Health:
+    """GET /v2/health/live and /v2/health/ready, an application of its own (route prefix /v2/health).
+
+    Apart from the classifier so that it answers when no classifier replica is up: a request for the
+    classifier would wait in Serve's queue until one is. Readiness asks a replica through a handle with
+    a deadline, so it is a prompt 503 when none is ready (starting, dead, or too busy to answer).
+    """
+
+    def __init__(self, app_name: str, timeout_s: float = READY_TIMEOUT_S):
+        self.app_name, self.timeout_s = app_name, timeout_s
+        self._handle = None
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.url.path.rstrip("/")
+        if not path.endswith(("/v2/health/live", "/v2/health/ready")):
+            return _error(f"no route {request.method} {path}", 404)
+        if request.method != "GET":
+            return _error(f"use GET for {path}, not {request.method}", 405, {"allow": "GET"})
+        if path.endswith("/live"):
+            return _json({"live": True})
+        if await self._replica_ready():
+            return _json({"ready": True})
+        message = f"no replica of {self.app_name!r} answered within {self.timeout_s:g} s"
+        return _json({"ready": False, "error": message}, 503)
+
+    async def _replica_ready(self) -> bool:
+        try:
+            if self._handle is None:  # looked up on first use: the classifier is deployed after this
+                self._handle = serve.get_deployment_handle("fastres", app_name=self.app_name)
+            response = self._handle.ready.remote()
+        except Exception as exc:  # no such application (yet): not ready
+            log.info("readiness: %s", exc)
+            return False
+        try:
+            return bool(await asyncio.wait_for(_awaited(response), self.timeout_s))
+        except asyncio.TimeoutError:
+            response.cancel()  # do not leave the probe queued behind real requests
+            return False
+        except Exception as exc:  # the replica died under the probe
+            log.info("readiness: %s", exc)
+            return False
+
+
+async def _awaited(response):
+    return await response

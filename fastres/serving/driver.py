@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import signal
 import time
 import urllib.request
@@ -30,6 +31,10 @@ from ..errors import BackendUnavailableError, ConfigError
 from .config import ServeConfig
 
 # -- the driver: start Ray (or join a cluster), deploy, wait until HTTP answers, shut down ----------
+
+
+def _health_app(name: str) -> str:
+    return f"{name}-health"
 
 
 @dataclass
@@ -49,6 +54,7 @@ class Server:
             if self.owns_serve:
                 serve.shutdown()  # the HTTP proxy goes too: the port is free again
             else:
+                serve.delete(_health_app(self.name))
                 serve.delete(self.name)
         finally:
             if self.connected_ray:  # stops a local instance this driver started; leaves a cluster running
@@ -84,7 +90,7 @@ def start(
     connected_ray = not ray.is_initialized()
     if connected_ray:
         if address is None:  # a private instance: nothing joins it, so it listens on loopback only
-            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+            _start_local_ray(ray)
         else:
             ray.init(address=address)
     owns_serve = False
@@ -110,10 +116,18 @@ def start(
             max_ongoing_requests=max(2 * config.max_batch, 8),
         ).bind(dataclasses.replace(config, device=device))
         # Per-request access logs cost more than a small model's inference on a loaded CPU.
+        logging_config = {"enable_access_log": False}
         try:
+            # Health first, as an application of its own: /v2/health/ready answers 503 promptly while
+            # the classifier's replicas start (or whenever none is up) instead of queueing.
+            health = deployment.Health.bind(config.model_name)
             serve.run(
-                app, name=config.model_name, route_prefix="/", logging_config={"enable_access_log": False}
+                health,
+                name=_health_app(config.model_name),
+                route_prefix="/v2/health",
+                logging_config=logging_config,
             )
+            serve.run(app, name=config.model_name, route_prefix="/", logging_config=logging_config)
         except RuntimeError as exc:
             raise BackendUnavailableError(f"{exc} (the replicas' errors are in the log above)") from None
         loopback = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
@@ -123,6 +137,39 @@ def start(
     except BaseException:
         Server("", config.model_name, owns_serve, connected_ray).shutdown()
         raise
+
+
+def _start_local_ray(ray) -> None:
+    """A local instance: nothing joins it, so no port of it should be reachable from the network, and
+    every Ray RPC and HTTP endpoint wants a token. Environment variables, since Ray's processes (GCS,
+    raylet, agents, workers) read them when they start; they stay set for the rest of this process, as
+    Ray's own default token mode does."""
+    from ray._private import ray_constants
+
+    # On (the Linux default), ray.init "resolves" the node address 127.0.0.1 to the machine's network
+    # address and the agents listen there. Off, every Ray listener is on loopback but the Serve
+    # replicas' inter-deployment gRPC port, which Ray binds to [::] unconditionally (README: Serving).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Ray read RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it was imported (before start() ran, usually);
+    # this process resolves its node address with the value read then.
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in ("0", "false")
+    if "RAY_AUTH_MODE" not in os.environ:  # set by the user (even to "disabled"): Ray's to honour
+        _enable_ray_token_auth()
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+
+
+def _enable_ray_token_auth() -> None:
+    """RAY_AUTH_MODE=token for this process and the Ray processes it starts, with a token private to
+    it unless the user set one (Ray would write one to ~/.ray/auth_token, shared by all their clusters)."""
+    try:  # Ray >= 2.52; Ray's own switch, which also refreshes the config this process read at import
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+        from ray._raylet import AuthenticationTokenLoader
+    except ImportError:  # an older Ray has no token authentication
+        return
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # 256 bits, as Ray's own tokens
+    _enable_token_auth()
+    AuthenticationTokenLoader.instance().reset_cache()  # the token may have been looked up before
 
 
 def _preflight(config: ServeConfig) -> None:

@@ -15,8 +15,6 @@ request's `topk` parameter (default 5). `logits` also honours Triton's classific
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import json
 import math
 import struct
@@ -28,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..engine import LAYOUTS
+from ..errors import RequestError
 
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("logits", "labels", "probs")
@@ -36,12 +35,8 @@ DEFAULT_TOPK = 5
 EXTENSIONS = ["binary_tensor_data", "classification", "statistics"]
 
 
-class OIPError(Exception):
+class OIPError(RequestError):
     """A request the server cannot answer; `status` is the HTTP status (400, or 404 for a model)."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 def error_body(message: str) -> bytes:
@@ -98,6 +93,8 @@ def _json_object(raw: bytes, what: str) -> dict:
         raise OIPError(
             f"{what} is not valid JSON ({exc}); send a JSON object with an 'inputs' list"
         ) from None
+    except RecursionError:  # lists nested thousands deep: the parser's recursion limit, not a bug
+        raise OIPError(f"{what} nests JSON too deeply; send 'data' as a flat row-major list") from None
     if not isinstance(obj, dict):
         raise OIPError(f"{what} must be a JSON object with an 'inputs' list, got {type(obj).__name__}")
     return obj
@@ -141,8 +138,10 @@ def _json_tensor(data: Any, datatype: str, count: int) -> np.ndarray:
         raise OIPError("input 'data' must be a JSON list of numbers (flat, row-major, or nested)")
     try:
         array = np.asarray(data)
-    except ValueError:
-        raise OIPError("input 'data' is a ragged nested list; send a flat row-major list") from None
+    except (ValueError, RecursionError):  # ragged, or nested deeper than numpy's 64 dimensions
+        raise OIPError(
+            "input 'data' is a ragged or too deeply nested list; send a flat row-major list"
+        ) from None
     if array.size != count:
         raise OIPError(f"input 'data' has {array.size} values but the shape needs {count}")
     if count and datatype == "UINT8":
@@ -221,6 +220,8 @@ def parse_infer_request(
         raise OIPError("FP32 input holds NaN or infinity")
     outputs = _requested_outputs(request, params, num_classes)
     request_id = request.get("id")
+    if not (request_id is None or isinstance(request_id, (str, int, float))):  # OIP: a string
+        raise OIPError(f"'id' must be a string, got {type(request_id).__name__}")
     return InferRequest(
         array.reshape(shape), datatype, layout, outputs, None if request_id is None else str(request_id)
     )
@@ -352,24 +353,6 @@ def model_metadata(name: str, num_classes: int, platform: str = "fastres") -> di
             {"name": "probs", "datatype": "FP32", "shape": [-1, -1]},
         ],
     }
-
-
-def split_multipart(body: bytes, content_type: str) -> list[bytes]:
-    """The files of a multipart/form-data body, in order; any other body is one raw file."""
-    if not content_type.lower().startswith("multipart/"):
-        if not body:
-            raise OIPError("empty request body; send image bytes, or files as multipart/form-data")
-        return [body]
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
-    )
-    if not message.is_multipart():
-        raise OIPError("malformed multipart/form-data body (no parts for its boundary)")
-    files = [part.get_payload(decode=True) or b"" for part in message.iter_parts()]
-    files = [f for f in files if f]
-    if not files:
-        raise OIPError("the multipart/form-data body holds no file; send images with curl -F file=@image.jpg")
-    return files
 
 
 class InferenceStats:

@@ -1,0 +1,163 @@
+"""What the serve tests that start a real server share: ports, processes, an HTTP client, requests.
+
+Linux /proc is read directly (no psutil): the processes below a pid, and the sockets they listen on.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import ipaddress
+import json
+import os
+import socket
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def descendants(pid: int) -> set[int]:
+    """Live (non-zombie) processes below `pid`: Ray's GCS, raylet, agents and actor workers."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+        except OSError:
+            continue
+        if state != "Z":
+            children.setdefault(int(ppid), []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    alive.add(pid)
+        except OSError:
+            pass
+    return alive
+
+
+def wait_gone(pids: set[int], port: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (alive(pids) or not port_is_free(port)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(pids), f"processes left running after shutdown: {sorted(alive(pids))}"
+    assert port_is_free(port), f"port {port} still taken after shutdown"
+
+
+class Client:
+    """HTTP/1.1 on loopback; `headers` go with every request (an Authorization header, say)."""
+
+    def __init__(self, url: str, headers: dict[str, str] | None = None):
+        self.host, self.port = url.removeprefix("http://").split(":")
+        self.headers = dict(headers or {})
+
+    def request(self, method, path, body=None, headers=None, conn=None):
+        own = conn is None
+        conn = conn or http.client.HTTPConnection(self.host, int(self.port), timeout=120)
+        try:
+            conn.request(method, path, body=body, headers={**self.headers, **(headers or {})})
+            response = conn.getresponse()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        finally:
+            if own:
+                conn.close()
+
+    def json(self, method, path, body=None, headers=None, conn=None):
+        status, _, payload = self.request(method, path, body, headers, conn)
+        return status, json.loads(payload)
+
+
+def infer_body(images: np.ndarray, datatype="UINT8", outputs=None, **params) -> bytes:
+    tensor = {
+        "name": "input",
+        "datatype": datatype,
+        "shape": list(images.shape),
+        "data": images.ravel().tolist(),
+    }
+    request = {"inputs": [tensor], "parameters": params}
+    if outputs is not None:
+        request["outputs"] = outputs
+    return json.dumps(request).encode()
+
+
+def uint8(shape, seed):
+    return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def png(array_hwc: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array_hwc).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def answer_logits(answer) -> torch.Tensor:
+    out = next(o for o in answer["outputs"] if o["name"] == "logits")
+    return torch.tensor(out["data"], dtype=torch.float32).view(out["shape"])
+
+
+def listening_sockets(pids: set[int]) -> list[tuple[str, int, int, str]]:
+    """(address, port, pid, process name) of every TCP socket in LISTEN state that `pids` hold."""
+    listening = {}
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/net/{table}") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] != "0A":  # TCP_LISTEN
+                continue
+            address, port = fields[1].split(":")
+            raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            ip = ipaddress.ip_address(raw)
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+                ip = ip.ipv4_mapped
+            listening[int(fields[9])] = (str(ip), int(port, 16))
+    found = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                name = f.read().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:[") and int(link[8:-1]) in listening:
+                found.add((*listening[int(link[8:-1])], pid, name))
+    return sorted(found)
