@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from .backends import BACKENDS, create_backend
-from .backends.openvino_backend import default_precision as default_openvino_precision
-from .backends.openvino_backend import openvino_available
-from .calibration import weights_hash
+from .backends.openvino_runtime import default_precision as default_openvino_precision
+from .backends.openvino_runtime import openvino_available
+from .calibration import decode_files, is_saved_calibration, weights_hash
 from .checkpoints import Architecture, infer_architecture, load_checkpoint, resolve_model, validate_state_dict
-from .engine import Engine
-from .errors import BackendUnavailableError, ConfigError
+from .engine import Engine, as_nchw
+from .errors import BackendUnavailableError, ConfigError, InputError
 from .planner import plan_resnet
 from .reference import build_resnet
 from .specs import IMAGENET_MEAN, IMAGENET_STD
@@ -105,6 +105,15 @@ def _build_engine(
                 "dtype='int8' needs calibration=: about 300 representative images (a tensor, or a folder "
                 "of image files), or a calibration file saved earlier with save_calibration="
             )
+        if not is_saved_calibration(calibration):
+            if isinstance(calibration, (str, os.PathLike, list, tuple)):
+                calibration = decode_files(calibration)
+            if not isinstance(calibration, torch.Tensor):
+                raise InputError(
+                    "calibration= takes a tensor of images, a folder or list of image files, or a saved "
+                    f".json calibration file, got {type(calibration).__name__}"
+                )
+            calibration = as_nchw(calibration)
         options.update(
             calibration=calibration,
             save_calibration=save_calibration,

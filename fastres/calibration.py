@@ -104,43 +104,29 @@ def write_record(path: str | os.PathLike, record: CalibrationRecord) -> Path:
     return path
 
 
-def calibration_images(calibration, mean, std, *, limit: int = DEFAULT_CALIBRATION_IMAGES) -> Tensor:
-    """The calibration images as the float32 normalised N x 3 x H x W batch inference computes on.
-
-    calibration: a float tensor (already normalised, as engine inputs are), uint8 pixels (NCHW or
-    NHWC: normalised with the engine's mean/std exactly as its first layer does), or a folder or
-    list of image files (decoded and preprocessed as `fastres classify` does).
-    """
-    from .engine import as_nchw
-
-    if isinstance(calibration, (str, os.PathLike, list, tuple)):
-        calibration = decode_files(calibration)
-    if not isinstance(calibration, Tensor):
-        raise InputError(
-            "calibration= takes a tensor of images, a folder or list of image files, or a saved .json "
-            f"calibration file, got {type(calibration).__name__}"
-        )
-    x = as_nchw(calibration)
-    if x.shape[0] == 0:
+def calibration_images(images: Tensor, mean, std, *, limit: int = DEFAULT_CALIBRATION_IMAGES) -> Tensor:
+    """Calibration images (a validated N x 3 x H x W view) as the float32 normalised batch inference
+    computes on: float input is taken as normalised, as engine inputs are; uint8 pixels are normalised
+    with the engine's mean/std exactly as its first layer does."""
+    if images.shape[0] == 0:
         raise InputError("calibration needs at least one image")
-    x = x[:limit]
-    if x.dtype == torch.uint8:
-        return normalize(x.cpu(), mean, std).float()
-    return x.detach().cpu().float()
+    images = images[:limit]
+    if images.dtype == torch.uint8:
+        return normalize(images.cpu(), mean, std).float()
+    return images.detach().cpu().float()
 
 
 def decode_files(paths) -> Tensor:
-    """uint8 N x 3 x H x W: image files (or folders) decoded and preprocessed as `fastres classify` does."""
-    from .classify import preprocessed
-    from .images import find_images
+    """uint8 N x 3 x H x W: image files (or folders) decoded and preprocessed as `fastres classify`
+    does by default (torchvision's evaluation resize and centre crop)."""
+    from .images import decode_image, find_images
     from .transforms import transforms
 
-    files = find_images(paths)
-    if not files:
-        raise InputError(f"no image files found in {paths}")
+    transform = transforms()
     images = []
-    for _, path, image in preprocessed(files, transforms()):
-        if isinstance(image, Exception):
-            raise InputError(f"calibration image {path}: {image}")
-        images.append(image)
+    for path in find_images(paths):
+        try:
+            images.append(transform(decode_image(path)))
+        except (ValueError, OSError) as error:  # ImageDecodeError is a ValueError
+            raise InputError(f"calibration image {path}: {error}") from None
     return torch.stack(images)

@@ -18,7 +18,7 @@ pytest.importorskip("openvino", reason="OpenVINO is absent (pip install 'fastres
 pytest.importorskip("nncf", reason="NNCF is absent (pip install 'fastres[openvino]')")
 
 # The stated bound for the default method (NNCF's performance preset) on the trained digits model.
-INT8_MIN_TOP1_AGREEMENT = 0.98
+INT8_MIN_TOP1_AGREEMENT = 0.97  # measured 98.5% (400 digits, 128 calibration images)
 
 
 def int8_engine(model, calibration, **options):

@@ -24,63 +24,27 @@ from torch import Tensor, nn
 from ..errors import BackendUnavailableError, ConfigError
 from ..graph import ConvOp, HeadOp, LinearOp, execute
 from .base import Backend, Observer
-
-INSTALL_HINT = "install it with pip install 'fastres[openvino]' (or use backend='torch')"
-# OpenVINO element types of the precisions its CPU plugin runs; fp16 needs AVX512-FP16 or AMX-FP16.
-_PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
-_CAPABILITY = {torch.float32: "FP32", torch.bfloat16: "BF16", torch.float16: "FP16", torch.int8: "INT8"}
-
-
-def import_openvino():
-    try:
-        import openvino
-    except ImportError as error:
-        raise BackendUnavailableError(f"the openvino backend needs OpenVINO; {INSTALL_HINT}") from error
-    return openvino
-
-
-def openvino_available() -> bool:
-    try:
-        import_openvino()
-    except BackendUnavailableError:
-        return False
-    return True
-
-
-_CORE = None
-_CORE_LOCK = threading.Lock()
-
-
-def core():
-    """One OpenVINO Core per process: it owns the plugins and their thread pools."""
-    global _CORE
-    with _CORE_LOCK:
-        if _CORE is None:
-            _CORE = import_openvino().Core()
-        return _CORE
-
-
-def cpu_capabilities() -> tuple[str, ...]:
-    return tuple(core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-
-
-def default_precision() -> torch.dtype:
-    """What OpenVINO's CPU plugin runs by default here: bf16 where the CPU has it, else fp32."""
-    ov = import_openvino()
-    hint = core().get_property("CPU", "INFERENCE_PRECISION_HINT")
-    return {ov.Type.bf16: torch.bfloat16, ov.Type.f16: torch.float16}.get(hint, torch.float32)
+from .openvino_runtime import (  # noqa: F401  (openvino_available, default_precision: the api's)
+    CAPABILITY,
+    PRECISIONS,
+    core,
+    cpu_capabilities,
+    default_precision,
+    import_openvino,
+    openvino_available,
+)
 
 
 def precision_config(dtype: torch.dtype) -> dict[str, Any]:
     """The CPU plugin's config for this compute dtype; a typed error where the CPU cannot run it."""
     capabilities = cpu_capabilities()
-    if _CAPABILITY[dtype] not in capabilities:
+    if CAPABILITY[dtype] not in capabilities:
         raise BackendUnavailableError(
-            f"this CPU has no {_CAPABILITY[dtype]} support in OpenVINO (it has {', '.join(capabilities)}); "
+            f"this CPU has no {CAPABILITY[dtype]} support in OpenVINO (it has {', '.join(capabilities)}); "
             "use dtype='fp32'"
         )
     # int8: the quantized model's int8 layers run in int8, the rest in the plugin's default precision.
-    return {"INFERENCE_PRECISION_HINT": _PRECISIONS[dtype]} if dtype in _PRECISIONS else {}
+    return {"INFERENCE_PRECISION_HINT": PRECISIONS[dtype]} if dtype in PRECISIONS else {}
 
 
 class PlanModule(nn.Module):

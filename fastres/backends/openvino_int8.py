@@ -25,7 +25,7 @@ from ..calibration import (
     write_record,
 )
 from ..errors import BackendUnavailableError
-from .openvino_backend import core, import_openvino
+from .openvino_runtime import core, import_openvino
 
 METHOD = "nncf-ptq-performance"  # NNCF's default preset (see the module docstring)
 
@@ -55,7 +55,7 @@ def int8_model(make_float_model, plan, calibration, save_calibration, model_name
         model = core().read_model(str(artifact))
     else:
         nncf = import_nncf()
-        images = calibration_images(calibration, plan.mean, plan.std)
+        images = calibration_images(calibration, plan.mean, plan.std)  # validated by the api
         logging.getLogger("nncf").setLevel(logging.WARNING)  # no progress bars in the user's log
         dataset = nncf.Dataset([images[i : i + 1].numpy() for i in range(images.shape[0])])
         model = nncf.quantize(make_float_model(), dataset, subset_size=images.shape[0])
