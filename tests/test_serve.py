@@ -95,6 +95,7 @@ def test_cli_serves_and_stops_on_sigterm(checkpoint, engine):
     port = free_port()
     command = [sys.executable, "-m", "fastres", "serve", "resnet18", "--weights", checkpoint[0]]
     command += ["--port", str(port), "--device", "cpu", "--max-batch", "4", "--warmup-size", str(SIZE)]
+    command += ["--dtype", "fp32"]  # the CPU default backend (openvino when installed) in IEEE fp32
     env = {**os.environ, "FASTRES_API_KEY": "cli-key"}  # the key from the environment, not argv
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     output: list[str] = []
@@ -113,7 +114,9 @@ def test_cli_serves_and_stops_on_sigterm(checkpoint, engine):
         images = uint8((1, 3, SIZE, SIZE), seed=1)
         status, answer = client.json("POST", "/v2/models/resnet18/infer", infer_body(images))
         assert status == 200, answer
-        assert_close(answer_logits(answer), engine(torch.from_numpy(images)), RTOL, "CLI server logits")
+        # The replica's backend is the CPU default: compare with a local engine of the same backend.
+        local = fastres.load("resnet18", checkpoint[0], device="cpu", dtype="fp32")
+        assert_close(answer_logits(answer), local(torch.from_numpy(images)), RTOL, "CLI server logits")
         wrong = {"Authorization": "Bearer other"}
         status, answer = client.json("POST", "/v2/models/resnet18/infer", infer_body(images), wrong)
         assert status == 401 and "Bearer KEY" in answer["error"], answer
