@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -30,10 +31,20 @@ class Backend:
 
     def __init__(self, plan: Plan, device: torch.device, dtype: torch.dtype):
         self.plan, self.device, self.dtype = plan, torch.device(device), dtype
+        self.packed_plan = plan  # the whole plan the weights are packed for; for_plan keeps it
 
     def make_workspace(self, batch: int, height: int, width: int) -> Any:
         return None
 
-    def run(self, x: Tensor, workspace: Any, observer: Observer | None = None) -> Tensor:
-        """x: N x 3 x H x W in the engine's dtype on its device; returns float32 logits N x classes."""
+    def for_plan(self, plan: Plan) -> Backend:
+        """This backend running `plan`, a cut of its own (`planner.select_outputs`): the packed
+        weights are shared, not packed again (an embedder beside a classifier costs no weights)."""
+        backend = copy.copy(self)
+        backend.plan = plan
+        return backend
+
+    def run(self, x: Tensor, workspace: Any, observer: Observer | None = None) -> Tensor | dict[str, Tensor]:
+        """x: N x 3 x H x W in the engine's dtype on its device; returns float32 logits N x classes, or
+        for a plan with `outputs` a dict name -> fresh tensor (conv features N x C x H x W channels-last
+        in the engine dtype, "pool" float32 N x C)."""
         raise NotImplementedError
