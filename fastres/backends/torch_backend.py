@@ -173,7 +173,10 @@ class TorchBackend(Backend):
         non_finite = None if pixels else ~torch.isfinite(x).flatten(1).all(dim=1)
         x = x.to(self.dtype) if pixels else x
         values: dict[str, Tensor] = {INPUT: x.contiguous(memory_format=self.memory_format)}
-        with torch.inference_mode(), _tf32(self.allow_tf32):
+        # Outside inference mode, no_grad: the results (fresh per call, no workspace) are then ordinary
+        # tensors the caller may update in place, e.g. features fed to a decoder.
+        no_grad = torch.inference_mode() if torch.is_inference_mode_enabled() else torch.no_grad()
+        with no_grad, _tf32(self.allow_tf32):
             for index, op in enumerate(self.plan.ops):
                 src = values[op.inputs[0]]
                 if index == 0 and pixels:
