@@ -12,7 +12,14 @@ from .backends import BACKENDS, create_backend
 from .backends.openvino_runtime import default_precision as default_openvino_precision
 from .backends.openvino_runtime import openvino_available
 from .calibration import decode_files, is_saved_calibration, weights_hash
-from .checkpoints import Architecture, infer_architecture, load_checkpoint, resolve_model, validate_state_dict
+from .checkpoints import (
+    Architecture,
+    infer_architecture,
+    is_weight_name,
+    load_checkpoint,
+    resolve_model,
+    validate_state_dict,
+)
 from .engine import Engine, as_nchw
 from .errors import BackendUnavailableError, ConfigError, InputError
 from .planner import plan_resnet, resolve_features, select_outputs
@@ -157,6 +164,18 @@ def _outputs(num_classes, features, out_indices, engine_options) -> tuple[int | 
     return num_classes, names
 
 
+def _with_placeholder_fc(state: dict) -> dict:
+    """A headless state dict (timm's num_classes=0 or fc = Identity: no fc keys) with a 1-class zero fc
+    added, so the architecture infers and validates as usual. It never runs: only for features."""
+    if "fc.weight" in state or "layer1.0.conv2.weight" not in state:
+        return state  # has a head, or is no ResNet (the usual error explains)
+    last = max((int(k.split(".")[1]) for k in state if k.startswith("layer4.")), default=None)
+    bn = state.get(f"layer4.{last}.bn3.weight", state.get(f"layer4.{last}.bn2.weight"))
+    if bn is None:
+        return state
+    return {**state, "fc.weight": bn.new_zeros(1, bn.shape[0]), "fc.bias": bn.new_zeros(1)}
+
+
 def load(
     model: str | os.PathLike,
     weights=None,
@@ -188,7 +207,8 @@ def load(
     labels: class names for `Engine.predict`: a list or a text file with one name per line
         (default: ImageNet-1k's names for 1000 classes, else "class i").
     num_classes=0: a call returns float32 N x C pooled features (timm's convention); any fc in the
-        checkpoint is ignored. Every engine also has `embed(x, normalize=False)`.
+        checkpoint is ignored, and a checkpoint without one (headless) loads too. Every engine also
+        has `embed(x, normalize=False)`.
     features: names from planner.FEATURE_NAMES ("stem", "layer1".."layer4", "pool"), or timm's
         out_indices (0 = stem, 1-4 = layer1-4): a call returns a dict name -> tensor, ops after the
         last one are not run. Takes precedence over num_classes=0 (the fc never runs with either).
@@ -201,6 +221,8 @@ def load(
         or a saved calibration .json; save_calibration='calib.json' keeps the result for reuse.
     """
     num_classes, features = _outputs(num_classes, features, out_indices, engine_options)
+    if features is not None and weights is not None and not is_weight_name(weights):
+        weights = _with_placeholder_fc(load_checkpoint(weights))  # a headless checkpoint is fine here
     arch, state_dict = resolve_model(model, weights, num_classes=num_classes)
     if state_dict is None:
         warnings.warn(
@@ -242,6 +264,9 @@ def optimize(
             f"optimize() takes an nn.Module (a torchvision-compatible ResNet), got {type(module).__name__}"
         )
     state_dict = load_checkpoint(module)
+    if "fc.weight" not in state_dict and features is None:  # fc = Identity (timm's num_classes=0)
+        features, engine_options["embedding"] = ("pool",), True
+    state_dict = _with_placeholder_fc(state_dict) if features is not None else state_dict
     arch = infer_architecture(state_dict)
     validate_state_dict(state_dict, arch)
     state_dict = {k: v.detach().to("cpu") for k, v in state_dict.items()}

@@ -369,3 +369,22 @@ def test_embed_help_shows_examples(capsys):
     assert main(["embed", "--help"]) == 0
     out = capsys.readouterr().out
     assert "examples:" in out and "fastres embed " in out and "--normalize" in out
+
+
+def test_headless_checkpoints_and_modules_embed():
+    """timm's num_classes=0 saves no fc (fc = Identity): fine for embeddings and features."""
+    model = calibrated("resnet18", 10)
+    headless = copy.deepcopy(model)
+    headless.fc = torch.nn.Identity()
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    x = random_images(1, 32, 32, seed=30)
+    expected = fastres.optimize(model, device="cpu").embed(x)
+    live = fastres.optimize(headless, device="cpu")  # no fc to run: an embedder
+    assert live.outputs == ("pool",)
+    torch.testing.assert_close(live(x), expected, rtol=0, atol=0)
+    loaded = fastres.load("resnet18", state, num_classes=0, device="cpu")
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    layers = fastres.load("resnet18", state, features=("layer3",), device="cpu")
+    assert layers(x)["layer3"].shape == (1, 256, 2, 2)
+    with pytest.raises(fastres.CheckpointError, match="fc.weight"):
+        fastres.load("resnet18", state, device="cpu")  # a classifier needs its fc
