@@ -190,13 +190,17 @@ class Engine:
 
     def __repr__(self) -> str:
         dtype = str(self.dtype).replace("torch.", "")
+        spec = self.architecture.spec  # a backbone's fc (perhaps a placeholder) never runs: no classes
+        network = (
+            self.architecture.describe() if self.plan.outputs is None else f"{spec.name} ({spec.describe()})"
+        )
         return (
-            f"Engine({self.architecture.describe()}, backend={self.backend.name}, device={self.device}, "
+            f"Engine({network}, backend={self.backend.name}, device={self.device}, "
             f"dtype={dtype}, cuda_graphs={self.cuda_graphs}, outputs={'+'.join(self.outputs)})"
         )
 
-    def __call__(self, x: Tensor, layout: str | None = None) -> Tensor:
-        """Float32 logits N x num_classes.
+    def __call__(self, x: Tensor, layout: str | None = None) -> Tensor | dict[str, Tensor]:
+        """Float32 logits N x num_classes (a backbone: its features dict, an embedder: N x C pooled).
 
         x: normalised float images N x 3 x H x W, or uint8 pixels N x 3 x H x W or N x H x W x 3
         (normalised with this engine's mean/std inside its first layer). `layout` ('NCHW' or 'NHWC')
