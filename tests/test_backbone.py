@@ -388,3 +388,36 @@ def test_headless_checkpoints_and_modules_embed():
     assert layers(x)["layer3"].shape == (1, 256, 2, 2)
     with pytest.raises(fastres.CheckpointError, match="fc.weight"):
         fastres.load("resnet18", state, device="cpu")  # a classifier needs its fc
+
+
+def test_out_indices_follow_timm():
+    from fastres.planner import resolve_features
+
+    assert resolve_features(out_indices=(1, 2, 3, 4)) == ("layer1", "layer2", "layer3", "layer4")
+    assert resolve_features(out_indices=(4, 0)) == ("stem", "layer4")  # shallowest first, as timm returns
+    assert resolve_features(features=("pool", "layer1", "pool")) == ("layer1", "pool")
+    assert resolve_features() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_cuda_graph_features_are_fresh_clones(backend):
+    """Captured outputs are static: each call's are clones, equal to an uncaptured run, and owned."""
+    model = calibrated("resnet50", 10)
+    names = ("stem", "layer2", "layer4", "pool")
+    graphed = fastres.optimize(model, device="cuda", dtype="fp16", backend=backend, features=names)
+    plain = fastres.optimize(
+        model, device="cuda", dtype="fp16", backend=backend, features=names, cuda_graphs=False
+    )
+    a, b = random_images(2, 45, 61, seed=31).cuda(), random_images(2, 45, 61, seed=32).cuda()
+    first = graphed(a)
+    snapshot = {k: v.clone() for k, v in first.items()}
+    second = graphed(b)
+    expected = plain(a)
+    for name in names:
+        torch.testing.assert_close(first[name], snapshot[name], rtol=0, atol=0)
+        torch.testing.assert_close(first[name], expected[name], rtol=1e-3, atol=1e-3)
+        assert first[name].data_ptr() != second[name].data_ptr()
+        assert first[name].dim() == 2 or first[name].is_contiguous(memory_format=torch.channels_last)
+    assert_features_match(graphed, model, a.cpu(), torch.float16, names=names, device="cuda")
+    torch.testing.assert_close(graphed.embed(a), expected["pool"], rtol=1e-3, atol=1e-3)
