@@ -13,7 +13,7 @@ from e2e import calibrated
 
 import fastres
 from fastres.graph import normalize
-from fastres.numerics import parity_bound, relative_error
+from fastres.numerics import parity_bound, poison_, relative_error
 from fastres.planner import FEATURE_NAMES
 from fastres.runner import Runner
 from fastres.testing import random_images
@@ -421,3 +421,20 @@ def test_cuda_graph_features_are_fresh_clones(backend):
         assert first[name].dim() == 2 or first[name].is_contiguous(memory_format=torch.channels_last)
     assert_features_match(graphed, model, a.cpu(), torch.float16, names=names, device="cuda")
     torch.testing.assert_close(graphed.embed(a), expected["pool"], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
+)
+def test_global_avg_pool_kernel(dtype):
+    from fastres.kernels import global_avg_pool_nhwc
+
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 5, 7, 300, generator=gen).to(DEVICE, dtype)  # 300: a partial channel block
+    out = poison_(torch.empty(2, 300, device=DEVICE))  # every element must be written
+    global_avg_pool_nhwc(x, out=out)
+    ref = x.double().mean(dim=(1, 2))
+    assert torch.isfinite(out).all() and relative_error(out, ref) < 1e-6
+    with pytest.raises(ValueError, match="contiguous NHWC"):
+        global_avg_pool_nhwc(x.permute(0, 3, 1, 2))
