@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backends import Backend
+from .backends import Backend, create_backend
 from .checkpoints import Architecture
 from .errors import ConfigError, InputError
 from .graph import execute, normalize
@@ -247,9 +247,14 @@ class Engine:
         with self._embedder_lock:
             if self._embedder is None:
                 plan = select_outputs(self.backend.packed_plan, ("pool",))
+                if self.backend.runs_cut_plans:
+                    backend = self.backend.for_plan(plan)
+                else:  # it compiled the whole plan (OpenVINO): the torch backend packs its own weights once
+                    backend = create_backend("torch", self.backend.packed_plan, self.device, self.dtype)
+                    backend = backend.for_plan(plan)
                 self._embedder = Engine(
                     plan,
-                    self.backend.for_plan(plan),
+                    backend,
                     self.architecture,
                     self._state_dict,
                     cuda_graphs=self.cuda_graphs,

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 from ..planner import Plan
 
 # Called after each op with (op name, its output converted to NCHW); used by per-layer drift reports.
@@ -24,6 +25,9 @@ class Backend:
     """
 
     name = "base"
+    # Whether `for_plan` may hand it a cut plan (features, embeddings): true of a backend that runs the
+    # plan op by op from weights packed per op; one that compiles the whole plan at load cannot.
+    runs_cut_plans = False
     # The dtype float input is handed over in; None: the engine's compute dtype.
     input_float_dtype: torch.dtype | None = None
     # Whether `run` can report every op's output to an observer (per-layer drift reports).
@@ -39,6 +43,11 @@ class Backend:
     def for_plan(self, plan: Plan) -> Backend:
         """This backend running `plan`, a cut of its own (`planner.select_outputs`): the packed
         weights are shared, not packed again (an embedder beside a classifier costs no weights)."""
+        if not self.runs_cut_plans:
+            raise ConfigError(
+                f"the {self.name} backend returns logits only (it compiles the whole plan at load); for "
+                "features, num_classes=0 or embed() use backend='torch' (or 'triton' on a GPU)"
+            )
         backend = copy.copy(self)
         backend.plan = plan
         return backend

@@ -13,6 +13,7 @@ from .base import Backend, Observer
 
 class ReferenceBackend(Backend):
     name = "reference"
+    runs_cut_plans = True
 
     def __init__(self, plan, device, dtype, *, module: nn.Module):
         super().__init__(plan, device, dtype)

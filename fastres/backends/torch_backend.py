@@ -59,6 +59,7 @@ def _tf32(allowed: bool):
 
 class TorchBackend(Backend):
     name = "torch"
+    runs_cut_plans = True
 
     def __init__(
         self,

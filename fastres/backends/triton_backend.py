@@ -50,6 +50,7 @@ def _stem_layer(op: ConvOp, device, dtype, allow_tf32: bool) -> StemLayer:
 
 class TritonBackend(Backend):
     name = "triton"
+    runs_cut_plans = True
 
     def __init__(self, plan, device, dtype, *, allow_tf32: bool = False):
         super().__init__(plan, device, dtype)
