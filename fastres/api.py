@@ -12,10 +12,17 @@ from .backends import BACKENDS, create_backend
 from .backends.openvino_runtime import default_precision as default_openvino_precision
 from .backends.openvino_runtime import openvino_available
 from .calibration import decode_files, is_saved_calibration, weights_hash
-from .checkpoints import Architecture, infer_architecture, load_checkpoint, resolve_model, validate_state_dict
+from .checkpoints import (
+    Architecture,
+    infer_architecture,
+    is_weight_name,
+    load_checkpoint,
+    resolve_model,
+    validate_state_dict,
+)
 from .engine import Engine, as_nchw
 from .errors import BackendUnavailableError, ConfigError, InputError
-from .planner import plan_resnet
+from .planner import plan_resnet, resolve_features, select_outputs
 from .reference import build_resnet
 from .specs import IMAGENET_MEAN, IMAGENET_STD
 
@@ -92,8 +99,11 @@ def resolve_backend(device=None, backend: str | None = None) -> str:
 
 
 def _build_engine(
-    arch: Architecture, state_dict, device, dtype, backend, mean, std, labels, engine_options
+    arch: Architecture, state_dict, device, dtype, backend, mean, std, labels, engine_options, features=None
 ) -> Engine:
+    if features is not None and backend is None and dtype not in ("int8", torch.int8):
+        if resolve_backend(device) == "openvino":
+            backend = "torch"  # OpenVINO compiles the whole plan at load: it returns logits only
     device, dtype, backend = _resolve_device_dtype_backend(device, dtype, backend)
     plan = plan_resnet(arch.spec, arch.num_classes, state_dict, mean=mean, std=std, dtype=dtype)
     calibration = engine_options.pop("calibration", None)
@@ -136,7 +146,37 @@ def _build_engine(
     if backend == "reference":
         options["module"] = build_resnet(arch.spec, arch.num_classes, state_dict)
     runner = create_backend(backend, plan, device, dtype, **options)
+    if features is not None:  # weights packed for the whole plan (embed() may need more), run cut
+        plan = select_outputs(plan, features)
+        runner = runner.for_plan(plan)
     return Engine(plan, runner, arch, state_dict, labels=labels, **engine_options)
+
+
+def _outputs(num_classes, features, out_indices, engine_options) -> tuple[int | None, tuple | None]:
+    """(num_classes to check the checkpoint's fc against, feature names or None) for load/optimize.
+
+    num_classes=0 (timm's convention) returns the pooled features as one tensor and ignores the fc.
+    With features= the fc never runs either, so num_classes=0 beside it changes nothing.
+    """
+    names = resolve_features(features, out_indices)
+    if num_classes == 0 and not isinstance(num_classes, bool):
+        num_classes = None
+        if names is None:
+            names = ("pool",)
+            engine_options["embedding"] = True
+    return num_classes, names
+
+
+def _with_placeholder_fc(state: dict) -> dict:
+    """A headless state dict (timm's num_classes=0 or fc = Identity: no fc keys) with a 1-class zero fc
+    added, so the architecture infers and validates as usual. It never runs: only for features."""
+    if "fc.weight" in state or "layer1.0.conv2.weight" not in state:
+        return state  # has a head, or is no ResNet (the usual error explains)
+    last = max((int(k.split(".")[1]) for k in state if k.startswith("layer4.")), default=None)
+    bn = state.get(f"layer4.{last}.bn3.weight", state.get(f"layer4.{last}.bn2.weight"))
+    if bn is None:
+        return state
+    return {**state, "fc.weight": bn.new_zeros(1, bn.shape[0]), "fc.bias": bn.new_zeros(1)}
 
 
 def load(
@@ -147,6 +187,8 @@ def load(
     dtype: torch.dtype | str | None = None,
     backend: str | None = None,
     num_classes: int | None = None,
+    features=None,
+    out_indices=None,
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
     labels=None,
@@ -167,6 +209,12 @@ def load(
         the first layer (ImageNet's by default); float input is taken as already normalised.
     labels: class names for `Engine.predict`: a list or a text file with one name per line
         (default: ImageNet-1k's names for 1000 classes, else "class i").
+    num_classes=0: a call returns float32 N x C pooled features (timm's convention); any fc in the
+        checkpoint is ignored, and a checkpoint without one (headless) loads too. Every engine also
+        has `embed(x, normalize=False)`.
+    features: names from planner.FEATURE_NAMES ("stem", "layer1".."layer4", "pool"), or timm's
+        out_indices (0 = stem, 1-4 = layer1-4): a call returns a dict name -> tensor, ops after the
+        last one are not run. Takes precedence over num_classes=0 (the fc never runs with either).
     engine_options: allow_tf32 (float32 convs on TF32 tensor cores; off by default: IEEE fp32),
         cuda_graphs (default on for CUDA), max_batch (larger batches run in chunks),
         max_cached_shapes (input shapes kept warm, LRU); openvino only: threads (OpenVINO's
@@ -175,6 +223,9 @@ def load(
         uint8 pixels, or a folder of image files preprocessed as `fastres classify` does; about 300)
         or a saved calibration .json; save_calibration='calib.json' keeps the result for reuse.
     """
+    num_classes, features = _outputs(num_classes, features, out_indices, engine_options)
+    if features is not None and weights is not None and not is_weight_name(weights):
+        weights = _with_placeholder_fc(load_checkpoint(weights))  # a headless checkpoint is fine here
     arch, state_dict = resolve_model(model, weights, num_classes=num_classes)
     if state_dict is None:
         warnings.warn(
@@ -188,7 +239,9 @@ def load(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             state_dict = build_resnet(arch.spec, arch.num_classes).state_dict()
-    return _build_engine(arch, state_dict, device, dtype, backend, mean, std, labels, engine_options)
+    return _build_engine(
+        arch, state_dict, device, dtype, backend, mean, std, labels, engine_options, features
+    )
 
 
 def optimize(
@@ -197,6 +250,8 @@ def optimize(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     backend: str | None = None,
+    features=None,
+    out_indices=None,
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
     labels=None,
@@ -206,12 +261,18 @@ def optimize(
 
     Options as for `load`.
     """
+    _, features = _outputs(None, features, out_indices, engine_options)
     if not isinstance(module, nn.Module):
         raise TypeError(
             f"optimize() takes an nn.Module (a torchvision-compatible ResNet), got {type(module).__name__}"
         )
     state_dict = load_checkpoint(module)
+    if "fc.weight" not in state_dict and features is None:  # fc = Identity (timm's num_classes=0)
+        features, engine_options["embedding"] = ("pool",), True
+    state_dict = _with_placeholder_fc(state_dict) if features is not None else state_dict
     arch = infer_architecture(state_dict)
     validate_state_dict(state_dict, arch)
     state_dict = {k: v.detach().to("cpu") for k, v in state_dict.items()}
-    return _build_engine(arch, state_dict, device, dtype, backend, mean, std, labels, engine_options)
+    return _build_engine(
+        arch, state_dict, device, dtype, backend, mean, std, labels, engine_options, features
+    )

@@ -85,6 +85,57 @@ def preprocessed(
                 future.cancel()
 
 
+def batched(
+    files: Sequence[Path],
+    transform: ImageTransform,
+    run_batch: Callable[[torch.Tensor], Sequence],
+    *,
+    batch: int = 64,
+    workers: int = DEFAULT_WORKERS,
+    prefetch: int | None = None,
+    device: torch.device | str | None = None,
+) -> Iterator[tuple[int, Path, object, str | None]]:
+    """(index, path, result, error) per file, in order: run_batch(uint8 N x 3 x H x W) gives N results.
+
+    Images of one size are batched up to `batch`; when `batch` images are waiting in all, the size
+    group holding the oldest is run, so results keep flowing when sizes vary (no crop). A file that
+    cannot be decoded gives (index, path, None, why). Shared by classify_files and fastres.embedding.
+    """
+    if batch < 1:
+        raise ConfigError(f"batch must be at least 1, got {batch}")
+    prefetch = 2 * batch if prefetch is None else prefetch
+    groups: dict[tuple[int, int], list[tuple[int, Path, torch.Tensor]]] = {}
+    done: dict[int, tuple[int, Path, object, str | None]] = {}
+    next_out = 0
+
+    def run(size: tuple[int, int]) -> None:
+        group = groups.pop(size)
+        images = torch.stack([image for _, _, image in group])
+        for (i, path, _), result in zip(group, run_batch(images)):
+            done[i] = (i, path, result, None)
+
+    def ready() -> Iterator[tuple[int, Path, object, str | None]]:
+        nonlocal next_out
+        while next_out in done:
+            yield done.pop(next_out)
+            next_out += 1
+
+    for i, path, image in preprocessed(files, transform, workers=workers, prefetch=prefetch, device=device):
+        if isinstance(image, Exception):
+            done[i] = (i, path, None, str(image))
+        else:
+            size = tuple(image.shape[-2:])
+            groups.setdefault(size, []).append((i, path, image))
+            if len(groups[size]) >= batch:
+                run(size)
+            elif sum(map(len, groups.values())) >= batch:
+                run(min(groups, key=lambda s: groups[s][0][0]))
+        yield from ready()
+    while groups:
+        run(min(groups, key=lambda s: groups[s][0][0]))
+        yield from ready()
+
+
 def classify_files(
     engine,
     files: Sequence[Path],
@@ -97,45 +148,18 @@ def classify_files(
 ) -> Iterator[Classified]:
     """Classify `files` with `engine` (its mean/std must be the transform's); one result per file, in order.
 
-    Images of one size are batched up to `batch`; when `batch` images are waiting in all, the size
-    group holding the oldest is run, so results keep flowing when sizes vary (no crop). With a CUDA
-    engine the resize and crop run on the GPU (decoded uint8 images are copied there), keeping the
-    CPU threads for JPEG decoding, the usual bottleneck in front of a fast GPU.
+    Batched by size as `batched` says. With a CUDA engine the resize and crop run on the GPU (decoded
+    uint8 images are copied there), keeping the CPU threads for JPEG decoding, the usual bottleneck in
+    front of a fast GPU.
     """
-    device = engine.device if engine.device.type == "cuda" else None
     if batch < 1 or topk < 1:
         raise ConfigError(f"batch and topk must be at least 1, got {batch} and {topk}")
-    prefetch = 2 * batch if prefetch is None else prefetch
-    groups: dict[tuple[int, int], list[tuple[int, Path, torch.Tensor]]] = {}
-    done: dict[int, Classified] = {}
-    next_out = 0
-
-    def run(size: tuple[int, int]) -> None:
-        group = groups.pop(size)
-        images = torch.stack([image for _, _, image in group])
-        for (i, path, _), predictions in zip(group, engine.predict(images, topk=topk)):
-            done[i] = Classified(path, predictions)
-
-    def ready() -> Iterator[Classified]:
-        nonlocal next_out
-        while next_out in done:
-            yield done.pop(next_out)
-            next_out += 1
-
-    for i, path, image in preprocessed(files, transform, workers=workers, prefetch=prefetch, device=device):
-        if isinstance(image, Exception):
-            done[i] = Classified(path, error=str(image))
-        else:
-            size = tuple(image.shape[-2:])
-            groups.setdefault(size, []).append((i, path, image))
-            if len(groups[size]) >= batch:
-                run(size)
-            elif sum(map(len, groups.values())) >= batch:
-                run(min(groups, key=lambda s: groups[s][0][0]))
-        yield from ready()
-    while groups:
-        run(min(groups, key=lambda s: groups[s][0][0]))
-        yield from ready()
+    run = lambda images: engine.predict(images, topk=topk)
+    device = engine.device if engine.device.type == "cuda" else None
+    for _, path, predictions, error in batched(
+        files, transform, run, batch=batch, workers=workers, prefetch=prefetch, device=device
+    ):
+        yield Classified(path, predictions, error)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,24 +225,16 @@ def summary(ok: int, failed: int, seconds: float) -> str:
     )
 
 
-def classify_command(args) -> int:
-    """`fastres classify` after argument parsing (fastres.cli): exit status 0, or 1 if a file failed.
-
-    Mistakes a user can fix raise a FastresError, which the CLI prints as one line (exit 2).
-    """
+def load_engine_and_transform(args, meaning: str, **load_options):
+    """The engine and the preprocessing that --model, --weights, --device, --dtype, --backend, --resize,
+    --crop, --mean and --std ask for (`fastres classify` and `fastres embed`). Without weights, a
+    warning that the network's `meaning` (labels, embeddings) means nothing."""
     import fastres
 
     from .api import parse_dtype
     from .checkpoints import is_weight_name
-    from .images import find_images
     from .specs import MODEL_SPECS
 
-    workers = DEFAULT_WORKERS if args.workers is None else args.workers
-    if args.topk < 1 or args.batch < 1 or workers < 0:
-        raise ConfigError(
-            f"need --topk >= 1, --batch >= 1, --workers >= 0; got {args.topk}, {args.batch}, {workers}"
-        )
-    files = find_images(args.paths)
     custom = {"resize": args.resize, "crop": args.crop, "mean": args.mean, "std": args.std}
     norm = fastres.transforms(**custom)  # bad options fail here, before the model loads
     with warnings.catch_warnings():  # said once below, without a Python warning's file and line
@@ -231,17 +247,33 @@ def classify_command(args) -> int:
             backend=args.backend,
             mean=norm.mean,
             std=norm.std,
-            labels=args.labels,
-            **({"calibration": args.calibration} if args.calibration else {}),
+            **load_options,
         )
     if args.weights is None and args.model in MODEL_SPECS:
         print(
-            f"fastres: warning: no --weights: {args.model} has random weights, its labels mean nothing; "
+            f"fastres: warning: no --weights: {args.model} has random weights, its {meaning} mean nothing; "
             "pass --weights DEFAULT (torchvision's) or a checkpoint",
             file=sys.stderr,
         )
     weight_name = args.weights if args.weights is not None and is_weight_name(args.weights) else None
-    transform = fastres.transforms(weight_name, model=engine.architecture.spec.name, **custom)
+    return engine, fastres.transforms(weight_name, model=engine.architecture.spec.name, **custom)
+
+
+def classify_command(args) -> int:
+    """`fastres classify` after argument parsing (fastres.cli): exit status 0, or 1 if a file failed.
+
+    Mistakes a user can fix raise a FastresError, which the CLI prints as one line (exit 2).
+    """
+    from .images import find_images
+
+    workers = DEFAULT_WORKERS if args.workers is None else args.workers
+    if args.topk < 1 or args.batch < 1 or workers < 0:
+        raise ConfigError(
+            f"need --topk >= 1, --batch >= 1, --workers >= 0; got {args.topk}, {args.batch}, {workers}"
+        )
+    files = find_images(args.paths)
+    calibration = {"calibration": args.calibration} if args.calibration else {}
+    engine, transform = load_engine_and_transform(args, "labels", labels=args.labels, **calibration)
     print(f"fastres: {engine!r}; {len(files)} files; preprocessing: {transform}", file=sys.stderr)
     ok, failed, seconds = run_classify(
         engine,

@@ -9,19 +9,21 @@ call cannot overwrite an earlier result. A runner is used by one thread at a tim
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backends import Backend
+from .backends import Backend, create_backend
 from .checkpoints import Architecture
 from .errors import ConfigError, InputError
 from .graph import execute, normalize
 from .labels import load_labels
 from .numerics import relative_error
-from .planner import Plan
+from .planner import Plan, select_outputs
 from .reference import build_resnet
 from .runner import Runner, RunnerCache
 
@@ -127,7 +129,12 @@ class CheckResult:
 
 
 class Engine:
-    """Runs a planned ResNet. Call it with N x 3 x H x W images; get float32 logits N x classes."""
+    """Runs a planned ResNet. Call it with N x 3 x H x W images; get float32 logits N x classes.
+
+    A plan cut by `planner.select_outputs` returns features instead: a dict name -> tensor (conv
+    features N x C x H x W channels-last in the engine dtype, "pool" float32 N x C), or with
+    embedding=True (fastres.load(..., num_classes=0)) the pooled N x C tensor itself.
+    """
 
     def __init__(
         self,
@@ -140,9 +147,13 @@ class Engine:
         max_batch: int = 256,
         max_cached_shapes: int = 8,
         labels=None,
+        embedding: bool = False,
     ):
         if max_batch < 1 or max_cached_shapes < 1:
             raise ConfigError("max_batch and max_cached_shapes must be at least 1")
+        if embedding and list(plan.outputs or ()) != ["pool"]:
+            raise ConfigError("embedding=True needs a plan whose only output is 'pool'")
+        self.embedding = embedding
         self.plan, self.backend, self.architecture = plan, backend, architecture
         self.device, self.dtype = backend.device, backend.dtype
         self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
@@ -154,10 +165,24 @@ class Engine:
         self.mean, self.std = plan.mean, plan.std
         # Keyed by (shape, dtype, stride): kernels read the input by its strides.
         self._runners = RunnerCache(max_cached_shapes, lambda x: Runner(self.backend, x, self.cuda_graphs))
+        self._embedder: Engine | None = self if embedding else None
+        self._embedder_lock = threading.Lock()
 
     @property
     def num_classes(self) -> int:
-        return self.architecture.num_classes
+        """The classifier's size; 0 for an engine that returns features or embeddings (timm's convention)."""
+        return self.architecture.num_classes if self.plan.outputs is None else 0
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """What a call returns: ("logits",), ("pool",) for an embedder, else the feature names (a dict)."""
+        return ("logits",) if self.plan.outputs is None else tuple(self.plan.outputs)
+
+    def output_shapes(
+        self, batch: int = 1, height: int = 224, width: int = 224
+    ) -> dict[str, tuple[int, ...]]:
+        """Each output's shape for this input size (conv features N x C x H x W)."""
+        return self.plan.output_shapes(batch, height, width)
 
     @property
     def backend_name(self) -> str:
@@ -165,13 +190,17 @@ class Engine:
 
     def __repr__(self) -> str:
         dtype = str(self.dtype).replace("torch.", "")
+        spec = self.architecture.spec  # a backbone's fc (perhaps a placeholder) never runs: no classes
+        network = (
+            self.architecture.describe() if self.plan.outputs is None else f"{spec.name} ({spec.describe()})"
+        )
         return (
-            f"Engine({self.architecture.describe()}, backend={self.backend.name}, device={self.device}, "
-            f"dtype={dtype}, cuda_graphs={self.cuda_graphs})"
+            f"Engine({network}, backend={self.backend.name}, device={self.device}, "
+            f"dtype={dtype}, cuda_graphs={self.cuda_graphs}, outputs={'+'.join(self.outputs)})"
         )
 
-    def __call__(self, x: Tensor, layout: str | None = None) -> Tensor:
-        """Float32 logits N x num_classes.
+    def __call__(self, x: Tensor, layout: str | None = None) -> Tensor | dict[str, Tensor]:
+        """Float32 logits N x num_classes (a backbone: its features dict, an embedder: N x C pooled).
 
         x: normalised float images N x 3 x H x W, or uint8 pixels N x 3 x H x W or N x H x W x 3
         (normalised with this engine's mean/std inside its first layer). `layout` ('NCHW' or 'NHWC')
@@ -179,13 +208,63 @@ class Engine:
         """
         x = as_nchw(x, layout)
         if x.shape[0] == 0:  # documented: an empty batch gives an empty result
-            return torch.empty(0, self.num_classes, device=self.device, dtype=torch.float32)
-        # uint8 stays uint8 (4x less to move; the first layer reads it), float takes the engine dtype.
-        float_dtype = self.backend.input_float_dtype or self.dtype
-        x = x.to(self.device) if x.dtype == torch.uint8 else x.to(device=self.device, dtype=float_dtype)
-        x = _canonical_layout(x)
-        outputs = [self._run_chunk(chunk) for chunk in x.split(self.max_batch)]
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+            out = self._empty(x.shape[2], x.shape[3])
+        else:
+            # uint8 stays uint8 (4x less to move; the first layer reads it), float takes the engine dtype.
+            float_dtype = self.backend.input_float_dtype or self.dtype
+            x = x.to(self.device) if x.dtype == torch.uint8 else x.to(device=self.device, dtype=float_dtype)
+            x = _canonical_layout(x)
+            chunks = [self._run_chunk(chunk) for chunk in x.split(self.max_batch)]
+            out = chunks[0]
+            if len(chunks) > 1:  # torch.cat keeps channels-last
+                out = (
+                    {k: torch.cat([c[k] for c in chunks]) for k in out}
+                    if isinstance(out, dict)
+                    else torch.cat(chunks)
+                )
+        return out["pool"] if self.embedding else out
+
+    def _empty(self, height: int, width: int) -> Tensor | dict[str, Tensor]:
+        shapes = self.plan.output_shapes(0, height, width)
+        if self.plan.outputs is None:
+            return torch.empty(shapes["logits"], device=self.device, dtype=torch.float32)
+        return {
+            name: torch.empty(shape, device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
+            if len(shape) == 4
+            else torch.empty(shape, device=self.device, dtype=torch.float32)
+            for name, shape in shapes.items()
+        }
+
+    def embed(self, x: Tensor, normalize: bool = False, layout: str | None = None) -> Tensor:
+        """Float32 N x C pooled features (global average pool, no fc) from any engine: one with an fc
+        runs its plan up to the pool. normalize=True scales each row to unit L2 norm (F.normalize)."""
+        out = self._embedding_engine()(x, layout)
+        # A torch op after the pool kernel, not a fused epilogue: one pass over N x C floats.
+        return F.normalize(out, dim=1) if normalize else out
+
+    def _embedding_engine(self) -> Engine:
+        """This engine when it is an embedder, else one beside it sharing the packed weights (built once)."""
+        with self._embedder_lock:
+            if self._embedder is None:
+                plan = select_outputs(self.backend.packed_plan, ("pool",))
+                if self.backend.runs_cut_plans:
+                    backend = self.backend.for_plan(plan)
+                else:  # it compiled the whole plan (OpenVINO): the torch backend packs its own weights once
+                    dtype = self.dtype if self.dtype.is_floating_point else torch.float32  # int8: fp32
+                    backend = create_backend("torch", self.backend.packed_plan, self.device, dtype)
+                    backend = backend.for_plan(plan)
+                self._embedder = Engine(
+                    plan,
+                    backend,
+                    self.architecture,
+                    self._state_dict,
+                    cuda_graphs=self.cuda_graphs,
+                    max_batch=self.max_batch,
+                    max_cached_shapes=self.max_cached_shapes,
+                    labels=self.labels,
+                    embedding=True,
+                )
+            return self._embedder
 
     def _run_chunk(self, x: Tensor) -> Tensor:
         runner = self._runners.get((tuple(x.shape), x.dtype, x.stride()), x)
@@ -198,6 +277,7 @@ class Engine:
         """Per image, its `topk` most probable classes (best first) with softmax probabilities and names."""
         if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
             raise ConfigError(f"topk must be a positive integer, got {topk!r}")
+        self._require_logits("predict")
         probs = self(x, layout).float().softmax(dim=1)
         top = probs.topk(min(topk, self.num_classes), dim=1)
         values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
@@ -239,6 +319,13 @@ class Engine:
             raise ConfigError(f"save_calibration: the {self.backend.name} backend has no int8 calibration")
         save(path)
 
+    def _require_logits(self, what: str) -> None:
+        if self.plan.outputs is not None:
+            raise ConfigError(
+                f"{what}() needs logits; this engine returns {', '.join(self.outputs)} "
+                "(load without features= / num_classes=0 for a classifier)"
+            )
+
     def reference(self) -> nn.Module:
         """The unfolded PyTorch reference network with this engine's weights (float32, eval mode)."""
         model = build_resnet(self.architecture.spec, self.num_classes, self._state_dict)
@@ -254,6 +341,7 @@ class Engine:
 
         uint8 input: the reference (and eager PyTorch) get the float64 normalised images.
         """
+        self._require_logits("check")
         x = as_nchw(x, layout)
         if x.shape[0] == 0:
             raise InputError("check() needs at least one image")

@@ -16,6 +16,7 @@ from .specs import STAGE_PLANES, STEM_CHANNELS, ResNetSpec
 
 INPUT = "input"
 LOGITS = "logits"
+POOLED = "pooled"  # the globally pooled N x C features (an embedding), when the plan ends before the fc
 
 
 @dataclass
@@ -120,6 +121,13 @@ class HeadOp(Op):
     kind = "head"
 
 
+@dataclass
+class GlobalPoolOp(Op):
+    """Global average pool to float32 N x C: the plan's last op when it returns embeddings, not logits."""
+
+    kind = "globalpool"
+
+
 def build_eager_graph(spec: ResNetSpec, state_dict: dict[str, Tensor]) -> list[Op]:
     """The ops eager PyTorch runs for this network, in an order where each value precedes its use.
 
@@ -195,7 +203,7 @@ def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
 
 
 def infer_shapes(ops: list[Op], batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
-    """Shape of every value, NCHW (logits: N x classes), for one input size."""
+    """Shape of every value, NCHW (logits: N x classes, pooled: N x C), for one input size."""
     shapes: dict[str, tuple[int, ...]] = {INPUT: (batch, 3, height, width)}
     for op in ops:
         n, c, h, w = shapes[op.inputs[0]]
@@ -216,6 +224,8 @@ def infer_shapes(ops: list[Op], batch: int, height: int, width: int) -> dict[str
             )
         elif isinstance(op, AvgPoolOp):
             shape = (n, c, 1, 1)
+        elif isinstance(op, GlobalPoolOp):
+            shape = (n, c)
         elif isinstance(op, (LinearOp, HeadOp)):
             shape = (n, op.weight.shape[0])
         else:  # elementwise
@@ -306,6 +316,8 @@ def execute(ops: list[Op], x: Tensor, observer=None) -> Tensor:
             y = F.linear(a.flatten(1), cast(op.weight), cast(op.bias))
         elif isinstance(op, HeadOp):
             y = F.linear(a.mean(dim=(2, 3)), cast(op.weight), cast(op.bias))
+        elif isinstance(op, GlobalPoolOp):
+            y = a.mean(dim=(2, 3))
         else:
             raise TypeError(f"cannot execute op kind {op.kind!r}")
         values[op.output] = y

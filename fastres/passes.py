@@ -247,11 +247,12 @@ def fold_normalization(stem: ConvOp, mean, std) -> ConvOp:
     )
 
 
-def assign_buffers(ops: list[Op]) -> dict[str, int]:
+def assign_buffers(ops: list[Op], outputs=(LOGITS,)) -> dict[str, int]:
     """Give every intermediate value a buffer slot; a slot is reused once its value is dead.
 
     An op never writes into a slot it reads from, so kernels need not support aliasing.
-    The network input and the logits get no slot: the caller owns both.
+    The network input and the `outputs` (logits, or the requested features) get no slot: the caller
+    owns them, so no later op may overwrite them (a backend gives each its own tensor).
     """
     last_use: dict[str, int] = {}
     for i, op in enumerate(ops):
@@ -262,7 +263,7 @@ def assign_buffers(ops: list[Op]) -> dict[str, int]:
     live: dict[str, int] = {}
     next_slot = 0
     for i, op in enumerate(ops):
-        if op.output != LOGITS:
+        if op.output not in outputs:
             if free:
                 slot = free.pop(0)
             else:

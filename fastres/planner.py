@@ -10,19 +10,23 @@ fuse_shortcuts=False drops fuse_shortcut (e.g. to benchmark each conv alone).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
 from .graph import (
     INPUT,
     LOGITS,
+    POOLED,
     AddOp,
     AvgPoolOp,
     BatchNormOp,
     ConvOp,
+    GlobalPoolOp,
     HeadOp,
     LinearOp,
     MaxPoolOp,
@@ -91,6 +95,8 @@ def op_cost(op: Op, shapes: dict[str, tuple[int, ...]], elem: int) -> OpCost:
         n, c = shapes[op.output][0], op.weight.shape[1]
         pool = numel(op.inputs[0]) if isinstance(op, HeadOp) else 0
         return OpCost(2 * n * c * op.weight.shape[0] + pool, reads + op.weight.numel() * elem, out * 4)
+    if isinstance(op, GlobalPoolOp):
+        return OpCost(numel(op.inputs[0]), reads, out * 4)
     if isinstance(op, BatchNormOp):
         return OpCost(2 * out, reads, out * elem)
     if isinstance(op, MaxPoolOp):
@@ -113,6 +119,16 @@ class Plan:
     uint8_stem: ConvOp | None = field(repr=False, default=None)
     # The engine's compute dtype: what printing the plan reports and sizes its byte columns by.
     dtype: torch.dtype = torch.float16
+    # None: the plan ends with the head and returns logits. Else feature name -> the value it returns
+    # (see select_outputs): the ops stop at the last of them and none of them gets a reused slot.
+    outputs: dict[str, str] | None = None
+
+    def output_shapes(self, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+        """Each output's shape (NCHW for conv features, N x C pooled, N x classes logits)."""
+        shapes = self.shapes(batch, height, width)
+        if self.outputs is None:
+            return {LOGITS: shapes[LOGITS]}
+        return {name: shapes[value] for name, value in self.outputs.items()}
 
     def ops_for(self, input_dtype: torch.dtype) -> list[Op]:
         """The op list that runs an input of this dtype (uint8 pixels swap in the uint8 stem)."""
@@ -122,7 +138,7 @@ class Plan:
 
     @property
     def num_slots(self) -> int:
-        return max(self.slots.values()) + 1
+        return max(self.slots.values(), default=-1) + 1  # a plan cut after the stem has no slot
 
     def shapes(self, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
         return infer_shapes(self.ops, batch, height, width)
@@ -194,8 +210,11 @@ class Plan:
             str(c).ljust(w) if i < 4 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))
         )
         dtype_name = str(dtype).replace("torch.", "")
+        what = (
+            f"{self.num_classes} classes" if self.outputs is None else "features " + ", ".join(self.outputs)
+        )
         out = [
-            f"{self.spec.name} ({self.spec.describe()}, {self.num_classes} classes): "
+            f"{self.spec.name} ({self.spec.describe()}, {what}): "
             f"{len(self.ops)} fused ops for input {batch}x3x{height}x{width} {dtype_name}",
             line(header),
             line(tuple("-" * w for w in widths)),
@@ -214,6 +233,12 @@ class Plan:
             f"({traffic_e / traffic_f:.2f}x less); "
             f"peak activations {peak_mb:.1f} MB "
             f"in {self.num_slots} reusable buffers",
+            "outputs: "
+            + ", ".join(
+                f"{name} {_fmt_shape(shape)}{'' if len(shape) == 4 else ' float32'}"
+                for name, shape in self.output_shapes(batch, height, width).items()
+            )
+            + (" (conv features: NHWC memory)" if self.outputs and self.outputs.keys() - {"pool"} else ""),
         ]
         return "\n".join(out)
 
@@ -264,4 +289,67 @@ def plan_resnet(
         std=std,
         uint8_stem=fold_normalization(ops[0], mean, std),
         dtype=dtype,
+    )
+
+
+# What a backbone can return, shallowest first: the stem's ReLU (before the max-pool), each stage's
+# last block, the globally pooled features. timm's out_indices number the first five (0 = stem).
+FEATURE_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4", "pool")
+OUT_INDICES = dict(enumerate(FEATURE_NAMES[:5]))
+
+
+def resolve_features(features=None, out_indices=None) -> tuple[str, ...] | None:
+    """The requested feature names, shallowest first and once each; None when neither is given."""
+    if features is None and out_indices is None:
+        return None
+    if features is not None and out_indices is not None:
+        raise ConfigError("pass features= or out_indices=, not both")
+    if out_indices is not None:
+        indices = (out_indices,) if isinstance(out_indices, int) else tuple(out_indices)
+        bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or i not in OUT_INDICES]
+        if bad:
+            valid = ", ".join(f"{i}={name}" for i, name in OUT_INDICES.items())
+            raise ConfigError(f"unknown out_indices {bad}; valid: {valid}")
+        names = [OUT_INDICES[i] for i in indices]
+    else:
+        names = [features] if isinstance(features, str) else list(features)
+        bad = [n for n in names if n not in FEATURE_NAMES]
+        if bad:
+            raise ConfigError(f"unknown features {bad}; valid names: {', '.join(FEATURE_NAMES)}")
+    if not names:
+        raise ConfigError(f"no features requested; choose from {', '.join(FEATURE_NAMES)}")
+    return tuple(n for n in FEATURE_NAMES if n in names)
+
+
+def _feature_end(ops: list[Op], name: str) -> int:
+    """Index of the op producing feature `name` in a fused or eager op list (pool: the head/avgpool)."""
+    if name == "stem":  # fused: the stem conv carries its ReLU; eager: the ReLU op itself
+        return next(i for i, op in enumerate(ops) if op.name == "relu" or isinstance(op, ConvOp) and op.relu)
+    if name == "pool":
+        return next(i for i, op in enumerate(ops) if isinstance(op, (HeadOp, AvgPoolOp, GlobalPoolOp)))
+    return max(i for i, op in enumerate(ops) if op.name.startswith(f"{name}."))
+
+
+def select_outputs(plan: Plan, names) -> Plan:
+    """The plan cut after its last requested feature, returning `names` (see FEATURE_NAMES).
+
+    Ops past the last output are dropped, so they never run; "pool" replaces the head by a global
+    average pool (no fc). The outputs get no buffer slot, so no later op can overwrite one.
+    """
+    if plan.outputs is not None:
+        raise ValueError("select_outputs cuts a whole plan (one ending with the head), not a cut one")
+    names = resolve_features(names)
+    ops = plan.ops
+    end = max(_feature_end(ops, n) for n in names)
+    ops = list(ops[: end + 1])
+    if "pool" in names and not isinstance(ops[-1], GlobalPoolOp):
+        ops[-1] = GlobalPoolOp("pool", [ops[-1].inputs[0]], POOLED)
+    outputs = {n: POOLED if n == "pool" else ops[_feature_end(ops, n)].output for n in names}
+    eager_end = max(_feature_end(plan.eager_ops, n) for n in names) if plan.eager_ops else -1
+    return dataclasses.replace(
+        plan,
+        ops=ops,
+        slots=assign_buffers(ops, outputs=tuple(outputs.values())),
+        eager_ops=list(plan.eager_ops[: eager_end + 1]),
+        outputs=outputs,
     )

@@ -34,7 +34,7 @@ class Replayable(Protocol):
 
 
 # capture(forward, stream) -> (graph, static output): records forward() once for later replays.
-Capture = Callable[[Callable[[], Tensor], "torch.cuda.Stream | None"], tuple[Replayable, Tensor]]
+Capture = Callable[[Callable[[], Any], "torch.cuda.Stream | None"], tuple[Replayable, Any]]
 
 
 def cuda_graph_capture(forward: Callable[[], Tensor], stream) -> tuple[Replayable, Tensor]:
@@ -107,17 +107,23 @@ class Runner:
                         out = self.static_output
                     else:
                         out = self.backend.run(x, self.workspace)
-                # A fresh tensor in the caller's mode, never a view of static buffers. Cloned on our
-                # stream, so the next replay (after whichever caller) cannot overwrite it first.
-                if out is getattr(self, "static_output", None) or _may_alias(out, self.workspace):
-                    out = out.clone()
-                elif out.is_inference() and not torch.is_inference_mode_enabled():
-                    out = out.clone()
+                # Fresh tensors in the caller's mode, never views of static buffers. Cloned on our
+                # stream, so the next replay (after whichever caller) cannot overwrite them first.
+                static = out is getattr(self, "static_output", None)
+                out = _map(out, lambda t: self._fresh(t, static))
         if self.stream is not None:
-            out.record_stream(torch.cuda.current_stream(self.device))  # used on the caller's stream now
+            for t in _tensors(out):  # used on the caller's stream now
+                t.record_stream(torch.cuda.current_stream(self.device))
             if self.released:  # evicted while a thread still held it: drain before its memory goes
                 self.stream.synchronize()
         return out
+
+    def _fresh(self, t: Tensor, static: bool) -> Tensor:
+        if static or _may_alias(t, self.workspace):
+            return t.clone()  # preserve_format: channels-last features stay channels-last
+        if t.is_inference() and not torch.is_inference_mode_enabled():
+            return t.clone()
+        return t
 
     def release(self) -> None:
         """Called on eviction: wait for a call in progress and for the stream's queued work, so the
@@ -126,6 +132,15 @@ class Runner:
             if self.stream is not None:
                 self.stream.synchronize()
             self.released = True
+
+
+def _tensors(out: Tensor | dict[str, Tensor]) -> list[Tensor]:
+    """A backend returns logits (one tensor) or, for a plan with outputs, a dict name -> tensor."""
+    return list(out.values()) if isinstance(out, dict) else [out]
+
+
+def _map(out: Tensor | dict[str, Tensor], fn: Callable[[Tensor], Tensor]) -> Tensor | dict[str, Tensor]:
+    return {name: fn(t) for name, t in out.items()} if isinstance(out, dict) else fn(out)
 
 
 def _may_alias(out: Tensor, workspace: Any) -> bool:

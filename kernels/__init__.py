@@ -2,7 +2,7 @@
 
 from .aot import KernelSpec, KernelStats, compile_spec
 from .conv import CONV_CONFIGS, ConvConfig, ConvLayer, conv_out_shape
-from .head import HeadLayer
+from .head import HeadLayer, global_avg_pool_nhwc
 from .pool import max_pool2d_nhwc, max_pool_aot_specs, pool_output_shape
 from .stem import STEM_CONFIGS, StemConfig, StemLayer
 
@@ -18,6 +18,7 @@ __all__ = [
     "StemLayer",
     "compile_spec",
     "conv_out_shape",
+    "global_avg_pool_nhwc",
     "max_pool2d_nhwc",
     "max_pool_aot_specs",
     "pool_output_shape",

@@ -40,7 +40,6 @@ from .launch import SUPPORTED_DTYPES, LaunchConfig, check_int32_indexing, check_
 CLASS_PAD = 64
 
 
-
 @dataclass(frozen=True)
 class HeadPoolConfig(LaunchConfig):
     block_p: int
@@ -372,3 +371,25 @@ class HeadLayer:
             )
         return specs
 
+
+def global_avg_pool_nhwc(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 (N, C) means of a contiguous NHWC (N, H, W, C) tensor: the head's pooling launch on its own,
+    for a plan that returns pooled features (an embedding) instead of logits."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_contiguous():
+        raise ValueError(
+            f"global_avg_pool_nhwc: expected a contiguous NHWC tensor, got {getattr(x, 'shape', x)}"
+        )
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"global_avg_pool_nhwc: dtype must be one of {SUPPORTED_DTYPES}, got {x.dtype}")
+    check_launchable(x, "global_avg_pool_nhwc")
+    check_int32_indexing(x.numel(), "global_avg_pool_nhwc")
+    n, h, w, c = x.shape
+    if out is None:
+        out = torch.empty(n, c, dtype=torch.float32, device=x.device)
+    elif out.dtype != torch.float32 or tuple(out.shape) != (n, c) or not out.is_contiguous():
+        raise ValueError(f"global_avg_pool_nhwc: out must be a contiguous fp32 ({n}, {c}) tensor")
+    config = POOL_INTERP_CONFIG if interpreting() else POOL_CONFIG
+    _head_pool_kernel[(n, triton.cdiv(c, config.block_c))](
+        x, out, n, h * w, c, BLOCK_P=config.block_p, BLOCK_C=config.block_c, **config.launch_options()
+    )
+    return out

@@ -13,13 +13,33 @@ from .base import Backend, Observer
 
 class ReferenceBackend(Backend):
     name = "reference"
+    runs_cut_plans = True
 
     def __init__(self, plan, device, dtype, *, module: nn.Module):
         super().__init__(plan, device, dtype)
         self.module = module.to(device=self.device, dtype=dtype).eval()
 
-    def run(self, x: Tensor, workspace: Any, observer: Observer | None = None) -> Tensor:
+    def run(self, x: Tensor, workspace: Any, observer: Observer | None = None) -> Tensor | dict[str, Tensor]:
         with torch.inference_mode():
             if x.dtype == torch.uint8:  # unfused on purpose: normalise, then the plain model
                 x = normalize(x, self.plan.mean, self.plan.std).to(self.dtype)
-            return self.module(x).float()
+            if self.plan.outputs is None:
+                return self.module(x).float()
+            return self._features(x, self.plan.outputs)
+
+    def _features(self, x: Tensor, wanted) -> dict[str, Tensor]:
+        """The module's own intermediate outputs (its forward, step by step), up to the last one wanted."""
+        m, found = self.module, {}
+        steps = [("stem", lambda t: m.relu(m.bn1(m.conv1(t))))]
+        steps += [(f"layer{i}", getattr(m, f"layer{i}")) for i in range(1, 5)]
+        steps.append(("pool", lambda t: torch.flatten(m.avgpool(t), 1).float()))
+        for name, step in steps:
+            if name == "layer1":
+                x = m.maxpool(x)
+            x = step(x)
+            if name in wanted:
+                # Channels-last like the other backends' features (a copy here: this path is NCHW).
+                found[name] = x if x.dim() == 2 else x.contiguous(memory_format=torch.channels_last)
+            if len(found) == len(wanted):
+                break
+        return {name: found[name] for name in wanted}

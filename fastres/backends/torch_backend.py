@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..graph import INPUT, ConvOp, HeadOp, MaxPoolOp, pad_with_values
+from ..graph import INPUT, LOGITS, ConvOp, GlobalPoolOp, HeadOp, MaxPoolOp, pad_with_values
 from .base import Backend, Observer
 
 
@@ -59,6 +59,7 @@ def _tf32(allowed: bool):
 
 class TorchBackend(Backend):
     name = "torch"
+    runs_cut_plans = True
 
     def __init__(
         self,
@@ -91,11 +92,23 @@ class TorchBackend(Backend):
         # uint8 pixels: the stem with the normalisation folded in, padded with 255 * mean (exact).
         self.uint8_stem = plan.uint8_stem
         self.uint8_stem_params = self._pack(plan.uint8_stem) if plan.uint8_stem is not None else None
-        # Drop each activation after its last reader, as eager execution would.
-        self.dead_after: list[list[str]] = [[] for _ in plan.ops]
+        self.dead_after = self._dead_after(plan)
+
+    @staticmethod
+    def _dead_after(plan) -> list[list[str]]:
+        """Per op, the activations to drop after it (their last reader), as eager execution would;
+        requested outputs are kept to the end."""
+        dead_after: list[list[str]] = [[] for _ in plan.ops]
         last_reader = {v: i for i, op in enumerate(plan.ops) for v in op.inputs}
         for value, index in last_reader.items():
-            self.dead_after[index].append(value)
+            if value not in (plan.outputs or {}).values():
+                dead_after[index].append(value)
+        return dead_after
+
+    def for_plan(self, plan) -> TorchBackend:
+        backend = super().for_plan(plan)
+        backend.dead_after = self._dead_after(plan)
+        return backend
 
     def _pack(self, op: ConvOp | HeadOp) -> tuple[Tensor, Tensor | None]:
         weight = op.weight.to(device=self.device, dtype=self.dtype)
@@ -161,7 +174,10 @@ class TorchBackend(Backend):
         non_finite = None if pixels else ~torch.isfinite(x).flatten(1).all(dim=1)
         x = x.to(self.dtype) if pixels else x
         values: dict[str, Tensor] = {INPUT: x.contiguous(memory_format=self.memory_format)}
-        with torch.inference_mode(), _tf32(self.allow_tf32):
+        # Outside inference mode, no_grad: the results (fresh per call, no workspace) are then ordinary
+        # tensors the caller may update in place, e.g. features fed to a decoder.
+        no_grad = torch.inference_mode() if torch.is_inference_mode_enabled() else torch.no_grad()
+        with no_grad, _tf32(self.allow_tf32):
             for index, op in enumerate(self.plan.ops):
                 src = values[op.inputs[0]]
                 if index == 0 and pixels:
@@ -178,6 +194,8 @@ class TorchBackend(Backend):
                     weight, bias = self.params[op.name]
                     pooled = src.float().mean(dim=(2, 3))
                     out = F.linear(pooled, weight.float(), None if bias is None else bias.float())
+                elif isinstance(op, GlobalPoolOp):
+                    out = src.float().mean(dim=(2, 3))
                 else:
                     raise TypeError(f"torch backend cannot run op kind {op.kind!r} ({op.name})")
                 values[op.output] = out
@@ -185,6 +203,10 @@ class TorchBackend(Backend):
                     observer(op.name, out)
                 for value in self.dead_after[index]:
                     del values[value]
+            outputs = {LOGITS: LOGITS} if self.plan.outputs is None else self.plan.outputs
+            results = {name: values[value] for name, value in outputs.items()}
             if non_finite is not None:  # masked_fill, not `if any()`: no host sync per call on a GPU
-                out = out.masked_fill(non_finite.to(out.device)[:, None], float("nan"))
-        return out
+                mask = non_finite.to(out.device)
+                for t in results.values():  # in place: fresh tensors of this call; keeps channels-last
+                    t.masked_fill_(mask.view(-1, *[1] * (t.dim() - 1)), float("nan"))
+        return results[LOGITS] if self.plan.outputs is None else results

@@ -12,13 +12,13 @@ nothing and is safe to capture in a CUDA graph.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from ..graph import INPUT, ConvOp, HeadOp, MaxPoolOp
-from ..kernels import ConvLayer, HeadLayer, StemLayer, max_pool2d_nhwc
+from ..graph import INPUT, ConvOp, GlobalPoolOp, HeadOp, MaxPoolOp
+from ..kernels import ConvLayer, HeadLayer, StemLayer, global_avg_pool_nhwc, max_pool2d_nhwc
 from .base import Backend, Observer
 
 
@@ -29,6 +29,10 @@ class TritonWorkspace:
     pooled: Tensor  # the head's fp32 (N, C) scratch: per workspace, so concurrent graphs never share it
     split_scratch: tuple[Tensor, Tensor]  # split-K fp32 partials and int32 counters, shared by all convs
     buffers: list[Tensor]
+    # A plan with outputs: value -> (shape as stored (NHWC, or N x C), dtype). They have no slot: run()
+    # allocates each per call, so a result is never a reused buffer (in a CUDA graph, a static one the
+    # runner clones).
+    outputs: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)
 
 
 def _stem_layer(op: ConvOp, device, dtype, allow_tf32: bool) -> StemLayer:
@@ -46,6 +50,7 @@ def _stem_layer(op: ConvOp, device, dtype, allow_tf32: bool) -> StemLayer:
 
 class TritonBackend(Backend):
     name = "triton"
+    runs_cut_plans = True
 
     def __init__(self, plan, device, dtype, *, allow_tf32: bool = False):
         super().__init__(plan, device, dtype)
@@ -112,15 +117,23 @@ class TritonBackend(Backend):
             for op in self.plan.ops[1:]
             if isinstance(op, ConvOp)
         ]
-        split_scratch = (
-            torch.empty(max(p for p, _ in sizes), device=self.device, dtype=torch.float32),
-            torch.zeros(max(c for _, c in sizes), device=self.device, dtype=torch.int32),
+        split_scratch = (  # default 1: a plan cut after the stem has no other conv
+            torch.empty(max((p for p, _ in sizes), default=1), device=self.device, dtype=torch.float32),
+            torch.zeros(max((c for _, c in sizes), default=1), device=self.device, dtype=torch.int32),
         )
         buffers = [*buffers, logits, pooled, *split_scratch]
-        return TritonWorkspace(values, logits, pooled, split_scratch, buffers)
+        outputs = {
+            value: (nhwc(value), self.dtype) if len(shapes[value]) == 4 else (shapes[value], torch.float32)
+            for value in (self.plan.outputs or {}).values()
+        }
+        return TritonWorkspace(values, logits, pooled, split_scratch, buffers, outputs)
 
     def run(self, x: Tensor, workspace: TritonWorkspace, observer: Observer | None = None) -> Tensor:
         values = workspace.values
+        if workspace.outputs:
+            values = dict(values)
+            for value, (shape, dtype) in workspace.outputs.items():
+                values[value] = torch.empty(shape, device=self.device, dtype=dtype)
         stem_op = self.plan.ops[0]
         if x.dtype == torch.uint8:
             if self.uint8_stem is None:
@@ -147,11 +160,17 @@ class TritonBackend(Backend):
                 )
             elif isinstance(op, HeadOp):
                 out = self.layers[op.name](src, out=workspace.logits, pooled=workspace.pooled)
+            elif isinstance(op, GlobalPoolOp):
+                out = global_avg_pool_nhwc(src, out=values[op.output])
             else:
                 raise TypeError(f"triton backend cannot run op kind {op.kind!r} ({op.name})")
             if observer is not None:
                 observer(op.name, out.permute(0, 3, 1, 2) if out.dim() == 4 else out)
-        return out
+        if self.plan.outputs is None:
+            return out
+        # NHWC memory as a logical NCHW (channels-last) tensor: the buffer itself, no copy.
+        nchw = lambda t: t.permute(0, 3, 1, 2) if t.dim() == 4 else t
+        return {name: nchw(values[value]) for name, value in self.plan.outputs.items()}
 
     def _conv(self, op: ConvOp, src: Tensor, values: dict[str, Tensor], scratch) -> Tensor:
         layer, out = self.layers[op.name], values[op.output]

@@ -1,5 +1,5 @@
 """The `fastres` command line (also `python -m fastres`): bench, info, check, compile-report, classify,
-calibrate, serve.
+calibrate, embed, serve.
 
 Argument parsing only, one module per command (add_parser(subparsers) and run(args)); the work lives
 in fastres.tools (bench, compile_report, estimate), fastres.classify, fastres.serving and the engine.
@@ -19,10 +19,10 @@ import torch
 
 from .. import __version__
 from ..errors import FastresError
-from . import bench, calibrate, check, classify, compile_report, info, serve
+from . import bench, calibrate, check, classify, compile_report, embed, info, serve
 from .args import CliParser, UsageError, examples
 
-COMMANDS = (bench, info, check, compile_report, classify, calibrate, serve)
+COMMANDS = (bench, info, check, compile_report, classify, embed, calibrate, serve)
 
 
 def _version() -> str:
@@ -37,7 +37,7 @@ def build_parser() -> CliParser:
     parser = CliParser(
         prog="fastres",
         description="Torchvision ResNets through fused Triton kernels: benchmark, inspect, check, compile,\n"
-        "classify image files and serve them over HTTP.",
+        "classify or embed image files and serve them over HTTP.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=examples(
             "fastres bench resnet50 --batch 1 8 64 256 --dtype fp16 --compare eager,compile",
@@ -45,6 +45,7 @@ def build_parser() -> CliParser:
             "fastres check resnet50 --weights resnet50.pth",
             "fastres compile-report resnet50 --arch sm_90 --dtype fp16",
             "fastres classify photos/ --weights DEFAULT",
+            "fastres embed photos/ --weights DEFAULT --out embeddings.npy",
             "fastres serve resnet50 --weights DEFAULT",
             "run 'fastres COMMAND --help' for each command's options",
         ),

@@ -70,3 +70,29 @@ def parse_dtype(name: str | None):
     from ..api import parse_dtype as parse
 
     return None if name is None else parse(name)
+
+
+def add_image_file_args(
+    p: argparse.ArgumentParser, dtypes=DTYPES, dtype_help: str = "default fp16 on CUDA, fp32 on the CPU"
+) -> None:
+    """Image files through a model, as `fastres classify` and `fastres embed` take them."""
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders")
+    p.add_argument("--model", default="resnet50", help="model name or checkpoint path (default resnet50)")
+    add_weights(p)
+    add_device(p)
+    p.add_argument("--dtype", choices=dtypes, help=dtype_help)
+    p.add_argument("--backend", choices=BACKENDS, help="fastres backend")
+    p.add_argument("--batch", type=int, default=64, metavar="N", help="images per batch (default 64)")
+    p.add_argument(
+        "--resize", type=int, metavar="PX", help="short side before the crop (default: the weights'; 0: none)"
+    )
+    p.add_argument("--crop", type=int, metavar="PX", help="centre crop size (default: the weights'; 0: none)")
+    p.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="default ImageNet's")
+    p.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="default ImageNet's")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="decoding threads (default min(8, CPUs)); 0 decodes in the main thread, no prefetch",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")

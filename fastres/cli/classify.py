@@ -2,16 +2,7 @@
 
 from __future__ import annotations
 
-from .args import (
-    BACKENDS,
-    ENGINE_DTYPES,
-    UsageError,
-    add_calibration,
-    add_command,
-    add_device,
-    add_weights,
-    examples,
-)
+from .args import ENGINE_DTYPES, UsageError, add_calibration, add_command, add_image_file_args, examples
 
 
 def add_parser(subparsers) -> None:
@@ -31,34 +22,13 @@ def add_parser(subparsers) -> None:
             "fastres classify data/ --model resnet50 --weights best.pt --resize 160 --crop 144",
         ),
     )
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders")
-    p.add_argument("--model", default="resnet50", help="model name or checkpoint path (default resnet50)")
-    add_weights(p)
-    add_device(p)
-    p.add_argument(
-        "--dtype", choices=ENGINE_DTYPES, help="fp16 on CUDA; on the CPU OpenVINO's default, else fp32"
-    )
+    add_image_file_args(p, ENGINE_DTYPES, "fp16 on CUDA; on the CPU OpenVINO's default, else fp32")
     add_calibration(p)
-    p.add_argument("--backend", choices=BACKENDS, help="fastres backend")
     p.add_argument("--topk", type=int, default=5, metavar="K", help="labels per image (default 5)")
-    p.add_argument("--batch", type=int, default=64, metavar="N", help="images per batch (default 64)")
     p.add_argument(
         "--labels", metavar="FILE", help="class names, one per line (default: ImageNet's for 1000 classes)"
     )
-    p.add_argument(
-        "--resize", type=int, metavar="PX", help="short side before the crop (default: the weights'; 0: none)"
-    )
-    p.add_argument("--crop", type=int, metavar="PX", help="centre crop size (default: the weights'; 0: none)")
-    p.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="default ImageNet's")
-    p.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="default ImageNet's")
-    p.add_argument(
-        "--workers",
-        type=int,
-        metavar="N",
-        help="decoding threads (default min(8, CPUs)); 0 decodes in the main thread, no prefetch",
-    )
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
 

@@ -21,17 +21,29 @@ def add_parser(subparsers) -> None:
             "fastres info resnet50",
             "fastres info resnext50_32x4d --batch 64 --dtype bf16",
             "fastres info checkpoints/best.pt   # architecture inferred from the checkpoint",
+            "fastres info resnet50 --features layer1,layer2,layer3,layer4   # a backbone's cut plan",
         ),
     )
     add_model_args(p, "element size for the byte counts (default fp16)")
     p.add_argument("--batch", type=int, default=1, metavar="N", help="batch size (default 1)")
-    p.add_argument("--num-classes", type=int, default=1000, metavar="K", help="classifier size for a name")
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=1000,
+        metavar="K",
+        help="classifier size for a name (0: embeddings)",
+    )
+    p.add_argument(
+        "--features",
+        metavar="NAMES",
+        help="comma-separated outputs (stem, layer1..layer4, pool): the cut plan",
+    )
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     from ..checkpoints import resolve_model
-    from ..planner import plan_resnet
+    from ..planner import plan_resnet, select_outputs
     from ..reference import build_resnet
     from ..specs import MODEL_SPECS, get_spec
 
@@ -39,13 +51,17 @@ def run(args) -> int:
         raise ConfigError(
             f"--batch and --image-size must be at least 1, got {args.batch} and {args.image_size}"
         )
+    # num_classes 0 (timm's convention): the pooled features, as fastres.load(..., num_classes=0) gives.
+    features = args.features.split(",") if args.features else ["pool"] if args.num_classes == 0 else None
     if args.model not in MODEL_SPECS and os.path.exists(args.model):
         arch, state_dict = resolve_model(args.model)
         spec, num_classes = arch.spec, arch.num_classes
     else:
-        spec, num_classes = get_spec(args.model), args.num_classes
+        spec, num_classes = get_spec(args.model), args.num_classes or 1000
         with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
             state_dict = build_resnet(spec, num_classes).state_dict()
     plan = plan_resnet(spec, num_classes, state_dict)
+    if features is not None:
+        plan = select_outputs(plan, [name.strip() for name in features])
     print(plan.describe(args.batch, args.image_size, args.image_size, parse_dtype(args.dtype or "fp16")))
     return 0
