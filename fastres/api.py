@@ -101,9 +101,6 @@ def resolve_backend(device=None, backend: str | None = None) -> str:
 def _build_engine(
     arch: Architecture, state_dict, device, dtype, backend, mean, std, labels, engine_options, features=None
 ) -> Engine:
-    if features is not None and backend is None and dtype not in ("int8", torch.int8):
-        if resolve_backend(device) == "openvino":
-            backend = "torch"  # OpenVINO compiles the whole plan at load: it returns logits only
     device, dtype, backend = _resolve_device_dtype_backend(device, dtype, backend)
     plan = plan_resnet(arch.spec, arch.num_classes, state_dict, mean=mean, std=std, dtype=dtype)
     calibration = engine_options.pop("calibration", None)

@@ -249,7 +249,7 @@ class Engine:
                 plan = select_outputs(self.backend.packed_plan, ("pool",))
                 if self.backend.runs_cut_plans:
                     backend = self.backend.for_plan(plan)
-                else:  # it compiled the whole plan (OpenVINO): the torch backend packs its own weights once
+                else:  # int8 OpenVINO quantized the whole plan: the torch backend packs its own weights once
                     dtype = self.dtype if self.dtype.is_floating_point else torch.float32  # int8: fp32
                     backend = create_backend("torch", self.backend.packed_plan, self.device, dtype)
                     backend = backend.for_plan(plan)

@@ -24,6 +24,7 @@ def run_embed(root, *extra):
     from fastres.cli import main
 
     argv = ["embed", str(root / "images"), "--model", "resnet18", "--weights", str(root / "resnet18.pt")]
+    argv += ["--backend", "torch", "--dtype", "fp32"]  # compared with a torch-backend engine
     return main([*argv, "--resize", "40", "--crop", "32", "--batch", "2", "--workers", "2", *extra])
 
 

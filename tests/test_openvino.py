@@ -136,3 +136,30 @@ def test_cli_check_passes_on_openvino_and_says_where_the_layer_report_is(capsys)
     out = capsys.readouterr().out
     assert code == 0, out
     assert "backend=openvino" in out and "PASS" in out and "--backend torch has it" in out
+
+
+def test_features_match_the_module_and_embed_runs_on_openvino():
+    from test_backbone import FEATURE_NAMES, assert_features_match
+
+    model = calibrated("resnet18", 10)
+    engine = ov_engine(model, features=FEATURE_NAMES)
+    assert engine.backend_name == "openvino" and engine.outputs == FEATURE_NAMES
+    assert_features_match(engine, model, random_images(2, 45, 61, seed=21), torch.float32)
+    pixels_in = pixels(2, 37, 29, seed=5)
+    assert_features_match(engine, model, pixels_in, torch.float32)  # uint8, borders included
+    for name, value in engine(pixels_in.permute(0, 2, 3, 1).contiguous()).items():  # and NHWC frames
+        torch.testing.assert_close(value, engine(pixels_in)[name], rtol=0, atol=0)
+    classifier = ov_engine(model)
+    x = random_images(3, 40, 44, seed=22)
+    with torch.inference_mode():
+        reference = model.eval()
+        expected = torch.nn.functional.adaptive_avg_pool2d(
+            torch.nn.Sequential(*list(reference.children())[:-2])(x), 1
+        ).flatten(1)
+    embedded = classifier.embed(x, normalize=True)
+    assert classifier._embedding_engine().backend_name == "openvino"
+    torch.testing.assert_close(embedded, torch.nn.functional.normalize(expected, dim=1), rtol=1e-4, atol=1e-5)
+    nan_input = x.clone()
+    nan_input[1, 0, 0, 0] = float("nan")
+    features = engine(nan_input)
+    assert all(f[1].isnan().all() and not f[0].isnan().any() for f in features.values())

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import BackendUnavailableError, ConfigError
-from ..graph import ConvOp, HeadOp, LinearOp, execute
+from ..graph import LOGITS, ConvOp, HeadOp, LinearOp, execute
 from .base import Backend, Observer
 from .openvino_runtime import (  # noqa: F401  (openvino_available, default_precision: the api's)
     CAPABILITY,
@@ -50,12 +50,19 @@ def precision_config(dtype: torch.dtype) -> dict[str, Any]:
 class PlanModule(nn.Module):
     """The folded plan as a module OpenVINO's converter can trace: float32 parameters, plain torch ops."""
 
-    def __init__(self, ops):
+    def __init__(self, ops, outputs: dict[str, str] | None = None):
         super().__init__()
         self.ops = [_as_float32(op) for op in ops]
+        # A cut plan (features, embeddings) returns its outputs as a tuple, in `outputs` order.
+        self.outputs = None if outputs is None else list(outputs.values())
 
-    def forward(self, x: Tensor) -> Tensor:
-        return execute(self.ops, x)
+    def forward(self, x: Tensor):
+        if self.outputs is None:
+            return execute(self.ops, x)
+        producer = {op.output: op.name for op in self.ops}
+        values: dict[str, Tensor] = {}
+        execute(self.ops, x, observer=values.__setitem__)
+        return tuple(values[producer[value]] for value in self.outputs)
 
 
 def float_model(plan):
@@ -65,7 +72,7 @@ def float_model(plan):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return ov.convert_model(
-            PlanModule(plan.ops),
+            PlanModule(plan.ops, plan.outputs),
             example_input=torch.randn(1, 3, 64, 64),
             input=[ov.PartialShape([-1, 3, -1, -1])],
         )
@@ -123,9 +130,31 @@ class OpenVinoBackend(Backend):
                 lambda: float_model(plan), plan, calibration, save_calibration, model_name, weights_sha256
             )
         else:
-            self.model = float_model(plan)
+            self._model = None  # converted on first use: a features engine never converts the whole plan
         self._compiled: dict[tuple[torch.dtype, str], Any] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # compiled() converts under it, and model re-enters it
+
+    @property
+    def runs_cut_plans(self) -> bool:
+        # A cut of the float plan converts on its own (about a second); int8 would need recalibrating.
+        return self.dtype != torch.int8
+
+    def for_plan(self, plan) -> OpenVinoBackend:
+        """This backend converting `plan`, a cut of its own, to a model of its own (features, embed)."""
+        backend = super().for_plan(plan)
+        backend._model, backend._compiled, backend._lock = None, {}, threading.RLock()
+        return backend
+
+    @property
+    def model(self):
+        with self._lock:
+            if self._model is None:
+                self._model = float_model(self.plan)
+            return self._model
+
+    @model.setter
+    def model(self, model) -> None:
+        self._model = model
 
     def save_calibration(self, path):
         if self.calibration is None:
@@ -155,6 +184,10 @@ class OpenVinoBackend(Backend):
             tensor.set_element_type(ov.Type.u8)
             steps = ppp.input().preprocess().convert_element_type(ov.Type.f32)
             steps.mean([255.0 * m for m in self.plan.mean]).scale([255.0 * s for s in self.plan.std])
+        for index, name in enumerate(self.plan.outputs or ()):
+            if name != "pool":  # conv features come out NHWC: the channels-last memory callers get
+                ppp.output(index).model().set_layout(ov.Layout("NCHW"))
+                ppp.output(index).tensor().set_layout(ov.Layout("NHWC"))
         return ppp.build()
 
     def make_workspace(self, batch: int, height: int, width: int) -> Any:
@@ -181,11 +214,21 @@ class OpenVinoBackend(Backend):
             if workspace is not None:
                 workspace[key] = request
         request.set_input_tensor(ov.Tensor(data.numpy(), shared_memory=True))
-        out = torch.empty(x.shape[0], self.plan.ops[-1].weight.shape[0], dtype=torch.float32)
-        request.set_output_tensor(ov.Tensor(out.numpy(), shared_memory=True))
+        # Fresh outputs OpenVINO writes into; conv features as NHWC storage seen as N x C x H x W.
+        results: dict[str, Tensor] = {}
+        for index, (name, shape) in enumerate(
+            self.plan.output_shapes(x.shape[0], x.shape[2], x.shape[3]).items()
+        ):
+            if len(shape) == 4:
+                storage = torch.empty(shape[0], shape[2], shape[3], shape[1], dtype=torch.float32)
+                results[name] = storage.permute(0, 3, 1, 2)
+            else:
+                storage = results[name] = torch.empty(shape, dtype=torch.float32)
+            request.set_output_tensor(index, ov.Tensor(storage.numpy(), shared_memory=True))
         request.infer()
         if data.dtype != torch.uint8:
             # OpenVINO's fused ReLUs and max-pools turn NaN into numbers; eager gives that image NaN.
             non_finite = ~torch.isfinite(data).flatten(1).all(dim=1)
-            out.masked_fill_(non_finite[:, None], float("nan"))
-        return out
+            for out in results.values():
+                out.masked_fill_(non_finite.view(-1, *[1] * (out.dim() - 1)), float("nan"))
+        return results[LOGITS] if self.plan.outputs is None else results
