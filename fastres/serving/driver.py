@@ -48,7 +48,10 @@ class Server:
     name: str
     owns_serve: bool  # Serve was not running before start()
     connected_ray: bool  # start() called ray.init: it started a local instance or joined a cluster
-    controller_pid: int | None = None  # Serve's controller, when it runs on this machine for this server
+    # The local Ray processes (GCS, raylet, monitors) and Serve's controller, when start() started them
+    # on this machine: shutdown() watches them for a signal that reached them too.
+    ray_pids: tuple[int, ...] = ()
+    controller_pid: int | None = None
 
     def shutdown(self, timeout_s: float = SERVE_SHUTDOWN_TIMEOUT_S, settle_s: float = 0.0) -> None:
         """timeout_s bounds Serve's graceful shutdown (its own default is 30 s); settle_s is how long to
@@ -58,7 +61,7 @@ class Server:
 
         try:
             if self.owns_serve:
-                if _local_ray_intact(ray, self.controller_pid, settle_s):
+                if _local_ray_intact((*self.ray_pids, self.controller_pid), settle_s):
                     _shutdown_serve(timeout_s)  # the HTTP proxy goes too: the port is free again
                 # else Ray's processes got the signal too: no controller will answer a graceful
                 # shutdown, and ray.shutdown below stops what is left of them (the proxy included).
@@ -70,15 +73,14 @@ class Server:
                 ray.shutdown()
 
 
-def _local_ray_intact(ray, controller_pid: int | None, settle_s: float) -> bool:
-    """False once Serve's controller or a Ray process this driver started (GCS, raylet) has exited.
-    Under systemd or Kubernetes SIGTERM reaches the whole process group, so Ray's processes stop
-    beside this one; a graceful Serve shutdown through them would wait out its timeout. Watched for
-    `settle_s`, since they exit a moment after the signal."""
-    node = getattr(ray._private.worker, "_global_node", None)
+def _local_ray_intact(pids: tuple, settle_s: float) -> bool:
+    """False once one of `pids` (Ray processes this driver started, Serve's controller) has exited.
+    Under systemd or Kubernetes SIGTERM reaches the whole process group: Ray's monitors and agents
+    stop beside this one (GCS and raylet do not), and a graceful Serve shutdown then waits out its
+    timeout. Watched for `settle_s`, since they exit a moment after the signal."""
     deadline = time.monotonic() + settle_s
     while True:
-        if (node is not None and node.dead_processes()) or not _running(controller_pid):
+        if not all(_running(pid) for pid in pids):
             return False
         if time.monotonic() >= deadline:
             return True
@@ -144,6 +146,8 @@ def start(
         else:
             ray.init(address=address)
     owns_serve = False
+    # Ray's helper processes (monitors, dashboard) exit on a SIGTERM to the group; GCS and raylet don't.
+    ray_pids = _local_ray_pids(ray) if connected_ray and address is None else ()
     try:
         if _after_ray_init is not None:
             _after_ray_init()
@@ -181,14 +185,14 @@ def start(
         except RuntimeError as exc:
             raise BackendUnavailableError(f"{exc} (the replicas' errors are in the log above)") from None
         loopback = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-        server = Server(f"http://{loopback}:{port}", config.model_name, owns_serve, connected_ray)
+        server = Server(f"http://{loopback}:{port}", config.model_name, owns_serve, connected_ray, ray_pids)
         if owns_serve and address is None:  # a local controller: shutdown() can see whether it died
             server.controller_pid = _controller_pid(ray)
         _wait_ready(server.url + "/v2/health/ready", ready_timeout_s)
         return server
     except BaseException as exc:  # a signal (KeyboardInterrupt) may have reached Ray's processes too
         settle_s = 1.0 if isinstance(exc, KeyboardInterrupt) else 0.0
-        Server("", config.model_name, owns_serve, connected_ray).shutdown(settle_s=settle_s)
+        Server("", config.model_name, owns_serve, connected_ray, ray_pids).shutdown(settle_s=settle_s)
         raise
 
 
@@ -276,6 +280,11 @@ def _import_ray_serve():
 def _even_cpu_share(ray, replicas: int) -> float:
     nodes = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]]
     return max(1, min(max(nodes), sum(nodes) // replicas))
+
+
+def _local_ray_pids(ray) -> tuple[int, ...]:
+    node = getattr(ray._private.worker, "_global_node", None)
+    return tuple(process.pid for _, process in node.live_processes()) if node is not None else ()
 
 
 def _controller_pid(ray) -> int | None:
