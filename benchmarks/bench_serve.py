@@ -11,7 +11,9 @@ Reported per setting: answered requests per second and images per second, latenc
 errors (a non-200 answer or a malformed one) and lost requests (sent, never answered: a timeout or a
 dropped connection), plus how many engine calls served them (the deployment's statistics). With
 --url it loads an already running server instead (one row, its own batch-wait setting); the API key
-of one started with FASTRES_API_KEY is read from that variable here too.
+of one started with FASTRES_API_KEY is read from that variable here too. --hostile N runs each setting
+twice on the same server, without and then with N bad clients beside the good ones (malformed bodies,
+250,000-part multipart bodies, slow senders), and reports the good clients' latency for both.
 """
 
 from __future__ import annotations
@@ -86,6 +88,61 @@ class _Client(threading.Thread):
             conn.close()
 
 
+class _BadClient(threading.Thread):
+    """--hostile: a client that sends what a server must refuse, in turn: a malformed JSON body, a
+    multipart body of 250,000 tiny parts (2.5 MB), and a slow sender trickling a body a byte at a
+    time (slowloris) until the server cuts it off or `slow_s` passes. Counts each by its answer."""
+
+    def __init__(self, host, port, path, deadline, slow_s=5.0):
+        super().__init__(daemon=True)
+        self.host, self.port, self.path, self.deadline, self.slow_s = host, port, path, deadline, slow_s
+        self.sent = {"malformed": 0, "parts": 0, "slow": 0}
+        self.answers: dict[str, int] = {}
+
+    def run(self):
+        parts = b"--b\r\n\r\nx\r\n" * 250_000 + b"--b--\r\n"
+        kinds = [
+            ("malformed", self.path, b'{"inputs": [{"name": "input", "data": [1, 2', {}),
+            ("parts", "/v1/classify", parts, {"Content-Type": "multipart/form-data; boundary=b"}),
+        ]
+        i = 0
+        while time.monotonic() < self.deadline:
+            i += 1
+            if i % 3 == 0:
+                self._slow()
+                continue
+            kind, path, body, headers = kinds[i % 3 - 1]
+            self.sent[kind] += 1
+            try:
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+                conn.request("POST", path, body=body, headers={**headers, **_auth()})
+                status = conn.getresponse().status
+                conn.close()
+            except (OSError, http.client.HTTPException):
+                status = "lost"
+            self.answers[f"{kind} {status}"] = self.answers.get(f"{kind} {status}", 0) + 1
+
+    def _slow(self):
+        self.sent["slow"] += 1
+        head = f"POST {self.path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in _auth().items()) + "\r\n"
+        status, ends = "open", time.monotonic() + self.slow_s
+        try:
+            with socket.create_connection((self.host, self.port), timeout=1) as sock:
+                sock.sendall(head.encode())
+                while time.monotonic() < min(ends, self.deadline):
+                    sock.sendall(b" ")
+                    try:
+                        reply = sock.recv(64)
+                    except TimeoutError:
+                        continue
+                    status = reply.split(b" ")[1].decode() if reply else "closed"
+                    break
+        except OSError:
+            status = "closed"
+        self.answers[f"slow {status}"] = self.answers.get(f"slow {status}", 0) + 1
+
+
 def _stats(host, port, name) -> dict:
     conn = http.client.HTTPConnection(host, port, timeout=30)
     try:
@@ -95,7 +152,9 @@ def _stats(host, port, name) -> dict:
         conn.close()
 
 
-def run_load(url: str, name: str, image_size: int, classes: int, clients: int, duration: float) -> dict:
+def run_load(
+    url: str, name: str, image_size: int, classes: int, clients: int, duration: float, hostile: int = 0
+) -> dict:
     host, port = url.removeprefix("http://").split(":")
     port = int(port)
     path = f"/v2/models/{name}/infer"
@@ -105,10 +164,11 @@ def run_load(url: str, name: str, image_size: int, classes: int, clients: int, d
     before = _stats(host, port, name)
     deadline = time.monotonic() + duration
     threads = [_Client(host, port, path, bodies, deadline, classes * 4, 60) for _ in range(clients)]
+    bad = [_BadClient(host, port, path, deadline) for _ in range(hostile)]
     started = time.monotonic()
-    for t in threads:
+    for t in threads + bad:
         t.start()
-    for t in threads:
+    for t in threads + bad:
         t.join(timeout=duration + 120)
     wall = time.monotonic() - started
     after = _stats(host, port, name)
@@ -116,8 +176,14 @@ def run_load(url: str, name: str, image_size: int, classes: int, clients: int, d
     hung = sum(t.is_alive() for t in threads)
     answered = len(latencies)
     executions = after["execution_count"] - before["execution_count"]
+    bad_answers: dict[str, int] = {}
+    for t in bad:
+        for key, count in t.answers.items():
+            bad_answers[key] = bad_answers.get(key, 0) + count
     return {
         "clients": clients,
+        "hostile": hostile,
+        "hostile_answers": bad_answers,
         "seconds": round(wall, 1),
         "sent": sum(t.sent for t in threads),
         "answered": answered,
@@ -171,6 +237,14 @@ def main(argv=None) -> int:
     parser.add_argument("--name", help="model name in URLs (with --url)")
     parser.add_argument("--classes", type=int, default=1000, help="the served model's classes (with --url)")
     parser.add_argument("--out", help="write the rows as JSON here")
+    parser.add_argument(
+        "--hostile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run each setting with N bad clients beside the good ones (malformed bodies, "
+        "250,000-part bodies, slow senders): good-client latency without and with them",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -186,8 +260,10 @@ def main(argv=None) -> int:
     rows = []
     if args.url:
         name = args.name or args.model
-        rows.append({"batch_wait_ms": None, "load_avg_1m": os.getloadavg()[0]})
-        rows[-1].update(run_load(args.url, name, args.image_size, args.classes, args.clients, args.duration))
+        for hostile in sorted({0, args.hostile}):
+            rows.append({"batch_wait_ms": None, "load_avg_1m": os.getloadavg()[0]})
+            load = (args.url, name, args.image_size, args.classes, args.clients, args.duration, hostile)
+            rows[-1].update(run_load(*load))
     else:
         from fastres.serving import ServeConfig, start
         from fastres.testing import make_calibrated_model
@@ -210,27 +286,37 @@ def main(argv=None) -> int:
             options = {"replicas": args.replicas, "cpus_per_replica": args.cpus_per_replica}
             server = start(config, port=_free_port(), **options)
             try:
-                load = os.getloadavg()[0]
-                row = run_load(
-                    server.url, config.model_name, args.image_size, 1000, args.clients, args.duration
-                )
-                rows.append({"batch_wait_ms": wait, "load_avg_1m": load, **row})
+                for hostile in sorted({0, args.hostile}):  # the same server: only the bad clients differ
+                    load = os.getloadavg()[0]
+                    row = run_load(
+                        server.url,
+                        config.model_name,
+                        args.image_size,
+                        1000,
+                        args.clients,
+                        args.duration,
+                        hostile,
+                    )
+                    rows.append({"batch_wait_ms": wait, "load_avg_1m": load, **row})
             finally:
                 server.shutdown()
     print(
-        "\nwait ms  clients  seconds   sent  answered  req/s  p50 ms  p90 ms  p99 ms  errors  lost  "
+        "\nwait ms  clients  hostile  seconds   sent  answered  req/s  p50 ms  p90 ms  p99 ms  errors  lost  "
         "engine calls  mean batch  load 1m"
     )
     for r in rows:
         wait = "server" if r["batch_wait_ms"] is None else f"{r['batch_wait_ms']:g}"
         print(
-            f"{wait:>7}  {r['clients']:>7}  {r['seconds']:>7}  {r['sent']:>5}  {r['answered']:>8}  "
+            f"{wait:>7}  {r['clients']:>7}  {r['hostile']:>7}  {r['seconds']:>7}  {r['sent']:>5}  "
+            f"{r['answered']:>8}  "
             f"{r['req_per_s']:>5.1f}  {r['p50_ms']:>6.1f}  {r['p90_ms']:>6.1f}  {r['p99_ms']:>6.1f}  "
             f"{r['errors']:>6}  {r['lost']:>4}  {r['engine_calls']:>12}  {r['mean_batch']:>10.1f}  "
             f"{r['load_avg_1m']:>7.2f}"
         )
         if r["first_error"]:
             print(f"  first error: {r['first_error']}")
+        if r["hostile_answers"]:  # what the bad clients got: status codes, "open" = never cut off
+            print(f"  bad clients' answers: {r['hostile_answers']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

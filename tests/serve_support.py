@@ -25,7 +25,10 @@ def free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
+    """Free for a new server: nothing listens. SO_REUSEADDR, as servers set it, so that connections
+    in TIME_WAIT (the server closed them first, as when it is killed) do not count."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return True

@@ -20,6 +20,8 @@ def test_config_names_and_limits():
         ServeConfig("resnet50", max_batch=0)
     with pytest.raises(ValueError, match="batch_wait_ms >= 0"):
         ServeConfig("resnet50", batch_wait_ms=-1)
+    with pytest.raises(ValueError, match="body_timeout_s must be positive"):
+        ServeConfig("resnet50", body_timeout_s=0)
 
 
 def test_without_ray_the_cli_says_how_to_install(monkeypatch, capsys):

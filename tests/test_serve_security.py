@@ -7,6 +7,7 @@ it runs last. tests/test_serve_http.py covers each refusal case by case without 
 
 import ipaddress
 import os
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,7 @@ pytestmark = pytest.mark.slow
 CLASSES, SIZE, MAX_BATCH = 10, 32, 16
 KEY = "k3y-for-tests"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+BODY_TIMEOUT_S = 3
 ANSWER_S = 5  # a bound on any answer here: seconds on a loaded 2-CPU machine, never tens
 
 
@@ -52,6 +54,7 @@ def server(tmp_path_factory):
         batch_wait_ms=5,
         max_body_bytes=4 << 20,  # room for the 2.5 MB many-part body: refused for its parts, not its size
         warmup_size=SIZE,
+        body_timeout_s=BODY_TIMEOUT_S,
         api_key=KEY,
     )
     port = free_port()
@@ -173,6 +176,42 @@ def test_a_250000_part_body_is_refused_fast_and_others_are_answered_meanwhile(se
         assert seconds < 2 * ANSWER_S, f"a refusal took {seconds:.1f} s"
     assert answers and all(status == 200 for status, _ in answers), answers
     assert max(seconds for _, seconds in answers) < ANSWER_S, answers
+
+
+def test_a_slowly_trickled_body_is_cut_off_with_408_and_others_are_answered(server):
+    running, client = server
+    host, port = running.url.removeprefix("http://").split(":")
+    head = (
+        "POST /v2/models/birds/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+        f"Authorization: Bearer {KEY}\r\n\r\n"
+    )
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=3 * ANSWER_S) as sock:
+        sock.sendall(head.encode() + b"{")
+        reply = b""
+        while b"\r\n\r\n" not in reply and time.monotonic() - started < 2 * ANSWER_S + BODY_TIMEOUT_S:
+            assert client.json("POST", "/v2/models/birds/infer", _image_request())[0] == 200
+            try:
+                sock.sendall(b" ")  # one byte a second: the slowloris pattern, never done
+                sock.settimeout(1)
+                reply += sock.recv(4096)
+            except TimeoutError:
+                pass
+            except OSError:  # the server closed first: what it sent is in reply
+                break
+        sock.settimeout(ANSWER_S)
+        while b"\r\n\r\n" in reply and not reply.endswith(b"}"):  # the body may come in a later read
+            try:
+                more = sock.recv(4096)
+            except OSError:
+                break
+            if not more:
+                break
+            reply += more
+    seconds = time.monotonic() - started
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:300]
+    assert b"did not arrive within 3 s" in reply, reply[:500]
+    assert BODY_TIMEOUT_S - 1 < seconds < BODY_TIMEOUT_S + ANSWER_S, seconds
 
 
 def test_readiness_is_prompt_and_503_while_no_replica_is_up(server):

@@ -46,6 +46,9 @@ def add_parser(subparsers) -> None:
         "--batch-wait-ms", type=float, default=2.0, help="longest wait to fill a batch (default 2)"
     )
     p.add_argument("--max-body-mb", type=float, default=128.0, help="largest request body (default 128)")
+    p.add_argument(
+        "--body-timeout-s", type=float, default=30.0, help="longest a request body may take to arrive (30)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--labels", help="text file with one class name per line (default: ImageNet names)")
@@ -89,6 +92,7 @@ def run(args) -> int:
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        body_timeout_s=args.body_timeout_s,
         warmup_size=args.warmup_size,
         resize=args.resize,
         crop=args.crop,

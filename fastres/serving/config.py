@@ -32,6 +32,9 @@ class ServeConfig:
     # Pixels per request and per engine call (a full batch of 512x512 images): bounds a replica's
     # memory whatever the image size; larger merged batches run in chunks.
     max_pixels: int = 64 * 512 * 512
+    # A body must have arrived this many seconds after the request reached the replica (408 if not):
+    # a client trickling bytes (slowloris) holds one of the replica's request slots no longer.
+    body_timeout_s: float = 30.0
     warmup_size: int = 224  # image size the replica runs once before it reports ready
     # /v1/classify: fastres.transforms for the weights (resize the short side, centre crop), overridable
     resize: int | None = None
@@ -48,6 +51,8 @@ class ServeConfig:
     def __post_init__(self):
         if min(self.max_batch, self.max_body_bytes, self.max_pixels) < 1 or self.batch_wait_ms < 0:
             raise ConfigError("max_batch, max_body_bytes and max_pixels must be positive, batch_wait_ms >= 0")
+        if not self.body_timeout_s > 0:
+            raise ConfigError("body_timeout_s must be positive")
         if self.api_key is not None and not re.fullmatch(r"[\x21-\x7e]+", self.api_key):
             raise ConfigError("the API key must be printable ASCII without spaces (it is sent in a header)")
         if not re.fullmatch(r"[\w.\-]+", self.model_name):

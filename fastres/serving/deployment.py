@@ -230,13 +230,21 @@ class ImageClassifier:
     async def _body(self, request: Request) -> bytes:
         limit = self.config.max_body_bytes
         http.check_content_length(request.headers.get("content-length"), limit)
-        chunks, total = [], 0
-        async for chunk in request.stream():  # chunked bodies declare no length: count as they come
-            total += len(chunk)
-            if total > limit:
-                raise http.too_large(limit)
-            chunks.append(chunk)
-        return b"".join(chunks)
+
+        async def read() -> bytes:
+            chunks, total = [], 0
+            async for chunk in request.stream():  # chunked bodies declare no length: count as they come
+                total += len(chunk)
+                if total > limit:
+                    raise http.too_large(limit)
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        # Serve's proxy (uvicorn) has no body timeout; the proxy streams the body here as it comes.
+        try:
+            return await asyncio.wait_for(read(), self.config.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise http.too_slow(self.config.body_timeout_s) from None
 
     async def _infer(self, request: Request) -> Response:
         body = await self._body(request)

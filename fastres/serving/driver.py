@@ -33,6 +33,9 @@ from .config import ServeConfig
 # -- the driver: start Ray (or join a cluster), deploy, wait until HTTP answers, shut down ----------
 
 
+SERVE_SHUTDOWN_TIMEOUT_S = 10.0  # replicas draining their requests; a local instance is killed after
+
+
 def _health_app(name: str) -> str:
     return f"{name}-health"
 
@@ -45,20 +48,69 @@ class Server:
     name: str
     owns_serve: bool  # Serve was not running before start()
     connected_ray: bool  # start() called ray.init: it started a local instance or joined a cluster
+    # The local Ray processes (GCS, raylet, monitors) and Serve's controller, when start() started them
+    # on this machine: shutdown() watches them for a signal that reached them too.
+    ray_pids: tuple[int, ...] = ()
+    controller_pid: int | None = None
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = SERVE_SHUTDOWN_TIMEOUT_S, settle_s: float = 0.0) -> None:
+        """timeout_s bounds Serve's graceful shutdown (its own default is 30 s); settle_s is how long to
+        watch for Ray's local processes stopping on their own (a signal to the whole process group)."""
         import ray
         from ray import serve
 
         try:
             if self.owns_serve:
-                serve.shutdown()  # the HTTP proxy goes too: the port is free again
+                if _local_ray_intact((*self.ray_pids, self.controller_pid), settle_s):
+                    _shutdown_serve(timeout_s)  # the HTTP proxy goes too: the port is free again
+                # else Ray's processes got the signal too: no controller will answer a graceful
+                # shutdown, and ray.shutdown below stops what is left of them (the proxy included).
             else:
                 serve.delete(_health_app(self.name))
                 serve.delete(self.name)
         finally:
             if self.connected_ray:  # stops a local instance this driver started; leaves a cluster running
                 ray.shutdown()
+
+
+def _local_ray_intact(pids: tuple, settle_s: float) -> bool:
+    """False once one of `pids` (Ray processes this driver started, Serve's controller) has exited.
+    Under systemd or Kubernetes SIGTERM reaches the whole process group: Ray's monitors and agents
+    stop beside this one (GCS and raylet do not), and a graceful Serve shutdown then waits out its
+    timeout. Watched for `settle_s`, since they exit a moment after the signal."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        if not all(_running(pid) for pid in pids):
+            return False
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.1)
+
+
+def _running(pid: int | None) -> bool:
+    if pid is None:  # not known: assume it runs
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return not os.path.isdir("/proc/self")  # gone, unless there is no /proc to look in
+
+
+def _shutdown_serve(timeout_s: float) -> None:
+    """serve.shutdown() with a bound: its controller call waits 30 s, not configurable in Ray 2.60."""
+    from ray.serve import context
+
+    client, had_cached = context._check_cached_client_alive()  # a 5 s health check of the controller
+    if client is None:
+        if had_cached:  # it was there and does not answer: the GCS is gone too, nothing to ask
+            return
+        try:
+            client = context._get_global_client()
+        except Exception:  # no Serve instance to shut down
+            return
+    client.shutdown(timeout_s=timeout_s)
+    context._disconnect()
 
 
 def start(
@@ -94,6 +146,8 @@ def start(
         else:
             ray.init(address=address)
     owns_serve = False
+    # Ray's helper processes (monitors, dashboard) exit on a SIGTERM to the group; GCS and raylet don't.
+    ray_pids = _local_ray_pids(ray) if connected_ray and address is None else ()
     try:
         if _after_ray_init is not None:
             _after_ray_init()
@@ -131,11 +185,14 @@ def start(
         except RuntimeError as exc:
             raise BackendUnavailableError(f"{exc} (the replicas' errors are in the log above)") from None
         loopback = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-        server = Server(f"http://{loopback}:{port}", config.model_name, owns_serve, connected_ray)
+        server = Server(f"http://{loopback}:{port}", config.model_name, owns_serve, connected_ray, ray_pids)
+        if owns_serve and address is None:  # a local controller: shutdown() can see whether it died
+            server.controller_pid = _controller_pid(ray)
         _wait_ready(server.url + "/v2/health/ready", ready_timeout_s)
         return server
-    except BaseException:
-        Server("", config.model_name, owns_serve, connected_ray).shutdown()
+    except BaseException as exc:  # a signal (KeyboardInterrupt) may have reached Ray's processes too
+        settle_s = 1.0 if isinstance(exc, KeyboardInterrupt) else 0.0
+        Server("", config.model_name, owns_serve, connected_ray, ray_pids).shutdown(settle_s=settle_s)
         raise
 
 
@@ -225,6 +282,21 @@ def _even_cpu_share(ray, replicas: int) -> float:
     return max(1, min(max(nodes), sum(nodes) // replicas))
 
 
+def _local_ray_pids(ray) -> tuple[int, ...]:
+    node = getattr(ray._private.worker, "_global_node", None)
+    return tuple(process.pid for _, process in node.live_processes()) if node is not None else ()
+
+
+def _controller_pid(ray) -> int | None:
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return int(ray.get(controller.get_pid.remote(), timeout=10))
+    except Exception:  # an older Serve without get_pid, or no answer: shutdown() assumes it runs
+        return None
+
+
 def _serve_running(ray) -> bool:
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
@@ -279,5 +351,5 @@ def serve_forever(config: ServeConfig, **start_options) -> int:
     except KeyboardInterrupt:
         pass
     print("fastres: shutting down", flush=True)
-    server.shutdown()
+    server.shutdown(settle_s=1.0)
     return 0

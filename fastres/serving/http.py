@@ -78,6 +78,15 @@ def too_large(limit: int) -> RequestError:
     )
 
 
+def too_slow(timeout_s: float) -> RequestError:
+    # Connection: close, since the rest of the body may still be on its way.
+    return RequestError(
+        f"the request body did not arrive within {timeout_s:g} s (--body-timeout-s)",
+        408,
+        {"connection": "close"},
+    )
+
+
 def check_content_length(value: str | None, limit: int) -> None:
     """Refuse a declared body over `limit` before reading any of it (a chunked body is counted as read)."""
     if value is None:
