@@ -117,3 +117,16 @@ def test_the_engine_and_the_kernels_agree_on_dtypes():
     from fastres.api import SUPPORTED_DTYPES
 
     assert SUPPORTED_DTYPES == KERNEL_DTYPES
+
+
+def test_every_package_is_shipped():
+    """setuptools installs only the listed packages: one left out imports from a checkout (editable
+    installs find it by path) and fails from a built wheel. fastres.backends once was."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "fastres").rglob("__init__.py")
+    }
+    found |= {"fastres.kernels"}  # shipped from kernels/ (package-dir)
+    assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"
