@@ -177,3 +177,13 @@ def test_readiness_answers_promptly_and_truthfully(behaviour, status):
     assert json.loads(_get(health, "/v2/health/live").body) == {"live": True}
     refused = _get(health, "/v2/health/live", "DELETE")
     assert refused.status_code == 405 and refused.headers["allow"] == "GET"
+
+
+def test_replica_threads_outside_ray_neither_guess_nor_start_ray():
+    import ray
+
+    from fastres.serving.deployment import replica_cpu_threads
+
+    assert not ray.is_initialized()
+    assert replica_cpu_threads() is None
+    assert not ray.is_initialized()  # asking must not start a local instance (on every interface)

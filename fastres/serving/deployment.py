@@ -82,6 +82,8 @@ def replica_cpu_threads() -> int | None:
     try:
         import ray
 
+        if not ray.is_initialized():  # get_runtime_context() would start a local Ray instance
+            return None
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
     except Exception:  # not in a Ray worker
         return None
