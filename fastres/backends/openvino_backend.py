@@ -191,7 +191,9 @@ class OpenVinoBackend(Backend):
         return ppp.build()
 
     def make_workspace(self, batch: int, height: int, width: int) -> Any:
-        return {}  # infer requests by input kind, made on the first call (the runner holds its lock)
+        # Infer requests by input kind, made on the first call (the runner holds its lock), and the
+        # output shapes: shape inference walks every op, once per input shape rather than per call.
+        return {"output_shapes": self.plan.output_shapes(batch, height, width)}
 
     def run(self, x: Tensor, workspace: Any, observer: Observer | None = None) -> Tensor:
         if observer is not None:
@@ -216,9 +218,8 @@ class OpenVinoBackend(Backend):
         request.set_input_tensor(ov.Tensor(data.numpy(), shared_memory=True))
         # Fresh outputs OpenVINO writes into; conv features as NHWC storage seen as N x C x H x W.
         results: dict[str, Tensor] = {}
-        for index, (name, shape) in enumerate(
-            self.plan.output_shapes(x.shape[0], x.shape[2], x.shape[3]).items()
-        ):
+        shapes = (workspace or self.make_workspace(x.shape[0], x.shape[2], x.shape[3]))["output_shapes"]
+        for index, (name, shape) in enumerate(shapes.items()):
             if len(shape) == 4:
                 storage = torch.empty(shape[0], shape[2], shape[3], shape[1], dtype=torch.float32)
                 results[name] = storage.permute(0, 3, 1, 2)
