@@ -10,7 +10,11 @@ import io
 import ipaddress
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 
 import numpy as np
@@ -164,3 +168,44 @@ def listening_sockets(pids: set[int]) -> list[tuple[str, int, int, str]]:
             if link.startswith("socket:[") and int(link[8:-1]) in listening:
                 found.add((*listening[int(link[8:-1])], pid, name))
     return sorted(found)
+
+
+class ServeProcess:
+    """`fastres serve ARGS --port PORT` run as a user runs it, in a subprocess of its own.
+
+    The constructor starts it; wait_serving() returns once it prints that it serves (HTTP answers
+    then); stop() sends SIGTERM, as Ctrl-C or a process manager would (SIGKILL would orphan Ray's
+    processes), and returns the exit status. The output is kept in `output` for failure messages.
+    """
+
+    def __init__(self, args: list[str], port: int, env: dict[str, str] | None = None):
+        self.port, self.output = port, []
+        command = [sys.executable, "-m", "fastres", "serve", *args, "--port", str(port)]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
+        self._reader = threading.Thread(target=lambda: self.output.extend(self.process.stdout), daemon=True)
+        self._reader.start()
+
+    def tail(self, lines: int = 30) -> str:
+        return "".join(self.output[-lines:])
+
+    def wait_serving(self, timeout_s: float = 150) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not any(" at http://" in line and "serving" in line for line in self.output):
+            assert self.process.poll() is None, "fastres serve exited early:\n" + self.tail()
+            assert time.monotonic() < deadline, f"not serving in {timeout_s:.0f} s:\n" + self.tail()
+            time.sleep(0.5)
+
+    def stop(self, timeout_s: float = 90) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=30)
+            message = f"fastres serve did not stop within {timeout_s} s of SIGTERM:\n{self.tail()}"
+            raise AssertionError(message) from None
+        self._reader.join(timeout=10)
+        return code

@@ -240,6 +240,37 @@ def test_tritonclient_works_unchanged(server, engine):
         client.close()
 
 
+def test_embedding_on_request_through_tritonclient(server, engine):
+    http = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
+    running, raw = server
+    client = http.InferenceServerClient(running.url.removeprefix("http://"))
+    images = uint8((3, 3, SIZE, SIZE), seed=14)
+    x = torch.from_numpy(images)
+    width = engine.architecture.spec.feature_channels
+    try:
+        outputs = client.get_model_metadata("birds")["outputs"]
+        assert outputs[-1] == {"name": "embedding", "datatype": "FP32", "shape": [-1, width]}, outputs
+        for binary, listed in ((True, ["embedding", "logits"]), (False, ["embedding"]), (True, None)):
+            tensor = http.InferInput("input", list(images.shape), "UINT8")
+            tensor.set_data_from_numpy(images, binary_data=binary)
+            requested = listed and [http.InferRequestedOutput(n, binary_data=binary) for n in listed]
+            result = client.infer("birds", [tensor], outputs=requested)
+            names = [o["name"] for o in result.get_response()["outputs"]]
+            assert names == (listed or ["logits"]), names  # the default stays the logits
+            if "embedding" in names:
+                got = torch.from_numpy(result.as_numpy("embedding").copy())
+                assert_close(got, engine.embed(x), RTOL, f"embedding (binary={binary}, with {listed})")
+            if "logits" in names:
+                got = torch.from_numpy(result.as_numpy("logits").copy())
+                assert_close(got, engine(x), RTOL, f"logits (binary={binary}, with {listed})")
+    finally:
+        client.close()
+    unknown = infer_body(images, outputs=[{"name": "layer1"}])
+    status, answer = raw.json("POST", "/v2/models/birds/infer", unknown)
+    assert status == 400 and set(answer) == {"error"}, answer
+    assert "unknown output 'layer1'" in answer["error"] and "embedding" in answer["error"], answer
+
+
 def test_classify_raw_and_multipart(server, engine):
     _, client = server
     square = uint8((38, 38, 3), seed=6)

@@ -69,7 +69,7 @@ def test_merged_requests_are_grouped_by_size_dtype_and_layout(weights):
     ]
     results = replica._run_batch(items)
     for item, result in zip(items, results):
-        assert_close(result, engine(item.images, layout=item.layout), RTOL, f"{item.key}")
+        assert_close(result["logits"], engine(item.images, layout=item.layout), RTOL, f"{item.key}")
     # four distinct (dtype, layout, size) keys: four engine calls, the two NCHW 32px requests merged
     assert sorted(calls) == sorted(
         [(3, 3, SIZE, SIZE), (2, 3, 24, 24), (3, SIZE, SIZE, 3), (2, 3, SIZE, SIZE)]
@@ -93,7 +93,7 @@ def test_a_failing_request_does_not_fail_the_requests_merged_with_it(weights):
     results = replica._run_batch(items)
     assert isinstance(results[1], RuntimeError)
     for i in (0, 2):
-        assert_close(results[i], engine(items[i].images), RTOL, f"request {i}")
+        assert_close(results[i]["logits"], engine(items[i].images), RTOL, f"request {i}")
     wrong_layout = _Item(torch.randn(1, SIZE, SIZE, 3), "NCHW")  # an InputError: the client's fault
     (result,) = replica._run_batch([wrong_layout])
     assert isinstance(result, OIPError) and result.status == 400
@@ -105,14 +105,14 @@ def test_cuda_graph_buckets_pad_batches_and_slice_the_padding_off(weights):
     for batch in (1, 3, 5, 8):
         x = _pixels(batch, 3, SIZE, SIZE, seed=10 + batch)
         calls.clear()
-        assert_close(replica._forward(x, "NCHW"), engine(x), RTOL, f"batch {batch}")
+        assert_close(replica._forward(x, "NCHW")["logits"], engine(x), RTOL, f"batch {batch}")
         assert calls == [({1: 1, 3: 4, 5: 8, 8: 8}[batch], 3, SIZE, SIZE)]
 
 
 def test_large_images_run_in_chunks_within_the_pixel_limit(weights):
     replica, engine, calls = _replica(weights, max_pixels=2 * SIZE * SIZE)
     x = _pixels(5, SIZE, SIZE, 3, seed=20)
-    assert_close(replica._forward(x, "NHWC"), engine(x), RTOL, "chunked")
+    assert_close(replica._forward(x, "NHWC")["logits"], engine(x), RTOL, "chunked")
     assert [c[0] for c in calls] == [2, 2, 1]
 
 

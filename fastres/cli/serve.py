@@ -17,11 +17,14 @@ def add_parser(subparsers) -> None:
         description="Serve MODEL over HTTP with the Open Inference Protocol (KServe v2: tritonclient and\n"
         "KServe clients work unchanged) plus POST /v1/classify for image files. Starts a local Ray\n"
         "instance, or joins a cluster with --address; one engine per replica, one GPU each when the\n"
-        "cluster has GPUs. Concurrent requests are batched. Needs: pip install 'fastres[serve]'.",
+        "cluster has GPUs. Concurrent requests are batched. A classifier also answers the output\n"
+        "`embedding` (N x D pooled features) when a request lists it; --features serves a backbone's\n"
+        "layers as outputs named after them. Needs: pip install 'fastres[serve]'.",
         epilog=examples(
             "fastres serve resnet50 --weights DEFAULT",
             "fastres serve resnet50 --weights ft.pth --labels labels.txt --name birds --port 8080",
             "fastres serve resnet50 --weights DEFAULT --address auto --replicas 8   # on a Ray cluster",
+            "fastres serve resnet50 --weights DEFAULT --features layer2,layer3,layer4   # a backbone",
         ),
     )
     p.add_argument("model", help="a model name (resnet18 ... wide_resnet101_2) or a checkpoint path")
@@ -35,7 +38,17 @@ def add_parser(subparsers) -> None:
         "--backend", choices=BACKENDS, help="default: triton on GPUs, openvino on CPUs when installed"
     )
     p.add_argument("--calibration", metavar="FILE.json", help="--dtype int8: a file from `fastres calibrate`")
-    p.add_argument("--num-classes", type=int, help="classes of the checkpoint's head (default: inferred)")
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        help="classes of the checkpoint's head (default: inferred); 0 serves only the `embedding` output",
+    )
+    p.add_argument(
+        "--features",
+        metavar="NAMES",
+        help="serve a backbone: comma-separated outputs (stem, layer1..layer4, pool), each an output of "
+        "that name, no classifier",
+    )
     p.add_argument("--replicas", type=int, default=1, help="engines to run (default 1)")
     p.add_argument(
         "--gpus-per-replica", type=float, default=1.0, help="GPU share per replica, <= 1 (default 1)"
@@ -88,6 +101,7 @@ def run(args) -> int:
         backend=args.backend,
         calibration=args.calibration,
         num_classes=args.num_classes,
+        features=None if args.features is None else tuple(n.strip() for n in args.features.split(",")),
         labels=args.labels,
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
+from ..planner import resolve_features
 from ..specs import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -22,7 +23,9 @@ class ServeConfig:
     backend: str | None = None
     # dtype "int8": a calibration file from `fastres calibrate` (every replica reads it, none recalibrates)
     calibration: str | None = None
-    num_classes: int | None = None
+    num_classes: int | None = None  # 0: an embedder (answers `embedding` only, no classifier)
+    # A feature engine (fastres.load's features=: stem, layer1..layer4, pool): answers those, no logits
+    features: tuple[str, ...] | None = None
     labels: str | None = None  # a text file, one class name per line
     mean: tuple[float, float, float] = IMAGENET_MEAN  # uint8 input is normalised in the stem
     std: tuple[float, float, float] = IMAGENET_STD
@@ -51,6 +54,8 @@ class ServeConfig:
     def __post_init__(self):
         if min(self.max_batch, self.max_body_bytes, self.max_pixels) < 1 or self.batch_wait_ms < 0:
             raise ConfigError("max_batch, max_body_bytes and max_pixels must be positive, batch_wait_ms >= 0")
+        if self.features is not None:
+            object.__setattr__(self, "features", resolve_features(self.features))  # ConfigError if unknown
         if not self.body_timeout_s > 0:
             raise ConfigError("body_timeout_s must be positive")
         if self.api_key is not None and not re.fullmatch(r"[\x21-\x7e]+", self.api_key):

@@ -34,6 +34,7 @@ from ..errors import InputError, RequestError
 from ..images import decode_image
 from . import http, protocol
 from .config import ServeConfig
+from .outputs import EMBEDDING, RUN_ALL, RUN_BOTH, RUN_EMBEDDING, RUN_LOGITS, served_outputs
 from .protocol import OIPError
 
 log = logging.getLogger("fastres.serve")
@@ -53,6 +54,7 @@ class _Item:
 
     images: torch.Tensor
     layout: str
+    run: str = RUN_LOGITS  # what the engine computes for it (fastres.serving.outputs)
 
     @property
     def batch(self) -> int:
@@ -60,7 +62,7 @@ class _Item:
 
     @property
     def key(self) -> tuple:  # requests with different keys never share an engine call
-        return (self.images.dtype, self.layout, tuple(self.images.shape[1:]))
+        return (self.images.dtype, self.layout, tuple(self.images.shape[1:]), self.run)
 
 
 def _json(obj, status: int = 200) -> Response:
@@ -104,6 +106,7 @@ class ImageClassifier:
             dtype=config.dtype,
             backend=config.backend,
             num_classes=config.num_classes,
+            features=config.features,
             mean=config.mean,
             std=config.std,
             labels=config.labels,
@@ -113,6 +116,8 @@ class ImageClassifier:
             **({"calibration": config.calibration} if config.calibration else {}),
         )
         self.labels = list(self.engine.labels)
+        self.outputs = served_outputs(self.engine)
+        self._fc = self._fc_weights()
         # /v1/classify's preprocessing: torchvision's evaluation recipe for these weights, as `fastres
         # classify` uses (resize and crop overridable).
         weight_name = config.weights if config.weights and is_weight_name(config.weights) else None
@@ -132,18 +137,32 @@ class ImageClassifier:
         self._buckets = sorted(sizes) if self.engine.cuda_graphs else None
         self._warmup()
 
+    def _fc_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The fc in float32 on the engine's device, to take logits from an embedding (RUN_BOTH); None
+        where the embedding runs on other numerics than the logits (int8 OpenVINO: embed() runs the
+        torch backend in float32), so that logits come from the engine itself."""
+        if not self.outputs.classifier or not self.engine.backend.runs_cut_plans:
+            return None
+        state = self.engine.state_dict()
+        weight, bias = state["fc.weight"], state.get("fc.bias")
+        bias = torch.zeros(weight.shape[0]) if bias is None else bias
+        return weight.to(self.engine.device, torch.float32), bias.to(self.engine.device, torch.float32)
+
     def _warmup(self) -> None:
         size = self.config.warmup_size
+        # The embedding path too: its cut plan is built (and on GPUs compiled, graphs captured) once.
+        runs = (RUN_LOGITS, RUN_BOTH) if self.outputs.classifier else (RUN_ALL,)
         for batch in self._buckets or [1]:
-            self._forward(torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8), "NCHW")
+            for run in runs:
+                self._forward(torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8), "NCHW", run)
 
     # -- the batch path -------------------------------------------------------------------------
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002, **_COUNT_IMAGES)
-    async def _infer_batch(self, items: list[_Item]) -> list[torch.Tensor | Exception]:
+    async def _infer_batch(self, items: list[_Item]) -> list[dict[str, torch.Tensor] | Exception]:
         return await asyncio.get_running_loop().run_in_executor(self._engine_thread, self._run_batch, items)
 
-    def _run_batch(self, items: list[_Item]) -> list[torch.Tensor | Exception]:
+    def _run_batch(self, items: list[_Item]) -> list[dict[str, torch.Tensor] | Exception]:
         groups: dict[tuple, list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(item.key, []).append(i)
@@ -156,7 +175,7 @@ class ImageClassifier:
         start = time.perf_counter_ns()
         try:
             x = torch.cat([items[i].images for i in indices])
-            logits = self._forward(x, items[indices[0]].layout)
+            computed = self._forward(x, items[indices[0]].layout, items[indices[0]].run)
         except Exception as exc:
             if len(indices) > 1:  # find the culprit: one bad request must not fail the others
                 for i in indices:
@@ -166,12 +185,14 @@ class ImageClassifier:
             results[indices[0]] = OIPError(str(exc)) if isinstance(exc, InputError) else exc
             self.stats.record_failure(time.perf_counter_ns() - start)
             return
-        for i, part in zip(indices, logits.split([items[i].batch for i in indices])):
-            results[i] = part
+        parts = {name: t.split([items[i].batch for i in indices]) for name, t in computed.items()}
+        for j, i in enumerate(indices):
+            results[i] = {name: split[j] for name, split in parts.items()}
         self.stats.record_execution(len(indices), x.shape[0], time.perf_counter_ns() - start)
 
     @torch.inference_mode()
-    def _forward(self, x: torch.Tensor, layout: str) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, layout: str, run: str = RUN_LOGITS) -> dict[str, torch.Tensor]:
+        """What `run` computes for images `x`: name -> float32 CPU tensor, the batch in chunks."""
         outputs = []
         pixels = x.shape[1] * x.shape[2] if layout == "NHWC" else x.shape[2] * x.shape[3]
         for chunk in x.split(max(1, min(self.config.max_batch, self.config.max_pixels // pixels))):
@@ -180,11 +201,28 @@ class ImageClassifier:
                 padded = next(b for b in self._buckets if b >= n)
                 if padded > n:
                     chunk = torch.cat([chunk, chunk.new_zeros((padded - n, *chunk.shape[1:]))])
-            outputs.append(self.engine(chunk, layout=layout)[:n].float().cpu())
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+            computed = self._compute(chunk, layout, run)
+            outputs.append({name: t[:n].float().cpu() for name, t in computed.items()})
+        if len(outputs) == 1:
+            return outputs[0]
+        return {name: torch.cat([o[name] for o in outputs]) for name in outputs[0]}  # keeps channels-last
 
-    async def _submit(self, images: torch.Tensor, layout: str) -> torch.Tensor:
-        result = await self._infer_batch(_Item(images, layout))
+    def _compute(self, x: torch.Tensor, layout: str, run: str) -> dict[str, torch.Tensor]:
+        if run == RUN_LOGITS:
+            return {"logits": self.engine(x, layout=layout)}
+        if run == RUN_ALL:  # an embedder's N x D, or a feature engine's dict
+            out = self.engine(x, layout=layout)
+            return dict(out) if isinstance(out, dict) else {EMBEDDING: out}
+        embedding = self.engine.embed(x, layout=layout)
+        if run == RUN_EMBEDDING:
+            return {EMBEDDING: embedding}
+        if self._fc is None:  # a second forward: int8 logits come from the int8 engine
+            return {EMBEDDING: embedding, "logits": self.engine(x, layout=layout)}
+        weight, bias = self._fc
+        return {EMBEDDING: embedding, "logits": torch.addmm(bias, embedding, weight.t())}
+
+    async def _submit(self, images: torch.Tensor, layout: str, run: str = RUN_LOGITS) -> dict:
+        result = await self._infer_batch(_Item(images, layout, run))
         if isinstance(result, Exception):
             raise result
         return result
@@ -220,7 +258,7 @@ class ImageClassifier:
                 {"name": "fastres", "version": fastres.__version__, "extensions": protocol.EXTENSIONS}
             )
         if action == "model":
-            return _json(protocol.model_metadata(self.name, len(self.labels)))
+            return _json(protocol.model_metadata(self.name, len(self.labels), outputs=self.outputs.metadata))
         if action == "model_ready":
             return _json({"name": self.name, "ready": True})
         if action == "stats":
@@ -259,14 +297,23 @@ class ImageClassifier:
             num_classes=len(self.labels),
             max_batch=self.config.max_batch,
             max_pixels=self.config.max_pixels,
+            output_names=self.outputs.names,
+            default_outputs=self.outputs.default,
         )
         images = torch.from_numpy(np.array(parsed.images))  # a writable copy: frombuffer is read-only
-        logits = await self._submit(images, parsed.layout)
-        outputs = protocol.build_outputs(parsed, logits.numpy(), self.labels)
+        run = self.outputs.run_for(o.name for o in parsed.outputs)
+        computed = await self._submit(images, parsed.layout, run)
+        outputs = protocol.build_outputs(parsed, {k: v.numpy() for k, v in computed.items()}, self.labels)
         payload, headers = protocol.encode_infer_response(self.name, outputs, parsed.id)
         return Response(payload, headers=headers)
 
     async def _classify(self, request: Request) -> Response:
+        if not self.outputs.classifier:
+            raise RequestError(
+                f"this server serves {', '.join(self.outputs.names)}, not classes: POST image tensors to "
+                f"/v2/models/{self.name}/infer",
+                404,
+            )
         topk = request.query_params.get("topk", str(min(protocol.DEFAULT_TOPK, len(self.labels))))
         k = protocol.parse_topk(http.query_int(topk), len(self.labels), "query parameter 'topk'")
         body = await self._body(request)
@@ -278,7 +325,8 @@ class ImageClassifier:
             raise OIPError(f"{pixels} pixels are over this server's limit of {self.config.max_pixels}")
         # One batcher item per image: same-size images share engine calls (with other requests' too),
         # images of different sizes (no crop) run apart.
-        logits = torch.cat(await asyncio.gather(*(self._submit(x.unsqueeze(0), "NCHW") for x in images)))
+        answers = await asyncio.gather(*(self._submit(x.unsqueeze(0), "NCHW") for x in images))
+        logits = torch.cat([answer["logits"] for answer in answers])
         return _json(
             {"model": self.name, "predictions": protocol.top_predictions(logits.numpy(), self.labels, k)}
         )

@@ -249,6 +249,7 @@ def _preflight(config: ServeConfig) -> None:
         device="cpu",
         backend="torch",
         num_classes=config.num_classes,
+        features=config.features,
         mean=config.mean,
         std=config.std,
         labels=config.labels,

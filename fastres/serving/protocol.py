@@ -11,6 +11,8 @@ the `layout` parameter says which). Outputs: `logits` (FP32, N x classes),
 and top-k `labels` (BYTES, N x k) and `probs` (FP32, N x k) when requested, k from the output's or the
 request's `topk` parameter (default 5). `logits` also honours Triton's classification extension
 (`"classification": k` gives "logit:index:label" strings, as tritonclient's class_count asks).
+A server may offer more (fastres.serving.outputs: `embedding`, a feature engine's layers): FP32 tensors
+passed through as the engine computed them.
 """
 
 from __future__ import annotations
@@ -159,8 +161,13 @@ def parse_infer_request(
     num_classes: int,
     max_batch: int,
     max_pixels: int | None = None,
+    output_names: tuple[str, ...] = OUTPUT_NAMES,
+    default_outputs: tuple[str, ...] = ("logits",),
 ) -> InferRequest:
-    """Validate an OIP infer request body and return its images and requested outputs."""
+    """Validate an OIP infer request body and return its images and requested outputs.
+
+    output_names: the outputs the model has (a request listing another is refused); default_outputs:
+    what a request that lists none gets."""
     length = parse_header_length(header_length, len(body))
     header, binary = (body, b"") if length is None else (body[:length], body[length:])
     request = _json_object(header, "the request" if length is None else "the JSON request header")
@@ -218,7 +225,7 @@ def parse_infer_request(
         array = _json_tensor(tensor["data"], datatype, count)
     if datatype == "FP32" and not np.isfinite(array).all():
         raise OIPError("FP32 input holds NaN or infinity")
-    outputs = _requested_outputs(request, params, num_classes)
+    outputs = _requested_outputs(request, params, num_classes, output_names, default_outputs)
     request_id = request.get("id")
     if not (request_id is None or isinstance(request_id, (str, int, float))):  # OIP: a string
         raise OIPError(f"'id' must be a string, got {type(request_id).__name__}")
@@ -227,26 +234,30 @@ def parse_infer_request(
     )
 
 
-def _requested_outputs(request: dict, params: dict, num_classes: int) -> list[RequestedOutput]:
+def _requested_outputs(
+    request: dict, params: dict, num_classes: int, names: tuple[str, ...], default: tuple[str, ...]
+) -> list[RequestedOutput]:
     binary_default = bool(params.get("binary_data_output", False))
     default_k = min(DEFAULT_TOPK, num_classes)
     if "topk" in params:
         default_k = parse_topk(params["topk"], num_classes, "request parameter 'topk'")
     listed = request.get("outputs")
     if listed is None:
-        return [RequestedOutput("logits", binary_default)]
+        return [RequestedOutput(name, binary_default) for name in default]
     if not isinstance(listed, list) or not all(isinstance(o, dict) for o in listed):
         raise OIPError("'outputs' must be a list of objects with a 'name'")
     outputs = []
     for item in listed:
         name = item.get("name")
-        if name not in OUTPUT_NAMES:
-            raise OIPError(f"unknown output {name!r}; this model's outputs are {', '.join(OUTPUT_NAMES)}")
+        if not isinstance(name, str) or name not in names:
+            raise OIPError(f"unknown output {name!r}; this model's outputs are {', '.join(names)}")
         oparams = _parameters(item, f"output {name!r}")
         binary = bool(oparams.get("binary_data", binary_default))
         if name == "logits":
             k = oparams.get("classification")
             k = None if not k else parse_topk(k, num_classes, "output parameter 'classification'")
+        elif name not in OUTPUT_NAMES:  # an embedding or a feature: passed through, no top-k
+            k = None
         else:
             k = (
                 parse_topk(oparams["topk"], num_classes, f"'topk' of output {name!r}")
@@ -275,11 +286,19 @@ def top_predictions(logits: np.ndarray, labels: list[str], k: int) -> list[list[
     ]
 
 
-def build_outputs(request: InferRequest, logits: np.ndarray, labels: list[str]) -> list[OutputTensor]:
-    """The requested outputs from float32 logits (N x classes)."""
-    logits = np.asarray(logits, dtype=np.float32)
+def build_outputs(
+    request: InferRequest, computed: np.ndarray | dict[str, np.ndarray], labels: list[str]
+) -> list[OutputTensor]:
+    """The requested outputs from float32 logits (N x classes), or from a dict of what the engine
+    computed (name -> float32 array: logits, embedding, features)."""
+    computed = computed if isinstance(computed, dict) else {"logits": computed}
+    logits = None if "logits" not in computed else np.asarray(computed["logits"], dtype=np.float32)
     result = []
     for out in request.outputs:
+        if out.name not in OUTPUT_NAMES:
+            array = np.asarray(computed[out.name], dtype=np.float32)
+            result.append(OutputTensor(out.name, "FP32", array, out.binary))
+            continue
         if out.name == "logits" and out.topk is None:
             result.append(OutputTensor("logits", "FP32", logits, out.binary))
             continue
@@ -338,8 +357,18 @@ def encode_infer_response(
     }
 
 
-def model_metadata(name: str, num_classes: int, platform: str = "fastres") -> dict:
-    """GET /v2/models/{name}: one input, three outputs, -1 for the batch and variable sizes."""
+def classifier_outputs(num_classes: int) -> list[dict]:
+    """The metadata of a classifier's outputs (OUTPUT_NAMES)."""
+    return [
+        {"name": "logits", "datatype": "FP32", "shape": [-1, num_classes]},
+        {"name": "labels", "datatype": "BYTES", "shape": [-1, -1]},
+        {"name": "probs", "datatype": "FP32", "shape": [-1, -1]},
+    ]
+
+
+def model_metadata(name: str, num_classes: int, platform: str = "fastres", outputs=None) -> dict:
+    """GET /v2/models/{name}: one input and its outputs (default a classifier's three; `outputs`:
+    {"name", "datatype", "shape"} dicts), -1 for the batch and variable sizes."""
     return {
         "name": name,
         "versions": ["1"],
@@ -347,11 +376,7 @@ def model_metadata(name: str, num_classes: int, platform: str = "fastres") -> di
         # UINT8 N x 3 x H x W is the advertised form; N x H x W x 3 and FP32 (normalised) are
         # accepted too (OIP metadata has one datatype and shape per input).
         "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, 3, -1, -1]}],
-        "outputs": [
-            {"name": "logits", "datatype": "FP32", "shape": [-1, num_classes]},
-            {"name": "labels", "datatype": "BYTES", "shape": [-1, -1]},
-            {"name": "probs", "datatype": "FP32", "shape": [-1, -1]},
-        ],
+        "outputs": [dict(o) for o in outputs] if outputs is not None else classifier_outputs(num_classes),
     }
 
 
