@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'fastres[serve]'")
 
 from fastres.numerics import LAYER_RTOL, assert_close  # noqa: E402
-from fastres.serving import ServeConfig  # noqa: E402
+from fastres.serving import ServeConfig, protocol  # noqa: E402
 from fastres.serving.deployment import Health, ImageClassifier, _Item  # noqa: E402
 from fastres.serving.protocol import OIPError  # noqa: E402
 from fastres.testing import make_calibrated_model  # noqa: E402
@@ -187,3 +187,20 @@ def test_replica_threads_outside_ray_neither_guess_nor_start_ray():
     assert not ray.is_initialized()
     assert replica_cpu_threads() is None
     assert not ray.is_initialized()  # asking must not start a local instance (on every interface)
+
+
+def test_the_stats_name_the_replica_and_its_memory():
+    import os
+
+    from fastres.serving.deployment import replica_process
+
+    before = replica_process()
+    held = bytearray(64 << 20)  # resident once written
+    held[:: 4096] = b"x" * len(held[:: 4096])
+    after = replica_process()
+    assert before["node_id"] is None and before["pid"] == os.getpid()  # outside Ray: no node
+    assert after["rss_bytes"] - before["rss_bytes"] > 60 << 20, (before, after)
+    assert after["peak_rss_bytes"] >= after["rss_bytes"] > 0
+    stats = protocol.InferenceStats().triton_statistics("birds", replica=after)
+    assert stats["model_stats"][0]["replica"] == after
+    del held

@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import json
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -90,6 +91,33 @@ def replica_cpu_threads() -> int | None:
     except Exception:  # not in a Ray worker
         return None
     return max(1, int(cpus)) if cpus else None
+
+
+def replica_process() -> dict:
+    """Which replica answered and what it holds: its Ray node, pid and memory (RSS now, and the peak).
+
+    In the stats, so that a client sees which replicas share the load (on which nodes), and that a
+    request did not take a replica's memory up (the peak is the high-water mark: a spike shows there
+    even once it is freed)."""
+    node_id = None
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node_id = ray.get_runtime_context().get_node_id()
+    except Exception:  # not in a Ray worker
+        pass
+    memory = {}
+    try:  # Linux: VmRSS now, VmHWM its high-water mark, in kB
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    memory[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError):
+        pass
+    rss, peak = memory.get("VmRSS"), memory.get("VmHWM")
+    return {"node_id": node_id, "pid": os.getpid(), "rss_bytes": rss, "peak_rss_bytes": peak}
 
 
 @serve.deployment(name="fastres", ray_actor_options={"num_cpus": 1})
@@ -262,7 +290,7 @@ class ImageClassifier:
         if action == "model_ready":
             return _json({"name": self.name, "ready": True})
         if action == "stats":
-            return _json(self.stats.triton_statistics(self.name))
+            return _json(self.stats.triton_statistics(self.name, replica=replica_process()))
         if action == "infer":
             return await self._infer(request)
         return await self._classify(request)

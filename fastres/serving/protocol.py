@@ -411,7 +411,8 @@ class InferenceStats:
             self.failures += 1
             self.fail_ns += ns
 
-    def triton_statistics(self, name: str) -> dict:
+    def triton_statistics(self, name: str, replica: dict | None = None) -> dict:
+        """Triton's statistics for this replica; `replica` (a fastres field): which one it is."""
         with self._lock:
             stats = {
                 "name": name,
@@ -431,4 +432,6 @@ class InferenceStats:
                     for size, (count, ns) in sorted(self.batches.items())
                 ],
             }
+        if replica is not None:
+            stats["replica"] = replica
         return {"model_stats": [stats]}
