@@ -12,10 +12,12 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 
 import numpy as np
 import torch
@@ -125,6 +127,30 @@ def png(array_hwc: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array_hwc).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def single_colour_png(width: int, height: int, rgb=(40, 90, 200)) -> bytes:
+    """An RGB PNG of one colour, written row by row without the image in memory: at 13000 x 13000 a
+    few hundred KB that decode to 507 MB, a decompression bomb below Pillow's own limit (179 MP)."""
+    # PNG's Sub filter: each byte minus the one a pixel before, so every row after its first pixel is
+    # zeros, and the same row compressed 13000 times is fast.
+    row = b"\x01" + bytes(rgb) + bytes(3 * (width - 1))
+    z = zlib.compressobj(6)
+    data = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + payload))
+        return struct.pack(">I", len(payload)) + kind + payload + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, not interlaced
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def peak_rss(pid: int) -> int:
+    """The high-water mark of a process's resident memory (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 
 def answer_logits(answer) -> torch.Tensor:

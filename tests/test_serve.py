@@ -28,7 +28,9 @@ from serve_support import (  # noqa: E402
     descendants,
     free_port,
     infer_body,
+    peak_rss,
     png,
+    single_colour_png,
     uint8,
     wait_gone,
 )
@@ -299,6 +301,43 @@ def test_classify_raw_and_multipart(server, engine):
     assert [[p["index"] for p in row] for row in answer["predictions"]] == [
         [p.index for p in r] for r in expected
     ]
+
+
+def test_a_decode_bomb_is_refused_before_decoding_and_the_replica_stays_small(server, engine):
+    _, client = server
+    bomb = single_colour_png(13000, 13000)  # 555 KB that would decode to 507 MB
+    boundary = "fastres-bomb"
+    multipart = b""
+    for data in (png(uint8((38, 38, 3), seed=15)), bomb):  # a good image first: refused all the same
+        multipart += f'--{boundary}\r\nContent-Disposition: form-data; name="file"\r\n\r\n'.encode()
+        multipart += data + b"\r\n"
+    multipart += f"--{boundary}--\r\n".encode()
+    requests = [(bomb, "image/png")] * 3 + [(multipart, f"multipart/form-data; boundary={boundary}")]
+    _, stats = client.json("GET", "/v2/models/birds/stats")
+    pid = stats["model_stats"][0]["replica"]["pid"]
+    assert pid in descendants(os.getpid()), "the replica is a process of the local Ray instance"
+    before = peak_rss(pid)  # read from /proc here, not as the replica reports it
+
+    def send(request):
+        body, content_type = request
+        started = time.monotonic()
+        status, answer = client.json("POST", "/v1/classify", body, {"Content-Type": content_type})
+        return status, answer, time.monotonic() - started
+
+    for round_ in range(2):  # one at a time, then all at once
+        with ThreadPoolExecutor(len(requests) if round_ else 1) as pool:
+            answers = list(pool.map(send, requests, timeout=120))
+        for status, answer, seconds in answers:
+            assert status == 400 and set(answer) == {"error"}, answer
+            assert "13000x13000 (169000000 pixels), over the limit" in answer["error"], answer
+            assert seconds < 10, f"{seconds:.1f} s to refuse a bomb: was it decoded?"
+    grown = peak_rss(pid) - before
+    assert grown < 200 << 20, f"the replica's peak RSS grew by {grown >> 20} MB across the bombs"
+    square = uint8((38, 38, 3), seed=16)
+    status, answer = client.json("POST", "/v1/classify?topk=1", png(square), {"Content-Type": "image/png"})
+    assert status == 200, answer
+    crop = torch.from_numpy(np.ascontiguousarray(square[3:35, 3:35].transpose(2, 0, 1)))[None]
+    assert answer["predictions"][0][0]["index"] == engine.predict(crop, topk=1)[0][0].index
 
 
 def _header_beyond_body():
