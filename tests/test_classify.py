@@ -199,3 +199,25 @@ def test_without_pillow_the_command_says_which_extra_to_install(capsys, monkeypa
     monkeypatch.setitem(sys.modules, "PIL", None)  # `from PIL import ...` now raises ImportError
     code, out, err = run(capsys, "classify", folder[0], "--model", "resnet18", "--device", "cpu")
     assert code == 2 and out == "" and err.count("\n") == 1 and "fastres[images]" in err
+
+
+def test_a_decode_bomb_file_is_refused_from_its_header(capsys, monkeypatch, tmp_path, model_files, folder):
+    from PIL import ImageFile
+    from serve_support import single_colour_png  # imports Pillow, which this module may skip without
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(single_colour_png(13000, 13000))  # 555 KB claiming 169 megapixels
+    good = folder[1][0]
+    loads = []
+    real_load = ImageFile.ImageFile.load
+
+    def load(image, *args, **kwargs):  # records what gets decoded, by size
+        loads.append(image.size)
+        return real_load(image, *args, **kwargs)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    code, out, err = run(capsys, *classify_args(model_files, bomb, good, extra=["--json", "--workers", "0"]))
+    assert code == 1, err  # one file refused
+    assert "bomb.png is 13000x13000 (169000000 pixels), over the limit of 120000000 pixels" in err, err
+    assert [json.loads(line)["file"] for line in out.splitlines()] == [str(good)]
+    assert (13000, 13000) not in loads and loads, loads  # the good file was decoded, the bomb never
