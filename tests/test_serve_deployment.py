@@ -190,17 +190,19 @@ def test_replica_threads_outside_ray_neither_guess_nor_start_ray():
 
 
 def test_the_stats_name_the_replica_and_its_memory():
+    import mmap
     import os
 
     from fastres.serving.deployment import replica_process
 
     before = replica_process()
-    held = bytearray(64 << 20)  # resident once written
-    held[:: 4096] = b"x" * len(held[:: 4096])
+    held = mmap.mmap(-1, 64 << 20)  # fresh pages (not memory the allocator keeps), resident once written
+    for offset in range(0, len(held), mmap.PAGESIZE):
+        held[offset] = 1
     after = replica_process()
     assert before["node_id"] is None and before["pid"] == os.getpid()  # outside Ray: no node
     assert after["rss_bytes"] - before["rss_bytes"] > 60 << 20, (before, after)
     assert after["peak_rss_bytes"] >= after["rss_bytes"] > 0
     stats = protocol.InferenceStats().triton_statistics("birds", replica=after)
     assert stats["model_stats"][0]["replica"] == after
-    del held
+    held.close()

@@ -168,6 +168,12 @@ def test_a_classifier_replica_answers_embedding_and_logits_in_one_forward(weight
     # merged requests with different needs never share an engine call
     (stats,) = replica.stats.triton_statistics("birds")["model_stats"]
     assert (stats["execution_count"], stats["merged_executions"]) == (3, 0)
+    # Where embed() runs on other numerics than the engine (int8 OpenVINO), the logits are the engine's:
+    # a second forward.
+    replica._fc, calls[:] = None, []
+    (result,) = replica._run_batch([items[0]])
+    assert calls == [2] and set(result) == {"embedding", "logits"}
+    assert_close(result["logits"], engine(items[0].images), RTOL, "logits from a second forward")
 
 
 def test_a_feature_replica_answers_its_layers(weights):
