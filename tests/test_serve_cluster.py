@@ -7,6 +7,7 @@ the cluster too: it deploys an application of its own first, so that stopping `f
 seen to remove only fastres's, and it reads the replicas' placement from the GCS actor table.
 """
 
+import ipaddress
 import os
 import secrets
 import subprocess
@@ -27,6 +28,7 @@ from serve_support import (  # noqa: E402
     descendants,
     free_port,
     infer_body,
+    listening_sockets,
     uint8,
 )
 
@@ -106,6 +108,11 @@ def _is_ray_process(pid: int) -> bool:
         return False
 
 
+def _is_replica_grpc(socket) -> bool:
+    address, _, _, name = socket
+    return name.startswith("ray::ServeReplica") and address in ("::", "0.0.0.0")
+
+
 def _alive_nodes(ray) -> set[str]:
     return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
 
@@ -167,6 +174,14 @@ def test_serve_joins_places_a_replica_per_node_and_leaves_the_cluster(cluster, t
         children = descendants(server.process.pid)
         replicas = _replica_nodes(ray, NAME)
         assert sorted(replicas.values()) == sorted(nodes), (replicas, nodes)
+        # Both nodes' processes are this one's children: none listens beyond loopback, but for the
+        # one named exception (tests/test_serve_security.py): each Serve replica's gRPC port on [::].
+        sockets = listening_sockets(descendants(os.getpid()))
+        names = " ".join(name for *_, name in sockets)
+        assert "gcs_server" in names and names.count("raylet") >= 2, sockets
+        exposed = [s for s in sockets if not ipaddress.ip_address(s[0]).is_loopback]
+        replica_grpc = [s for s in exposed if _is_replica_grpc(s)]
+        assert exposed == replica_grpc, f"listening beyond loopback: {exposed}"
 
         client = Client(f"http://127.0.0.1:{port}")
         engine = fastres.load("resnet18", str(weights), device="cpu", backend="torch")
