@@ -198,7 +198,7 @@ def _dilated(arch: Architecture, replace_stride_with_dilation, output_stride, mo
             if (conv.stride, conv.padding, conv.dilation) != planned:
                 raise ArchitectureMismatchError(
                     f"the module's {op.name} has stride, padding, dilation {conv.stride}, {conv.padding}, "
-                    f"{conv.dilation}, but {spec.describe()} has {planned}: pass the "
+                    f"{conv.dilation}, but {spec.name} ({spec.describe()}) has {planned}: pass the "
                     "replace_stride_with_dilation (or output_stride) the module was built with"
                 )
     return dataclasses.replace(arch, spec=spec)
