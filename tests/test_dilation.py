@@ -186,13 +186,13 @@ def test_reference_backend_is_the_dilated_module():
 
 @pytest.mark.skipif(not openvino_available(), reason="needs openvino: pip install 'fastres[openvino]'")
 def test_openvino_backend_runs_the_dilated_plan():
+    """One conversion (about 10 s on 2 cores): the dilated feature maps and the pooled vector."""
     model = dilated_model(SMALL, 8)
-    x = random_images(2, 45, 61, seed=45)
-    engine = fastres.optimize(model, device="cpu", dtype="fp32", backend="openvino")
+    names = ("layer3", "layer4", "pool")
+    engine = fastres.optimize(model, device="cpu", dtype="fp32", backend="openvino", features=names)
     assert engine.backend_name == "openvino"
-    assert_parity(engine, model, x, torch.float32)
-    features = fastres.optimize(model, device="cpu", dtype="fp32", backend="openvino", features=("layer4",))
-    assert features(x)["layer4"].shape == (2, 2048, 6, 8)
+    assert engine.output_shapes(2, 45, 61)["layer4"] == (2, 2048, 6, 8)
+    assert_features_match(engine, model, random_images(2, 45, 61, seed=45), torch.float32, names=names)
 
 
 # ------------------------------------------------------------------------------ the Triton path, interpreted
@@ -326,6 +326,17 @@ def test_compile_report_collects_the_dilated_kernels():
     specs, _ = collect_specs("resnet50", torch.float16, 1, 64, 64, 90, output_stride=8)
     dilations = sorted({s.constexpr_dict().get("DIL") for s, _ in specs} - {None})
     assert dilations == [1, 2, 4]  # layer3's and layer4's dilated 3x3s have binaries of their own
+
+
+def test_info_prints_the_dilated_plan(capsys):
+    from fastres.cli import main
+
+    assert main(["info", "resnet50", "--output-stride", "8", "--image-size", "65"]) == 0
+    out = capsys.readouterr().out
+    assert "output stride 8 (layer3+layer4 dilated)" in out
+    assert "layer4.1.conv2  conv3x3/1 d4" in out and "1x2048x9x9" in out  # 65 px at stride 8: 9 x 9
+    assert main(["info", "resnet18", "--output-stride", "16"]) == 2
+    assert "BasicBlocks" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ torchvision
