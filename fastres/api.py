@@ -167,16 +167,17 @@ def _outputs(num_classes, features, out_indices, engine_options) -> tuple[int | 
 
 
 def _module_dilation(module: nn.Module, spec) -> tuple[bool, bool, bool] | None:
-    """The replace_stride_with_dilation a torchvision-layout module was built with, read from the dilation
-    of each stage's last 3x3 (None where the module has no such convs to read)."""
+    """The replace_stride_with_dilation a torchvision-layout Bottleneck module was built with: layer2..4
+    whose first 3x3 has stride 1, not 2 (None where there are no such convs to read)."""
+    if spec.block != "bottleneck":
+        return None  # BasicBlocks are never dilated; the conv-by-conv check still runs
     try:
-        convs = [module.get_submodule(f"layer{i + 1}.{n - 1}.conv2") for i, n in enumerate(spec.layers)]
+        convs = [module.get_submodule(f"layer{stage}.0.conv2") for stage in (2, 3, 4)]
     except AttributeError:
         return None
     if not all(isinstance(c, nn.Conv2d) for c in convs):
         return None
-    d = [c.dilation[0] for c in convs]
-    return (d[1] != d[0], d[2] != d[1], d[3] != d[2])
+    return tuple(c.stride == (1, 1) for c in convs)
 
 
 def _dilated(arch: Architecture, replace_stride_with_dilation, output_stride, module=None, state=None):
@@ -195,7 +196,8 @@ def _dilated(arch: Architecture, replace_stride_with_dilation, output_stride, mo
             if not (isinstance(op, ConvOp) and isinstance(conv, nn.Conv2d)):
                 continue
             planned = tuple((v, v) for v in (op.stride, op.padding, op.dilation))
-            if (conv.stride, conv.padding, conv.dilation) != planned:
+            dilation = conv.dilation if conv.kernel_size != (1, 1) else (1, 1)  # meaningless for a 1x1
+            if (conv.stride, conv.padding, dilation) != planned:
                 raise ArchitectureMismatchError(
                     f"the module's {op.name} has stride, padding, dilation {conv.stride}, {conv.padding}, "
                     f"{conv.dilation}, but {spec.name} ({spec.describe()}) has {planned}: pass the "
@@ -268,10 +270,11 @@ def load(
         or a saved calibration .json; save_calibration='calib.json' keeps the result for reuse.
     """
     num_classes, features = _outputs(num_classes, features, out_indices, engine_options)
+    module = weights if isinstance(weights, nn.Module) else None  # its dilation is read below
     if features is not None and weights is not None and not is_weight_name(weights):
         weights = _with_placeholder_fc(load_checkpoint(weights))  # a headless checkpoint is fine here
     arch, state_dict = resolve_model(model, weights, num_classes=num_classes)
-    arch = _dilated(arch, replace_stride_with_dilation, output_stride, weights, state_dict)
+    arch = _dilated(arch, replace_stride_with_dilation, output_stride, module, state_dict)
     if state_dict is None:
         warnings.warn(
             f"fastres.load({str(model)!r}) without weights gives a randomly initialised, untrained network; "

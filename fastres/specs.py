@@ -129,7 +129,7 @@ def resolve_dilation(replace_stride_with_dilation=None, output_stride=None) -> t
             "pass replace_stride_with_dilation= (torchvision) or output_stride= (timm), not both"
         )
     if output_stride is not None:
-        if isinstance(output_stride, bool) or output_stride not in OUTPUT_STRIDES:
+        if type(output_stride) is not int or output_stride not in OUTPUT_STRIDES:  # bool is no stride
             raise ConfigError(
                 f"output_stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, got {output_stride!r}"
             )
