@@ -305,6 +305,32 @@ def test_dilated_conv_kernel_split_k(case, dtype):
         assert_close(out, ref, LAYER_RTOL[dtype], what=f"{layer!r} {config}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [*DTYPES, pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize(
+    "case",
+    [  # resnet50's dilated 3x3s at 224 px: the rules' own config, split-K included at batch 1
+        pytest.param((1, 28, 28, 256, 256, 1, 2), id="os8_layer3_b1"),
+        pytest.param((8, 28, 28, 512, 512, 1, 4), id="os8_layer4_b8"),
+        pytest.param((1, 14, 14, 512, 512, 1, 2), id="os16_layer4_b1"),
+    ],
+)
+def test_dilated_resnet50_layers_gpu(case, dtype):
+    layer, x, residual, ref = _dilated_conv(*case, dtype)
+    out = poison_(torch.empty(layer.output_shape(tuple(x.shape)), dtype=dtype, device=DEVICE))
+    layer(x, residual, out=out)
+    assert_close(out, ref, LAYER_RTOL[dtype], what=repr(layer))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("output_stride", STRIDES)
+def test_triton_dilated_resnet50_gpu(output_stride):
+    model = dilated_model("resnet50", output_stride)
+    engine = fastres.load("resnet50", model, device="cuda", dtype="fp16", backend="triton")
+    assert engine.architecture.spec.output_stride == output_stride
+    assert_parity(engine, model, random_images(4, 225, 227, seed=50), torch.float16, device="cuda")
+
+
 def test_config_rules_treat_a_dilated_conv_as_its_plain_twin():
     """Dilation changes no K and no tile: the same config, and split-K where the plain layer gets it."""
     weight = torch.randn(512, 512, 3, 3)
