@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 
@@ -21,7 +22,8 @@ from .checkpoints import (
     validate_state_dict,
 )
 from .engine import Engine, as_nchw
-from .errors import BackendUnavailableError, ConfigError, InputError
+from .errors import ArchitectureMismatchError, BackendUnavailableError, ConfigError, InputError
+from .graph import ConvOp, build_eager_graph
 from .planner import plan_resnet, resolve_features, select_outputs
 from .reference import build_resnet
 from .specs import IMAGENET_MEAN, IMAGENET_STD
@@ -124,7 +126,7 @@ def _build_engine(
         options.update(
             calibration=calibration,
             save_calibration=save_calibration,
-            model_name=arch.name,
+            model_name=arch.spec.variant_name,  # a dilated net's calibration is not the plain one's
             weights_sha256=weights_hash(state_dict),
         )
     elif calibration is not None or save_calibration is not None:
@@ -164,6 +166,46 @@ def _outputs(num_classes, features, out_indices, engine_options) -> tuple[int | 
     return num_classes, names
 
 
+def _module_dilation(module: nn.Module, spec) -> tuple[bool, bool, bool] | None:
+    """The replace_stride_with_dilation a torchvision-layout Bottleneck module was built with: layer2..4
+    whose first 3x3 has stride 1, not 2 (None where there are no such convs to read)."""
+    if spec.block != "bottleneck":
+        return None  # BasicBlocks are never dilated; the conv-by-conv check still runs
+    try:
+        convs = [module.get_submodule(f"layer{stage}.0.conv2") for stage in (2, 3, 4)]
+    except AttributeError:
+        return None
+    if not all(isinstance(c, nn.Conv2d) for c in convs):
+        return None
+    return tuple(c.stride == (1, 1) for c in convs)
+
+
+def _dilated(arch: Architecture, replace_stride_with_dilation, output_stride, module=None, state=None):
+    """`arch` with the dilation asked for; from a live module, the one it was built with, checked conv by
+    conv against the plan (a module whose geometry fastres would not reproduce is refused, not guessed)."""
+    spec = arch.spec.with_dilation(replace_stride_with_dilation, output_stride)
+    if isinstance(module, nn.Module):
+        found = _module_dilation(module, arch.spec)
+        if found is not None and replace_stride_with_dilation is None and output_stride is None:
+            spec = arch.spec.with_dilation(found)
+        for op in build_eager_graph(spec, state):
+            try:
+                conv = module.get_submodule(op.name)
+            except AttributeError:
+                continue
+            if not (isinstance(op, ConvOp) and isinstance(conv, nn.Conv2d)):
+                continue
+            planned = tuple((v, v) for v in (op.stride, op.padding, op.dilation))
+            dilation = conv.dilation if conv.kernel_size != (1, 1) else (1, 1)  # meaningless for a 1x1
+            if (conv.stride, conv.padding, dilation) != planned:
+                raise ArchitectureMismatchError(
+                    f"the module's {op.name} has stride, padding, dilation {conv.stride}, {conv.padding}, "
+                    f"{conv.dilation}, but {spec.name} ({spec.describe()}) has {planned}: pass the "
+                    "replace_stride_with_dilation (or output_stride) the module was built with"
+                )
+    return dataclasses.replace(arch, spec=spec)
+
+
 def _with_placeholder_fc(state: dict) -> dict:
     """A headless state dict (timm's num_classes=0 or fc = Identity: no fc keys) with a 1-class zero fc
     added, so the architecture infers and validates as usual. It never runs: only for features."""
@@ -186,6 +228,8 @@ def load(
     num_classes: int | None = None,
     features=None,
     out_indices=None,
+    replace_stride_with_dilation=None,
+    output_stride: int | None = None,
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
     labels=None,
@@ -212,6 +256,11 @@ def load(
     features: names from planner.FEATURE_NAMES ("stem", "layer1".."layer4", "pool"), or timm's
         out_indices (0 = stem, 1-4 = layer1-4): a call returns a dict name -> tensor, ops after the
         last one are not run. Takes precedence over num_classes=0 (the fc never runs with either).
+    replace_stride_with_dilation: torchvision's three flags for layer2..layer4, e.g. (False, True, True);
+        or output_stride=8 | 16 | 32 as timm spells it (16: layer4 dilated, 8: layer3 and layer4). A
+        dilated stage keeps stride 1 and dilates its 3x3 convs, as torchvision builds it (DeepLabV3's
+        backbone); Bottleneck models only. The dilated stages then run at 4x (16) or 4x and 16x (8) the
+        pixels. From an nn.Module (weights= here, or optimize), its own dilation is read and checked.
     engine_options: allow_tf32 (float32 convs on TF32 tensor cores; off by default: IEEE fp32),
         cuda_graphs (default on for CUDA), max_batch (larger batches run in chunks),
         max_cached_shapes (input shapes kept warm, LRU); openvino only: threads (OpenVINO's
@@ -221,9 +270,11 @@ def load(
         or a saved calibration .json; save_calibration='calib.json' keeps the result for reuse.
     """
     num_classes, features = _outputs(num_classes, features, out_indices, engine_options)
+    module = weights if isinstance(weights, nn.Module) else None  # its dilation is read below
     if features is not None and weights is not None and not is_weight_name(weights):
         weights = _with_placeholder_fc(load_checkpoint(weights))  # a headless checkpoint is fine here
     arch, state_dict = resolve_model(model, weights, num_classes=num_classes)
+    arch = _dilated(arch, replace_stride_with_dilation, output_stride, module, state_dict)
     if state_dict is None:
         warnings.warn(
             f"fastres.load({str(model)!r}) without weights gives a randomly initialised, untrained network; "
@@ -249,6 +300,8 @@ def optimize(
     backend: str | None = None,
     features=None,
     out_indices=None,
+    replace_stride_with_dilation=None,
+    output_stride: int | None = None,
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
     labels=None,
@@ -256,7 +309,7 @@ def optimize(
 ) -> Engine:
     """An Engine from a live torchvision-compatible ResNet (e.g. fine-tuned with a new fc).
 
-    Options as for `load`.
+    Options as for `load`; a dilated module (torchvision's replace_stride_with_dilation) plans dilated.
     """
     _, features = _outputs(None, features, out_indices, engine_options)
     if not isinstance(module, nn.Module):
@@ -269,6 +322,7 @@ def optimize(
     state_dict = _with_placeholder_fc(state_dict) if features is not None else state_dict
     arch = infer_architecture(state_dict)
     validate_state_dict(state_dict, arch)
+    arch = _dilated(arch, replace_stride_with_dilation, output_stride, module, state_dict)
     state_dict = {k: v.detach().to("cpu") for k, v in state_dict.items()}
     return _build_engine(
         arch, state_dict, device, dtype, backend, mean, std, labels, engine_options, features

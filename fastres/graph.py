@@ -42,6 +42,7 @@ class ConvOp(Op):
     bias: Tensor | None = field(repr=False, default=None)
     stride: int = 1
     padding: int = 0
+    dilation: int = 1  # spacing of the filter taps (a dilated ResNet's later 3x3s); padding = dilation there
     groups: int = 1
     relu: bool = False
     shortcut_weight: Tensor | None = field(repr=False, default=None)  # (C_out, C_in2, 1, 1)
@@ -136,7 +137,7 @@ def build_eager_graph(spec: ResNetSpec, state_dict: dict[str, Tensor]) -> list[O
     """
     ops: list[Op] = []
 
-    def conv(prefix: str, src: str, stride: int, padding: int, groups: int = 1) -> str:
+    def conv(prefix: str, src: str, stride: int, padding: int, groups: int = 1, dilation: int = 1) -> str:
         ops.append(
             ConvOp(
                 prefix,
@@ -146,6 +147,7 @@ def build_eager_graph(spec: ResNetSpec, state_dict: dict[str, Tensor]) -> list[O
                 bias=state_dict.get(f"{prefix}.bias"),
                 stride=stride,
                 padding=padding,
+                dilation=dilation,
                 groups=groups,
             )
         )
@@ -173,17 +175,21 @@ def build_eager_graph(spec: ResNetSpec, state_dict: dict[str, Tensor]) -> list[O
     ops.append(MaxPoolOp("maxpool", [x], "maxpool"))
     x = "maxpool"
     in_channels = STEM_CHANNELS
+    geometry = spec.stage_geometry()  # (stride, first block's dilation, later blocks' dilation) per stage
     for stage, (planes, blocks) in enumerate(zip(STAGE_PLANES, spec.layers), start=1):
         for index in range(blocks):
             p = f"layer{stage}.{index}"
-            stride = 2 if stage > 1 and index == 0 else 1
+            stage_stride, first_dilation, later_dilation = geometry[stage - 1]
+            stride = stage_stride if index == 0 else 1
+            d = first_dilation if index == 0 else later_dilation  # 1 for BasicBlocks (spec.with_dilation)
             out_channels = planes * spec.expansion
             if spec.block == "basic":
                 y = relu(f"{p}.relu1", batchnorm(f"{p}.bn1", conv(f"{p}.conv1", x, stride, 1)))
                 y = batchnorm(f"{p}.bn2", conv(f"{p}.conv2", y, 1, 1))
             else:
                 y = relu(f"{p}.relu1", batchnorm(f"{p}.bn1", conv(f"{p}.conv1", x, 1, 0)))
-                y = relu(f"{p}.relu2", batchnorm(f"{p}.bn2", conv(f"{p}.conv2", y, stride, 1, spec.groups)))
+                y = conv(f"{p}.conv2", y, stride, d, spec.groups, dilation=d)
+                y = relu(f"{p}.relu2", batchnorm(f"{p}.bn2", y))
                 y = batchnorm(f"{p}.bn3", conv(f"{p}.conv3", y, 1, 0))
             shortcut = x
             if index == 0 and (stride != 1 or in_channels != out_channels):
@@ -198,8 +204,8 @@ def build_eager_graph(spec: ResNetSpec, state_dict: dict[str, Tensor]) -> list[O
     return ops
 
 
-def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
+def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def infer_shapes(ops: list[Op], batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
@@ -212,8 +218,8 @@ def infer_shapes(ops: list[Op], batch: int, height: int, width: int) -> dict[str
             shape = (
                 n,
                 op.out_channels,
-                conv_out_size(h, k, op.stride, op.padding),
-                conv_out_size(w, k, op.stride, op.padding),
+                conv_out_size(h, k, op.stride, op.padding, op.dilation),
+                conv_out_size(w, k, op.stride, op.padding, op.dilation),
             )
         elif isinstance(op, MaxPoolOp):
             shape = (
@@ -261,13 +267,15 @@ def pad_with_values(x: Tensor, padding: int, pad_value: Tensor) -> Tensor:
     return out
 
 
-def conv2d_padded(x, weight, bias, stride: int, padding: int, groups: int, pad_value=None) -> Tensor:
+def conv2d_padded(
+    x, weight, bias, stride: int, padding: int, groups: int, pad_value=None, dilation: int = 1
+) -> Tensor:
     """F.conv2d, padding with `pad_value` per input channel when given (else zeros)."""
     import torch.nn.functional as F
 
     if pad_value is not None and padding > 0:
         x, padding = pad_with_values(x, padding, pad_value), 0
-    return F.conv2d(x, weight, bias, stride, padding, 1, groups)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
 def execute(ops: list[Op], x: Tensor, observer=None) -> Tensor:
@@ -285,7 +293,7 @@ def execute(ops: list[Op], x: Tensor, observer=None) -> Tensor:
         a = values[op.inputs[0]]
         if isinstance(op, ConvOp):
             y = conv2d_padded(
-                a, cast(op.weight), cast(op.bias), op.stride, op.padding, op.groups, op.pad_value
+                a, cast(op.weight), cast(op.bias), op.stride, op.padding, op.groups, op.pad_value, op.dilation
             )
             if op.shortcut_input is not None:
                 shortcut = values[op.shortcut_input]

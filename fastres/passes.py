@@ -78,6 +78,7 @@ def fold_batchnorm(ops: list[Op]) -> list[Op]:
                 bias=bias,
                 stride=conv.stride,
                 padding=conv.padding,
+                dilation=conv.dilation,
                 groups=conv.groups,
                 relu=conv.relu,
             )
@@ -114,6 +115,7 @@ def fuse_residual(ops: list[Op]) -> list[Op]:
             bias=conv.bias,
             stride=conv.stride,
             padding=conv.padding,
+            dilation=conv.dilation,
             groups=conv.groups,
         )
         result.remove(add)
@@ -241,6 +243,7 @@ def fold_normalization(stem: ConvOp, mean, std) -> ConvOp:
         bias=bias,
         stride=stem.stride,
         padding=stem.padding,
+        dilation=stem.dilation,
         groups=stem.groups,
         relu=stem.relu,
         pad_value=pad_value,

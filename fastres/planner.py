@@ -183,6 +183,7 @@ class Plan:
             if isinstance(op, ConvOp):
                 k, parts = op.kernel_size, ["bias"]
                 kind = f"conv{k}x{k}/{op.stride}" + (f" g{op.groups}" if op.groups > 1 else "")
+                kind += f" d{op.dilation}" if op.dilation > 1 else ""
                 if op.shortcut_input is not None:  # the projection, K-concatenated into this GEMM
                     kind += f" +proj1x1/{op.shortcut_stride}"
                 if op.residual:

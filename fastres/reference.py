@@ -14,8 +14,10 @@ from .errors import CheckpointError, ConfigError
 from .specs import MODEL_SPECS, STAGE_PLANES, STEM_CHANNELS, ResNetSpec, get_spec
 
 
-def _conv3x3(in_ch: int, out_ch: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, groups=groups, bias=False)
+def _conv3x3(in_ch: int, out_ch: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(
+        in_ch, out_ch, 3, stride=stride, padding=dilation, groups=groups, bias=False, dilation=dilation
+    )
 
 
 def _conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -57,12 +59,13 @@ class Bottleneck(nn.Module):
         downsample: nn.Module | None = None,
         groups: int = 1,
         width_per_group: int = 64,
+        dilation: int = 1,
     ):
         super().__init__()
         width = int(planes * (width_per_group / 64.0)) * groups
         self.conv1 = _conv1x1(inplanes, width)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = _conv3x3(width, width, stride, groups)
+        self.conv2 = _conv3x3(width, width, stride, groups, dilation)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = _conv1x1(width, planes * self.expansion)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
@@ -79,21 +82,26 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """The torchvision ResNet skeleton, built from a :class:`ResNetSpec`."""
+    """The torchvision ResNet skeleton, built from a :class:`ResNetSpec`.
 
-    def __init__(self, spec: ResNetSpec, num_classes: int = 1000):
+    replace_stride_with_dilation (torchvision's argument; or the spec's own): dilated stages, as
+    ResNetSpec.with_dilation takes them.
+    """
+
+    def __init__(self, spec: ResNetSpec, num_classes: int = 1000, replace_stride_with_dilation=None):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ConfigError(f"num_classes must be a positive int, got {num_classes!r}")
+        spec = spec.with_dilation(replace_stride_with_dilation)
         self.spec = spec
         self.inplanes = STEM_CHANNELS
         self.conv1 = nn.Conv2d(3, STEM_CHANNELS, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(STEM_CHANNELS)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        for index, (planes, blocks) in enumerate(zip(STAGE_PLANES, spec.layers)):
-            stride = 1 if index == 0 else 2
-            setattr(self, f"layer{index + 1}", self._make_stage(planes, blocks, stride))
+        stages = zip(STAGE_PLANES, spec.layers, spec.stage_geometry())
+        for index, (planes, blocks, geometry) in enumerate(stages):
+            setattr(self, f"layer{index + 1}", self._make_stage(planes, blocks, *geometry))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(STAGE_PLANES[-1] * spec.expansion, num_classes)
         for m in self.modules():
@@ -103,7 +111,9 @@ class ResNet(nn.Module):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
 
-    def _make_stage(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    def _make_stage(
+        self, planes: int, blocks: int, stride: int, first_dilation: int = 1, dilation: int = 1
+    ) -> nn.Sequential:
         spec = self.spec
         out_channels = planes * spec.expansion
         downsample = None
@@ -114,13 +124,14 @@ class ResNet(nn.Module):
         layers: list[nn.Module] = []
         for i in range(blocks):
             block_stride, block_down = (stride, downsample) if i == 0 else (1, None)
-            if spec.block == "basic":
+            if spec.block == "basic":  # never dilated (ResNetSpec.with_dilation refuses)
                 layers.append(BasicBlock(self.inplanes, planes, block_stride, block_down))
             else:
                 layers.append(
                     Bottleneck(
-                        self.inplanes, planes, block_stride, block_down, spec.groups, spec.width_per_group
-                    )
+                        self.inplanes, planes, block_stride, block_down, spec.groups, spec.width_per_group,
+                        first_dilation if i == 0 else dilation,
+                    )  # fmt: skip
                 )
             self.inplanes = out_channels
         return nn.Sequential(*layers)
@@ -132,16 +143,19 @@ class ResNet(nn.Module):
 
 
 def build_resnet(
-    spec: ResNetSpec | str, num_classes: int = 1000, state_dict: dict[str, Tensor] | None = None
+    spec: ResNetSpec | str,
+    num_classes: int = 1000,
+    state_dict: dict[str, Tensor] | None = None,
+    replace_stride_with_dilation=None,
 ) -> ResNet:
     """A reference network: torchvision's random initialisation, or the given weights.
 
     `state_dict` must match exactly, except that BatchNorm's `num_batches_tracked` counters
-    (absent from timm checkpoints, unused in eval mode) may be missing.
+    (absent from timm checkpoints, unused in eval mode) may be missing. Dilation changes no key.
     """
     if isinstance(spec, str):
         spec = get_spec(spec)
-    model = ResNet(spec, num_classes)
+    model = ResNet(spec, num_classes, replace_stride_with_dilation)
     if state_dict is not None:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         missing = [k for k in missing if not k.endswith("num_batches_tracked")]
@@ -153,8 +167,9 @@ def build_resnet(
 
 
 def _constructor(name: str):
-    def make(*, num_classes: int = 1000) -> ResNet:
-        return build_resnet(MODEL_SPECS[name], num_classes)
+    def make(*, num_classes: int = 1000, replace_stride_with_dilation=None) -> ResNet:
+        spec = MODEL_SPECS[name].with_dilation(replace_stride_with_dilation)
+        return build_resnet(spec, num_classes)
 
     make.__name__ = make.__qualname__ = name
     make.__doc__ = f"torchvision-compatible {name} ({MODEL_SPECS[name].describe()}), randomly initialised."

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from .errors import ConfigError, UnknownModelError
@@ -47,6 +47,9 @@ class ResNetSpec:
     layers: tuple[int, int, int, int]
     groups: int = 1
     width_per_group: int = 64
+    # torchvision's replace_stride_with_dilation, one flag per stage layer2..layer4: a flagged stage
+    # keeps its input's resolution (stride 1) and dilates its 3x3 convs by the stride it gave up.
+    replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False)
 
     @property
     def expansion(self) -> int:
@@ -61,12 +64,87 @@ class ResNetSpec:
         """Channels of a Bottleneck's 3x3 conv (torchvision: planes * base_width / 64 * groups)."""
         return int(planes * (self.width_per_group / 64.0)) * self.groups
 
+    @property
+    def output_stride(self) -> int:
+        """Input pixels per pixel of layer4's output: 32, halved by each dilated stage."""
+        return 32 >> sum(self.replace_stride_with_dilation)
+
+    def stage_geometry(self) -> list[tuple[int, int, int]]:
+        """Per stage, (stride, dilation of the first block's 3x3, dilation of the other blocks' 3x3s).
+
+        As torchvision's _make_layer: a dilated stage multiplies the running dilation by the stride it
+        replaces, and its first block still uses the dilation before that (its 3x3 sees the previous
+        stage's sampling grid); the 3x3 pads by its dilation, so the map size only changes by stride.
+        """
+        geometry, dilation = [], 1
+        for index in range(len(STAGE_PLANES)):
+            stride, previous = (1 if index == 0 else 2), dilation
+            if index > 0 and self.replace_stride_with_dilation[index - 1]:
+                dilation, stride = dilation * stride, 1
+            geometry.append((stride, previous, dilation))
+        return geometry
+
+    def with_dilation(self, replace_stride_with_dilation=None, output_stride=None) -> ResNetSpec:
+        """This spec dilated as torchvision's `replace_stride_with_dilation` (three bools, layer2..layer4)
+        or timm's `output_stride` (32, 16: layer4 dilated, 8: layer3 and layer4) ask; neither: unchanged."""
+        flags = resolve_dilation(replace_stride_with_dilation, output_stride)
+        if flags is None:
+            return self
+        if any(flags) and self.block == "basic":
+            raise ConfigError(
+                f"{self.name} has BasicBlocks, which have no dilated form (torchvision raises "
+                "NotImplementedError for them too); dilation needs Bottleneck models: resnet50, resnet101, "
+                "resnet152, resnext*, wide_resnet*"
+            )
+        return replace(self, replace_stride_with_dilation=flags)
+
     def describe(self) -> str:
         kind = "BasicBlock" if self.block == "basic" else "Bottleneck"
         extra = ""
         if self.groups != 1 or self.width_per_group != 64:
             extra = f", groups={self.groups}, width_per_group={self.width_per_group}"
+        if self.dilated_stages:
+            extra += f", output stride {self.output_stride} ({'+'.join(self.dilated_stages)} dilated)"
         return f"{kind} {list(self.layers)}{extra}"
+
+    @property
+    def dilated_stages(self) -> list[str]:
+        return [f"layer{i + 2}" for i, flag in enumerate(self.replace_stride_with_dilation) if flag]
+
+    @property
+    def variant_name(self) -> str:
+        """The name, plus the dilated stages when there are any: what a saved calibration is made for."""
+        return self.name + (f"+dilated-{'+'.join(self.dilated_stages)}" if self.dilated_stages else "")
+
+
+# timm's output_stride -> torchvision's replace_stride_with_dilation.
+OUTPUT_STRIDES = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}
+
+
+def resolve_dilation(replace_stride_with_dilation=None, output_stride=None) -> tuple[bool, bool, bool] | None:
+    """The three dilation flags either spelling asks for (None when neither is given), or a ConfigError
+    saying what is allowed."""
+    if replace_stride_with_dilation is not None and output_stride is not None:
+        raise ConfigError(
+            "pass replace_stride_with_dilation= (torchvision) or output_stride= (timm), not both"
+        )
+    if output_stride is not None:
+        if type(output_stride) is not int or output_stride not in OUTPUT_STRIDES:  # bool is no stride
+            raise ConfigError(
+                f"output_stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, got {output_stride!r}"
+            )
+        return OUTPUT_STRIDES[output_stride]
+    if replace_stride_with_dilation is None:
+        return None
+    flags = replace_stride_with_dilation
+    if isinstance(flags, (str, bytes)) or not hasattr(flags, "__len__") or len(flags) != 3 or not all(
+        isinstance(f, bool) for f in flags
+    ):
+        raise ConfigError(
+            "replace_stride_with_dilation must be three bools (layer2, layer3, layer4), e.g. "
+            f"(False, True, True) for output stride 8; got {replace_stride_with_dilation!r}"
+        )
+    return tuple(flags)
 
 
 MODEL_SPECS: dict[str, ResNetSpec] = {

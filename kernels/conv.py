@@ -38,9 +38,9 @@ from .launch import (
 from .splitk import reduce_spec, splitk_reduce
 
 
-def conv_out_shape(input_shape_nhwc, out_channels, kernel_size, stride, padding) -> tuple[int, int, int, int]:
+def conv_out_shape(input_shape_nhwc, out_channels, kernel_size, stride, padding, dilation=1) -> tuple:
     n, h, w, _ = input_shape_nhwc
-    r, s = kernel_size
+    r, s = (dilation * (k - 1) + 1 for k in kernel_size)  # the dilated filter's extent
     return (n, (h + 2 * padding - r) // stride + 1, (w + 2 * padding - s) // stride + 1, out_channels)
 
 
@@ -59,6 +59,7 @@ class ConvLayer:
         *,
         stride: int,
         padding: int,
+        dilation: int = 1,
         groups: int = 1,
         relu: bool = False,
         has_residual: bool = False,
@@ -74,14 +75,16 @@ class ConvLayer:
         c_out, cg_in, r, s = weight.shape
         if groups < 1 or c_out % groups:
             raise ValueError(f"ConvLayer: C_out={c_out} is not divisible by groups={groups}")
-        if stride < 1 or padding < 0:
-            raise ValueError(f"ConvLayer: expected stride >= 1 and padding >= 0, got {stride}, {padding}")
+        if min(stride, dilation) < 1 or padding < 0:
+            bad = f"stride {stride}, dilation {dilation}, padding {padding}"
+            raise ValueError(f"ConvLayer: expected stride >= 1, dilation >= 1 and padding >= 0, got {bad}")
         if bias is not None and tuple(bias.shape) != (c_out,):
             raise ValueError(f"ConvLayer: bias must have shape ({c_out},), got {tuple(bias.shape)}")
         self.in_channels = cg_in * groups
         self.out_channels = c_out
         self.stride = stride
         self.padding = padding
+        self.dilation = dilation if (r, s) != (1, 1) else 1  # a 1x1's dilation changes nothing: GEMM mode
         self.groups = groups
         self.kernel_size = (r, s)
         self.relu = relu
@@ -146,12 +149,12 @@ class ConvLayer:
         )
         return (
             f"ConvLayer({self.in_channels}->{self.out_channels}, k={self.kernel_size}, s={self.stride}, "
-            f"p={self.padding}, g={self.groups}{shortcut}, dtype={self.dtype})"
+            f"p={self.padding}, d={self.dilation}, g={self.groups}{shortcut}, dtype={self.dtype})"
         )
 
     def output_shape(self, input_shape_nhwc) -> tuple[int, int, int, int]:
         return conv_out_shape(
-            input_shape_nhwc, self.out_channels, self.kernel_size, self.stride, self.padding
+            input_shape_nhwc, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation
         )
 
     # ------------------------------------------------------------------------------------- config rules
@@ -246,6 +249,7 @@ class ConvLayer:
             S=self.kernel_size[1],
             STRIDE=self.stride,
             PAD=self.padding,
+            DIL=self.dilation,
             GATHER_CG=self.gather_cg,
             KC=kc,
             EVEN_C=not self.gather_cg and all(c % config.block_k == 0 for c in channels),
@@ -376,7 +380,6 @@ class ConvLayer:
         key = (tuple(out_shape), config.split_k, config.block_m, config.block_n)
         ws = self._workspaces.get(key)
         if ws is None:
-            m = out_shape[0] * out_shape[1] * out_shape[2]
             partials = torch.empty(
                 (config.split_k, m, self.out_channels), dtype=torch.float32, device=self.device
             )
@@ -405,8 +408,9 @@ class ConvLayer:
         args, constexprs, grid = self._kernel_args(x, residual, out, config, x2, ws)
         args = pointers_for_placeholders(args)
         r, s = self.kernel_size
+        dil = f"_d{self.dilation}" if self.dilation > 1 else ""
         name = (
-            f"conv{r}x{s}_s{self.stride}_{self.in_channels}to{self.out_channels}_g{self.groups}"
+            f"conv{r}x{s}_s{self.stride}{dil}_{self.in_channels}to{self.out_channels}_g{self.groups}"
             f"{f'_sc{self.shortcut_channels}s{self.shortcut_stride}' if self.shortcut_channels else ''}"
             f"_{'x'.join(map(str, shape))}_{str(self.dtype).replace('torch.', '')}"
         )

@@ -3,7 +3,7 @@
 GEMM view, per group g (G groups, C_in/G input and C_out/G output channels each):
 
     out[m, g*NG + n] = sum_k A[m, k] * B[k, g*NG + n]      M = N*OH*OW, N = NG = C_out/G, K = R*S*C_in/G
-    A[m, k] = x[b, oh*stride - pad + r, ow*stride - pad + s, g*CG + c]   (0 outside the image)
+    A[m, k] = x[b, oh*stride - pad + r*dil, ow*stride - pad + s*dil, g*CG + c]   (0 outside the image)
     m = (b*OH + oh)*OW + ow,  k = (r*S + s)*CG + c
 
 Layouts: activations are contiguous NHWC (`x[b, h, w, c]`); weights are packed once, at construction, K-major
@@ -30,6 +30,13 @@ groups, 1 from 16 channels on) -- those layers are cheap in FLOPs and bound by m
 K-concatenated projection shortcut (GEMM mode only): a bottleneck block's last 1x1 conv and its 1x1,
 stride-STRIDE2 projection of the block input x2 are one GEMM over K = C_in + C_in2; B stacks both weights
 (rows C_in.. hold the projection), the bias is their sum, and a second loop reads A from x2.
+
+Dilation (DIL, constexpr) only spaces the taps in the address math above: a dilated 3x3 is the same single
+K loop, same K and same tile config as a plain one, in both the channel-blocked and the gather loop (a 1x1
+conv is built with DIL = 1, so it stays in GEMM mode). Its cost is the resolution it keeps: output stride
+16 runs layer4 at 4x the plain net's pixels, output stride 8 runs layer3 at 4x and layer4 at 16x, and
+their FLOPs and bytes grow alike: a whole ResNet-50 costs about 1.5x (output stride 16) and 4.7x (8) the
+plain net's FLOPs (counted at 512x512).
 
 Split-K (SPLIT > 1, grid (tiles, SPLIT)): program (t, s) runs K-steps [s*STEPS_PER_SPLIT, ...) of the
 concatenated K loop and stores its raw fp32 accumulator into a workspace slice; kernels/splitk.py sums
@@ -78,6 +85,7 @@ def _conv_kernel(
     S: tl.constexpr,
     STRIDE: tl.constexpr,
     PAD: tl.constexpr,
+    DIL: tl.constexpr,  # dilation: tap (r, s) reads input pixel (oh*STRIDE - PAD + r*DIL, ...)
     GATHER_CG: tl.constexpr,  # > 0: flattened-K gather loop with this many channels per group
     KC: tl.constexpr,  # K-steps per filter tap (channel blocks); the whole main K for gather mode
     EVEN_C: tl.constexpr,  # every channel count is a multiple of BLOCK_K: no channel masks
@@ -175,8 +183,8 @@ def _conv_kernel(
                 c = k % GATHER_CG
                 r = k // (GATHER_CG * S)
                 s = (k // GATHER_CG) % S
-                ih = ih0[:, None] + r[None, :]
-                iw = iw0[:, None] + s[None, :]
+                ih = ih0[:, None] + (r * DIL)[None, :]
+                iw = iw0[:, None] + (s * DIL)[None, :]
                 a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 a = tl.load(x_rows[:, None] + (ih * W + iw) * C_IN + c[None, :], mask=a_mask, other=0.0)
                 b = tl.load(
@@ -193,8 +201,8 @@ def _conv_kernel(
                 c = (step - tap * KC) * BLOCK_K + offs_k
                 r = tap // S
                 s = tap % S
-                ih = ih0 + r
-                iw = iw0 + s
+                ih = ih0 + r * DIL
+                iw = iw0 + s * DIL
                 row_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 c_mask = (c < CG) | EVEN_C
                 a = tl.load(

@@ -20,10 +20,11 @@ _COMPILE_SCRIPT = r"""
 import dataclasses, json, torch
 from fastres.kernels import CONV_CONFIGS, ConvLayer, HeadLayer, compile_spec, max_pool_aot_specs
 
-def conv(c_in, c_out, k, stride, pad, dtype, residual=False):
+def conv(c_in, c_out, k, stride, pad, dtype, residual=False, dilation=1):
     w = torch.randn(c_out, c_in, k, k)
     return ConvLayer(
-        w, torch.randn(c_out), stride=stride, padding=pad, relu=True, has_residual=residual, dtype=dtype
+        w, torch.randn(c_out), stride=stride, padding=pad, relu=True, has_residual=residual, dtype=dtype,
+        dilation=dilation,
     )
 
 jobs = {}
@@ -32,6 +33,9 @@ for arch in (90, 80):
     r50_1x1 = conv(64, 256, 1, 1, 0, torch.float16, residual=True)
     jobs[f"r50_3x3_b8_sm{arch}"] = (r50_3x3.aot_specs((8, 56, 56, 64), arch)[0], arch)
     jobs[f"r50_1x1_b8_sm{arch}"] = (r50_1x1.aot_specs((8, 56, 56, 64), arch)[0], arch)
+    for dtype, suffix in ((torch.float16, ""), (torch.float32, "_fp32")):  # layer3 3x3 at output stride 8
+        dilated = conv(256, 256, 3, 1, 2, dtype, dilation=2).aot_specs((8, 28, 28, 256), arch)[0]
+        jobs[f"r50_3x3_d2_b8{suffix}_sm{arch}"] = (dilated, arch)
     jobs[f"maxpool_sm{arch}"] = (max_pool_aot_specs((8, 112, 112, 64), torch.float16, arch)[0], arch)
     head = HeadLayer(torch.randn(1000, 2048), torch.randn(1000), dtype=torch.float16)
     head_pool, head_fc = head.aot_specs((8, 7, 7, 2048), arch)
@@ -73,12 +77,13 @@ def _assert_clean(stats):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [90, 80])
-@pytest.mark.parametrize("layer", ["r50_3x3_b8", "r50_1x1_b8"])
+@pytest.mark.parametrize("layer", ["r50_3x3_b8", "r50_1x1_b8", "r50_3x3_d2_b8", "r50_3x3_d2_b8_fp32"])
 def test_resnet50_conv_compiles_clean(compiled, layer, arch):
     stats = compiled[f"{layer}_sm{arch}"]
     _assert_clean(stats)
-    if arch >= 90:
-        assert stats["uses_wgmma"] is True, f"{stats['name']}: no HGMMA in the sm_90 SASS"
+    if arch >= 90:  # IEEE fp32 runs on the FMA units, 16-bit on wgmma
+        fp32 = layer.endswith("fp32")
+        assert stats["uses_wgmma"] is not fp32, f"{stats['name']}: HGMMA in the SASS is {stats['uses_wgmma']}"
     else:
         assert stats["uses_wgmma"] is None
 

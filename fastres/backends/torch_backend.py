@@ -124,12 +124,12 @@ class TorchBackend(Backend):
             op_padding = 0
         else:
             op_padding = op.padding
-        stride, padding = [op.stride] * 2, [op_padding] * 2
+        stride, padding, dilation = [op.stride] * 2, [op_padding] * 2, [op.dilation] * 2
         if self.onednn:
             relu = "relu" if op.relu else "none"
             if residual is None:
                 return torch.ops.mkldnn._convolution_pointwise(
-                    x, weight, bias, padding, stride, [1, 1], op.groups, relu, [None], ""
+                    x, weight, bias, padding, stride, dilation, op.groups, relu, [None], ""
                 )
             return torch.ops.mkldnn._convolution_pointwise.binary(
                 x,
@@ -138,7 +138,7 @@ class TorchBackend(Backend):
                 bias,
                 padding,
                 stride,
-                [1, 1],
+                dilation,
                 op.groups,
                 "add",
                 1.0,
@@ -146,7 +146,7 @@ class TorchBackend(Backend):
                 [],
                 "",
             )
-        y = F.conv2d(x, weight, bias, stride, padding, 1, op.groups)
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, op.groups)
         if residual is not None:
             y.add_(residual)
         return y.relu_() if op.relu else y

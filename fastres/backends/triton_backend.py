@@ -78,6 +78,7 @@ class TritonBackend(Backend):
                 None if op.bias is None else op.bias.to(self.device),
                 stride=op.stride,
                 padding=op.padding,
+                dilation=op.dilation,
                 groups=op.groups,
                 relu=op.relu,
                 has_residual=op.residual is not None,

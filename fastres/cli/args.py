@@ -57,6 +57,16 @@ def add_image_size(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_output_stride(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--output-stride",
+        type=int,
+        choices=(8, 16, 32),
+        default=32,
+        help="32 (default) or a dilated net: 16 dilates layer4, 8 layer3 and layer4 (Bottleneck models)",
+    )
+
+
 def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=DEVICES, help="default cuda when available, else cpu")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .args import DTYPES, UsageError, add_command, add_image_size, examples, parse_dtype
+from .args import DTYPES, UsageError, add_command, add_image_size, add_output_stride, examples, parse_dtype
 
 
 def add_parser(subparsers) -> None:
@@ -16,6 +16,7 @@ def add_parser(subparsers) -> None:
         epilog=examples(
             "fastres compile-report resnet50 --arch sm_90 --dtype fp16",
             "fastres compile-report resnext50_32x4d --arch sm_80 --dtype bf16 --batch 1",
+            "fastres compile-report resnet50 --arch sm_90 --dtype fp16 --output-stride 8   # dilated",
             "fastres compile-report resnet50 --batch 256 --estimate --gpu h100 --assume node_gap_us=1",
         ),
     )
@@ -24,6 +25,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=DTYPES, help="compute dtype (required; fp16 with --estimate)")
     p.add_argument("--batch", type=int, default=8, metavar="N", help="batch size (default 8)")
     add_image_size(p)
+    add_output_stride(p)
     p.add_argument("--out", metavar="DIR", help="also write the report as JSON into DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
@@ -48,6 +50,8 @@ def run(args) -> int:
     if args.estimate:
         from ..tools.estimate_report import estimate_command
 
+        if args.output_stride != 32:
+            raise UsageError("--output-stride is not modelled by --estimate yet; compile without --estimate")
         return estimate_command(args, args.argv)
     if args.arch is None or args.dtype is None:
         raise UsageError("compile-report needs --arch and --dtype (or --estimate)")
@@ -62,4 +66,5 @@ def run(args) -> int:
         args.image_size,
         args.out,
         progress=not args.no_progress,
+        output_stride=args.output_stride,
     )

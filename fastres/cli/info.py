@@ -7,7 +7,7 @@ import os
 import torch
 
 from ..errors import ConfigError
-from .args import add_command, add_model_args, examples, parse_dtype
+from .args import add_command, add_model_args, add_output_stride, examples, parse_dtype
 
 
 def add_parser(subparsers) -> None:
@@ -22,6 +22,7 @@ def add_parser(subparsers) -> None:
             "fastres info resnext50_32x4d --batch 64 --dtype bf16",
             "fastres info checkpoints/best.pt   # architecture inferred from the checkpoint",
             "fastres info resnet50 --features layer1,layer2,layer3,layer4   # a backbone's cut plan",
+            "fastres info resnet101 --output-stride 8 --image-size 513   # DeepLabV3's dilated backbone",
         ),
     )
     add_model_args(p, "element size for the byte counts (default fp16)")
@@ -38,6 +39,7 @@ def add_parser(subparsers) -> None:
         metavar="NAMES",
         help="comma-separated outputs (stem, layer1..layer4, pool): the cut plan",
     )
+    add_output_stride(p)
     p.set_defaults(run=run)
 
 
@@ -60,7 +62,7 @@ def run(args) -> int:
         spec, num_classes = get_spec(args.model), args.num_classes or 1000
         with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
             state_dict = build_resnet(spec, num_classes).state_dict()
-    plan = plan_resnet(spec, num_classes, state_dict)
+    plan = plan_resnet(spec.with_dilation(output_stride=args.output_stride), num_classes, state_dict)
     if features is not None:
         plan = select_outputs(plan, [name.strip() for name in features])
     print(plan.describe(args.batch, args.image_size, args.image_size, parse_dtype(args.dtype or "fp16")))

@@ -68,15 +68,24 @@ def _spec_key(spec) -> tuple:
 
 
 def collect_specs(
-    model: str, dtype: torch.dtype, batch: int, height: int, width: int, arch: int, num_classes: int = 1000
+    model: str,
+    dtype: torch.dtype,
+    batch: int,
+    height: int,
+    width: int,
+    arch: int,
+    num_classes: int = 1000,
+    output_stride: int = 32,
 ) -> tuple[list[tuple[Any, int]], int]:
-    """Distinct kernel specs this model launches, each with its launch count, and the total launches."""
+    """Distinct kernel specs this model launches, each with its launch count, and the total launches.
+
+    output_stride 16 or 8: the dilated network (layer4, or layer3 and layer4, dilated)."""
     from ..backends.triton_backend import TritonBackend
     from ..planner import plan_resnet
     from ..reference import build_resnet
     from ..specs import get_spec
 
-    spec = get_spec(model)
+    spec = get_spec(model).with_dilation(output_stride=output_stride)
     torch.manual_seed(0)
     state_dict = build_resnet(spec, num_classes).state_dict()
     plan = plan_resnet(spec, num_classes, state_dict)
@@ -179,6 +188,7 @@ def run(
     image_size: int = 224,
     out_dir: str | None = None,
     progress: bool = True,
+    output_stride: int = 32,
 ) -> int:
     """Print the report; 0 when every kernel compiled without spills, 1 otherwise."""
     arch_num = parse_arch(arch)
@@ -190,12 +200,15 @@ def run(
             "itself without it"
         )
     dtype_name = str(dtype).replace("torch.", "")
+    dilated = f" output stride {output_stride}" if output_stride != 32 else ""
     print(
-        f"{model} {dtype_name}, input {batch}x3x{image_size}x{image_size}, compiled for sm_{arch_num} "
-        f"(no GPU needed)",
+        f"{model}{dilated} {dtype_name}, input {batch}x3x{image_size}x{image_size}, compiled for "
+        f"sm_{arch_num} (no GPU needed)",
         flush=True,
     )
-    specs, launches = collect_specs(model, dtype, batch, image_size, image_size, arch_num)
+    specs, launches = collect_specs(
+        model, dtype, batch, image_size, image_size, arch_num, output_stride=output_stride
+    )
     start = time.perf_counter()
     reports = compile_all(specs, arch_num, progress)
     total = time.perf_counter() - start
@@ -204,7 +217,8 @@ def run(
 
         path = Path(out_dir)
         path.mkdir(parents=True, exist_ok=True)
-        file = path / f"compile_report_{model}_sm{arch_num}_{dtype_name}.json"
+        stride = f"_os{output_stride}" if dilated else ""
+        file = path / f"compile_report_{model}{stride}_sm{arch_num}_{dtype_name}.json"
         record = {
             **environment(torch.device("cpu")),
             "model": model,
@@ -212,6 +226,7 @@ def run(
             "dtype": dtype_name,
             "batch": batch,
             "image_size": image_size,
+            "output_stride": output_stride,
             "total_compile_s": total,
             "kernels": [asdict(r) for r in reports],
         }
