@@ -1,9 +1,9 @@
 """Reading ResNet checkpoints: files, in-memory state dicts and torchvision's published weights.
 
 Everything here works on plain ``{name: tensor}`` state dicts in torchvision's key layout
-(``conv1``, ``bn1``, ``layerK.i.convJ``/``bnJ``, ``layerK.0.downsample.{0,1}``, ``fc``). timm's
-plain ResNets use the same layout and load unchanged; timm's deep-stem variants (``conv1.0``,
-``resnet50d`` and friends) are a different network and are refused with a message saying so.
+(``conv1``, ``bn1``, ``layerK.i.convJ``/``bnJ``, ``layerK.0.downsample.{0,1}``, ``fc``), which timm's
+plain ResNets share; timm's ResNet-D layout (``resnet50d``: deep stem ``conv1.0/1/3/4/6``, projections
+``downsample.{1,2}`` with the BN at index 2 after the pool) is recognised from those keys.
 
 Files are always read with ``torch.load(..., weights_only=True)``: a checkpoint that needs code to
 unpickle is refused, never executed.
@@ -211,17 +211,14 @@ def _normalize(raw: object, where: str) -> dict[str, Tensor]:
 
 
 def infer_architecture(state_dict: Mapping[str, Tensor]) -> Architecture:
-    """The ResNet a torchvision-layout state dict describes, read from its keys and shapes."""
-    required = ("conv1.weight", "fc.weight", "layer1.0.conv2.weight")
+    """The ResNet a torchvision- or timm-layout state dict describes, read from its keys and shapes."""
+    deep_stem = "conv1.0.weight" in state_dict  # timm's Sequential stem; a 7x7 stem is conv1.weight
+    avg_down = any(k.endswith(".downsample.2.weight") for k in state_dict)
+    required = ("conv1.0.weight" if deep_stem else "conv1.weight", "fc.weight", "layer1.0.conv2.weight")
     missing = [k for k in required if k not in state_dict]
     if missing:
         hint = ""
-        if "conv1.0.weight" in state_dict:
-            hint = (
-                " It has a deep stem (conv1.0.weight, as in timm's resnet50d/resnet26d variants), "
-                "which fastres does not support."
-            )
-        elif any(k.startswith(("head.", "classifier.", "model.")) for k in state_dict):
+        if any(k.startswith(("head.", "classifier.", "model.")) for k in state_dict):
             hint = " Its keys use another naming scheme (head./classifier./model.)."
         raise CheckpointError(
             f"this does not look like a torchvision ResNet checkpoint: missing {', '.join(missing)}."
@@ -254,9 +251,8 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> Architecture:
     fc = state_dict["fc.weight"]
     if fc.dim() != 2:
         raise CheckpointError(f"fc.weight has shape {tuple(fc.shape)}; a linear classifier weight is 2-D")
-    spec = find_spec(block, tuple(layers), groups, width_per_group) or ResNetSpec(
-        CUSTOM_MODEL_NAME, block, tuple(layers), groups, width_per_group
-    )
+    structure = (block, tuple(layers), groups, width_per_group, deep_stem, avg_down)
+    spec = find_spec(*structure) or ResNetSpec(CUSTOM_MODEL_NAME, *structure)
     return Architecture(spec, int(fc.shape[0]))
 
 
@@ -301,8 +297,12 @@ def validate_state_dict(state_dict: Mapping[str, Tensor], arch: Architecture) ->
 
 
 def _weight_file(model_name: str, weights_name: str) -> str:
-    get_spec(model_name)  # UnknownModelError for names outside the family
-    files = _TORCHVISION_WEIGHTS[model_name]
+    files = _TORCHVISION_WEIGHTS.get(get_spec(model_name).name)  # get_spec: UnknownModelError
+    if files is None:
+        raise CheckpointError(
+            f"torchvision publishes no weights for {model_name} (a timm model); pass its timm checkpoint "
+            f"file or state dict, e.g. timm.create_model({model_name!r}, pretrained=True).state_dict()"
+        )
     name = weights_name.upper() if isinstance(weights_name, str) else weights_name
     if name == "DEFAULT":
         name = "IMAGENET1K_V2" if "IMAGENET1K_V2" in files else "IMAGENET1K_V1"
@@ -315,9 +315,9 @@ def _weight_file(model_name: str, weights_name: str) -> str:
 
 
 def weight_names(model_name: str) -> list[str]:
-    """The torchvision weight names `model_name` accepts, DEFAULT included."""
+    """The torchvision weight names `model_name` accepts, DEFAULT included (none for timm's models)."""
     get_spec(model_name)
-    return [*_TORCHVISION_WEIGHTS[model_name], "DEFAULT"]
+    return [*_TORCHVISION_WEIGHTS[model_name], "DEFAULT"] if model_name in _TORCHVISION_WEIGHTS else []
 
 
 def weights_url(model_name: str, weights_name: str) -> str:

@@ -36,6 +36,11 @@ class ConvOp(Op):
     over two inputs concatenated along K: conv(inputs[0], weight) + conv(inputs[1], shortcut_weight,
     stride=shortcut_stride) + bias, where bias is the sum of both convs' biases. It then has no
     residual: the projection's output is never materialised.
+
+    `avg_pool` (`shortcut_avg_pool` for the merged projection): a 1x1 stride-2 conv that reads the
+    average of each 2x2 window instead of its top-left pixel, i.e. ResNet-D's avg_pool2d(2, 2,
+    ceil_mode=True, count_include_pad=False) then a 1x1 stride-1 conv. The output size is the same
+    ((H + 1) // 2) and the pooled tensor is never materialised.
     """
 
     weight: Tensor = field(repr=False, default=None)  # (C_out, C_in // groups, R, S)
@@ -47,6 +52,8 @@ class ConvOp(Op):
     relu: bool = False
     shortcut_weight: Tensor | None = field(repr=False, default=None)  # (C_out, C_in2, 1, 1)
     shortcut_stride: int = 1
+    avg_pool: bool = False
+    shortcut_avg_pool: bool = False
     # Per-input-channel border value (float64, shape (C_in,)); None pads with 0. The uint8 stem pads
     # with 255 * mean, the raw value that normalises to 0, so folding the normalisation stays exact.
     pad_value: Tensor | None = field(repr=False, default=None)
@@ -134,10 +141,14 @@ def build_eager_graph(spec: ResNetSpec, state_dict: dict[str, Tensor]) -> list[O
 
     A block's projection shortcut is placed right before the add that consumes it, so that once
     the add is fused into the block's last conv the projection is computed just before that conv.
+    ResNet-D's pooled projection is one op from the start (a ConvOp with avg_pool): no backend ever
+    runs its pool as a pass of its own.
     """
     ops: list[Op] = []
 
-    def conv(prefix: str, src: str, stride: int, padding: int, groups: int = 1, dilation: int = 1) -> str:
+    def conv(
+        prefix: str, src: str, stride: int, padding: int, groups: int = 1, dilation: int = 1, avg_pool=False
+    ) -> str:
         ops.append(
             ConvOp(
                 prefix,
@@ -149,6 +160,7 @@ def build_eager_graph(spec: ResNetSpec, state_dict: dict[str, Tensor]) -> list[O
                 padding=padding,
                 dilation=dilation,
                 groups=groups,
+                avg_pool=avg_pool,
             )
         )
         return prefix
@@ -171,7 +183,12 @@ def build_eager_graph(spec: ResNetSpec, state_dict: dict[str, Tensor]) -> list[O
         ops.append(ReluOp(name, [src], name))
         return name
 
-    x = relu("relu", batchnorm("bn1", conv("conv1", INPUT, stride=2, padding=3)))
+    if spec.deep_stem:  # timm's Sequential: conv1.0 conv, .1 BN, .2 ReLU, .3 conv, .4 BN, .5 ReLU, .6 conv
+        x = relu("conv1.2", batchnorm("conv1.1", conv("conv1.0", INPUT, stride=2, padding=1)))
+        x = relu("conv1.5", batchnorm("conv1.4", conv("conv1.3", x, stride=1, padding=1)))
+        x = relu("relu", batchnorm("bn1", conv("conv1.6", x, stride=1, padding=1)))
+    else:
+        x = relu("relu", batchnorm("bn1", conv("conv1", INPUT, stride=2, padding=3)))
     ops.append(MaxPoolOp("maxpool", [x], "maxpool"))
     x = "maxpool"
     in_channels = STEM_CHANNELS
@@ -192,7 +209,11 @@ def build_eager_graph(spec: ResNetSpec, state_dict: dict[str, Tensor]) -> list[O
                 y = relu(f"{p}.relu2", batchnorm(f"{p}.bn2", y))
                 y = batchnorm(f"{p}.bn3", conv(f"{p}.conv3", y, 1, 0))
             shortcut = x
-            if index == 0 and (stride != 1 or in_channels != out_channels):
+            if index == 0 and (stride != 1 or in_channels != out_channels) and spec.avg_down:
+                pooled = stride != 1  # timm: identity instead of the pool where the block keeps the size
+                down = conv(f"{p}.downsample.1", x, stride, 0, avg_pool=pooled)
+                shortcut = batchnorm(f"{p}.downsample.2", down)
+            elif index == 0 and (stride != 1 or in_channels != out_channels):
                 shortcut = batchnorm(f"{p}.downsample.1", conv(f"{p}.downsample.0", x, stride, 0))
             ops.append(AddOp(f"{p}.add", [y, shortcut], f"{p}.add"))
             x = relu(f"{p}.out", f"{p}.add")
@@ -267,12 +288,23 @@ def pad_with_values(x: Tensor, padding: int, pad_value: Tensor) -> Tensor:
     return out
 
 
-def conv2d_padded(
-    x, weight, bias, stride: int, padding: int, groups: int, pad_value=None, dilation: int = 1
-) -> Tensor:
-    """F.conv2d, padding with `pad_value` per input channel when given (else zeros)."""
+def avg_pool_2x2(x: Tensor) -> Tensor:
+    """ResNet-D's projection pool: avg_pool2d(2, 2, ceil_mode=True, count_include_pad=False)."""
     import torch.nn.functional as F
 
+    return F.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False)
+
+
+def conv2d_padded(
+    x, weight, bias, stride: int, padding: int, groups: int, pad_value=None, avg_pool: bool = False,
+    dilation: int = 1,
+) -> Tensor:
+    """F.conv2d, padding with `pad_value` per input channel when given (else zeros); with `avg_pool`
+    (a 1x1 stride-2 ConvOp.avg_pool), the 2x2 average pool and then a stride-1 conv."""
+    import torch.nn.functional as F
+
+    if avg_pool:
+        x, stride = avg_pool_2x2(x), 1
     if pad_value is not None and padding > 0:
         x, padding = pad_with_values(x, padding, pad_value), 0
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
@@ -293,11 +325,13 @@ def execute(ops: list[Op], x: Tensor, observer=None) -> Tensor:
         a = values[op.inputs[0]]
         if isinstance(op, ConvOp):
             y = conv2d_padded(
-                a, cast(op.weight), cast(op.bias), op.stride, op.padding, op.groups, op.pad_value, op.dilation
+                a, cast(op.weight), cast(op.bias), op.stride, op.padding, op.groups, op.pad_value,
+                op.avg_pool, op.dilation,
             )
             if op.shortcut_input is not None:
-                shortcut = values[op.shortcut_input]
-                y = y + F.conv2d(shortcut, cast(op.shortcut_weight), None, op.shortcut_stride)
+                shortcut, weight = values[op.shortcut_input], cast(op.shortcut_weight)
+                pool = op.shortcut_avg_pool
+                y = y + conv2d_padded(shortcut, weight, None, op.shortcut_stride, 0, 1, None, pool)
             if op.residual is not None:
                 y = y + values[op.residual]
             y = y.relu() if op.relu else y

@@ -5,8 +5,8 @@ were, so the eager graph a plan is built from stays intact for comparison and co
   fold_batchnorm   conv -> BN becomes one conv with folded weights and bias (float64 arithmetic)
   fuse_residual    the block's add becomes the residual input of its last conv
   fuse_relu        a ReLU after a conv becomes that conv's epilogue
-  fuse_shortcut    a block's 1x1 projection (downsample.0, BN folded) joins its last 1x1 conv as one
-                   GEMM concatenated along K; the projection's output is never written
+  fuse_shortcut    a block's 1x1 projection (BN folded; ResNet-D's avg pool included) joins its last
+                   1x1 conv as one GEMM concatenated along K; the projection's output is never written
   fuse_head        global average pool + fc become one head op
 Two steps run after them on the fused list: fold_normalization (a second stem for uint8 pixels,
 with (x / 255 - mean) / std folded in) and assign_buffers (values share a few buffers by liveness).
@@ -81,6 +81,7 @@ def fold_batchnorm(ops: list[Op]) -> list[Op]:
                 dilation=conv.dilation,
                 groups=conv.groups,
                 relu=conv.relu,
+                avg_pool=conv.avg_pool,
             )
             folded[conv.name] = new
             result[result.index(conv)] = new
@@ -117,6 +118,7 @@ def fuse_residual(ops: list[Op]) -> list[Op]:
             padding=conv.padding,
             dilation=conv.dilation,
             groups=conv.groups,
+            avg_pool=conv.avg_pool,
         )
         result.remove(add)
         result[result.index(conv)] = fused
@@ -190,6 +192,7 @@ def fuse_shortcut(ops: list[Op]) -> list[Op]:
             bias=sum(biases[1:], biases[0]) if biases else None,
             shortcut_weight=to_float64(proj.weight),
             shortcut_stride=proj.stride,
+            shortcut_avg_pool=proj.avg_pool,
         )
         absorbed.add(proj.name)
     return [merged.get(op.name, op) for op in ops if op.name not in absorbed]

@@ -82,12 +82,14 @@ def op_cost(op: Op, shapes: dict[str, tuple[int, ...]], elem: int) -> OpCost:
         k = op.weight[0].numel()
         weights = op.weight.numel() + (op.out_channels if op.bias is not None else 0)
         n, _, oh, ow = shapes[op.output]
-        if op.kernel_size == 1 and op.padding == 0:
-            # A strided 1x1 conv reads only the pixels it samples: N x C_in x OH x OW.
+        if op.kernel_size == 1 and op.padding == 0 and not op.avg_pool:
+            # A strided 1x1 conv reads only the pixels it samples: N x C_in x OH x OW (a pooled one all).
             reads -= (numel(op.inputs[0]) - n * shapes[op.inputs[0]][1] * oh * ow) * elem
-        if op.shortcut_input is not None:  # likewise for the merged projection (1x1, pad 0)
+        if op.shortcut_input is not None and not op.shortcut_avg_pool:  # likewise for the projection
             c2 = op.shortcut_weight.shape[1]
             reads -= (numel(op.shortcut_input) - n * c2 * oh * ow) * elem
+        if op.shortcut_input is not None:
+            c2 = op.shortcut_weight.shape[1]
             k += c2
             weights += op.shortcut_weight.numel()
         return OpCost(2 * out * k, reads + weights * elem, out * elem)
@@ -184,8 +186,9 @@ class Plan:
                 k, parts = op.kernel_size, ["bias"]
                 kind = f"conv{k}x{k}/{op.stride}" + (f" g{op.groups}" if op.groups > 1 else "")
                 kind += f" d{op.dilation}" if op.dilation > 1 else ""
+                kind += " avg2x2" if op.avg_pool else ""  # ResNet-D: the 2x2 mean read with A
                 if op.shortcut_input is not None:  # the projection, K-concatenated into this GEMM
-                    kind += f" +proj1x1/{op.shortcut_stride}"
+                    kind += f" +proj1x1/{op.shortcut_stride}" + (" avg2x2" if op.shortcut_avg_pool else "")
                 if op.residual:
                     parts.append("residual")
                 if op.relu:
@@ -324,8 +327,9 @@ def resolve_features(features=None, out_indices=None) -> tuple[str, ...] | None:
 
 def _feature_end(ops: list[Op], name: str) -> int:
     """Index of the op producing feature `name` in a fused or eager op list (pool: the head/avgpool)."""
-    if name == "stem":  # fused: the stem conv carries its ReLU; eager: the ReLU op itself
-        return next(i for i, op in enumerate(ops) if op.name == "relu" or isinstance(op, ConvOp) and op.relu)
+    if name == "stem":  # fused: the conv bn1 folded into carries the ReLU; eager: the ReLU op itself
+        is_stem_end = lambda op: op.name == "relu" or isinstance(op, ConvOp) and op.output == "bn1"
+        return next(i for i, op in enumerate(ops) if is_stem_end(op))
     if name == "pool":
         return next(i for i, op in enumerate(ops) if isinstance(op, (HeadOp, AvgPoolOp, GlobalPoolOp)))
     return max(i for i, op in enumerate(ops) if op.name.startswith(f"{name}."))

@@ -1,8 +1,13 @@
-"""Plain PyTorch reference for the ResNet family, state-dict compatible with torchvision.
+"""Plain PyTorch reference for the ResNet family, state-dict compatible with torchvision and timm.
 
 Module names, parameter shapes, initialisation and forward semantics follow torchvision's
 ``torchvision.models.resnet`` so that its checkpoints load with ``strict=True`` and give the
-same outputs. This path is unfused and unfolded on purpose: it is the yardstick for parity.
+same outputs. The ResNet-D members follow timm's ``timm.models.resnet`` layout instead: a deep stem
+``conv1 = Sequential(conv 3->32 /2, BN, ReLU, conv 32->32, BN, ReLU, conv 32->64)`` (keys
+``conv1.0/1/3/4/6``), and projections ``downsample = Sequential(pool, conv1x1, BN)`` (keys
+``downsample.1/2``) whose pool is a 2x2/2 average (ceil_mode, count_include_pad=False) where the
+block strides, an identity where it does not. This path is unfused and unfolded on purpose: it is the
+yardstick for parity.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import CheckpointError, ConfigError
-from .specs import MODEL_SPECS, STAGE_PLANES, STEM_CHANNELS, ResNetSpec, get_spec
+from .specs import DEEP_STEM_WIDTH, MODEL_SPECS, STAGE_PLANES, STEM_CHANNELS, ResNetSpec, get_spec
 
 
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -22,6 +27,21 @@ def _conv3x3(in_ch: int, out_ch: int, stride: int = 1, groups: int = 1, dilation
 
 def _conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False)
+
+
+def _avg_pool_2x2() -> nn.AvgPool2d:
+    """ResNet-D's projection pool: a partial window at an odd edge averages only its in-image pixels."""
+    return nn.AvgPool2d(2, stride=2, ceil_mode=True, count_include_pad=False)
+
+
+def _deep_stem() -> nn.Sequential:
+    """timm's "deep" stem; its last conv is followed by the network's bn1 and ReLU, as the 7x7 is."""
+    w = DEEP_STEM_WIDTH
+    return nn.Sequential(
+        _conv3x3(3, w, stride=2), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+        _conv3x3(w, w), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+        _conv3x3(w, STEM_CHANNELS),
+    )  # fmt: skip
 
 
 class BasicBlock(nn.Module):
@@ -95,7 +115,10 @@ class ResNet(nn.Module):
         spec = spec.with_dilation(replace_stride_with_dilation)
         self.spec = spec
         self.inplanes = STEM_CHANNELS
-        self.conv1 = nn.Conv2d(3, STEM_CHANNELS, kernel_size=7, stride=2, padding=3, bias=False)
+        if spec.deep_stem:
+            self.conv1 = _deep_stem()
+        else:
+            self.conv1 = nn.Conv2d(3, STEM_CHANNELS, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(STEM_CHANNELS)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -117,7 +140,11 @@ class ResNet(nn.Module):
         spec = self.spec
         out_channels = planes * spec.expansion
         downsample = None
-        if stride != 1 or self.inplanes != out_channels:
+        if (stride != 1 or self.inplanes != out_channels) and spec.avg_down:
+            pool = _avg_pool_2x2() if stride != 1 else nn.Identity()
+            conv = _conv1x1(self.inplanes, out_channels)
+            downsample = nn.Sequential(pool, conv, nn.BatchNorm2d(out_channels))
+        elif stride != 1 or self.inplanes != out_channels:
             downsample = nn.Sequential(
                 _conv1x1(self.inplanes, out_channels, stride), nn.BatchNorm2d(out_channels)
             )
@@ -171,8 +198,9 @@ def _constructor(name: str):
         spec = MODEL_SPECS[name].with_dilation(replace_stride_with_dilation)
         return build_resnet(spec, num_classes)
 
+    origin = "timm" if MODEL_SPECS[name].deep_stem else "torchvision"
     make.__name__ = make.__qualname__ = name
-    make.__doc__ = f"torchvision-compatible {name} ({MODEL_SPECS[name].describe()}), randomly initialised."
+    make.__doc__ = f"{origin}-compatible {name} ({MODEL_SPECS[name].describe()}), randomly initialised."
     return make
 
 
@@ -186,3 +214,10 @@ resnext101_32x8d = _constructor("resnext101_32x8d")
 resnext101_64x4d = _constructor("resnext101_64x4d")
 wide_resnet50_2 = _constructor("wide_resnet50_2")
 wide_resnet101_2 = _constructor("wide_resnet101_2")
+resnet18d = _constructor("resnet18d")
+resnet26d = _constructor("resnet26d")
+resnet34d = _constructor("resnet34d")
+resnet50d = _constructor("resnet50d")
+resnet101d = _constructor("resnet101d")
+resnet152d = _constructor("resnet152d")
+resnet200d = _constructor("resnet200d")

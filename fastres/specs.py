@@ -13,6 +13,8 @@ BlockKind = Literal["basic", "bottleneck"]
 # Output channels of the four stages before expansion ("planes" in torchvision's terms).
 STAGE_PLANES = (64, 128, 256, 512)
 STEM_CHANNELS = 64
+# timm's ResNet-D deep stem: 3x3 convs 3 -> 32 (stride 2) -> 32 -> STEM_CHANNELS, each BN + ReLU.
+DEEP_STEM_WIDTH = 32
 
 # The per-channel RGB statistics every torchvision ImageNet checkpoint was trained with: uint8 images
 # are normalised as (x / 255 - mean) / std unless a model says otherwise.
@@ -50,6 +52,10 @@ class ResNetSpec:
     # torchvision's replace_stride_with_dilation, one flag per stage layer2..layer4: a flagged stage
     # keeps its input's resolution (stride 1) and dilates its 3x3 convs by the stride it gave up.
     replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False)
+    # timm's "D" tweaks (Bag of Tricks, arXiv:1812.01187): the deep stem, and a 2x2 average pool
+    # (ceil_mode, count_include_pad=False) before each strided projection's 1x1 conv (avg_down).
+    deep_stem: bool = False
+    avg_down: bool = False
 
     @property
     def expansion(self) -> int:
@@ -105,6 +111,8 @@ class ResNetSpec:
             extra = f", groups={self.groups}, width_per_group={self.width_per_group}"
         if self.dilated_stages:
             extra += f", output stride {self.output_stride} ({'+'.join(self.dilated_stages)} dilated)"
+        extra += ", deep stem" if self.deep_stem else ""
+        extra += ", avg-pool downsample" if self.avg_down else ""
         return f"{kind} {list(self.layers)}{extra}"
 
     @property
@@ -160,12 +168,25 @@ MODEL_SPECS: dict[str, ResNetSpec] = {
         ResNetSpec("resnext101_64x4d", "bottleneck", (3, 4, 23, 3), groups=64, width_per_group=4),
         ResNetSpec("wide_resnet50_2", "bottleneck", (3, 4, 6, 3), width_per_group=128),
         ResNetSpec("wide_resnet101_2", "bottleneck", (3, 4, 23, 3), width_per_group=128),
+        # timm's ResNet-D family (torchvision publishes none of these).
+        *(
+            ResNetSpec(name, block, layers, deep_stem=True, avg_down=True)
+            for name, block, layers in (
+                ("resnet18d", "basic", (2, 2, 2, 2)),
+                ("resnet26d", "bottleneck", (2, 2, 2, 2)),
+                ("resnet34d", "basic", (3, 4, 6, 3)),
+                ("resnet50d", "bottleneck", (3, 4, 6, 3)),
+                ("resnet101d", "bottleneck", (3, 4, 23, 3)),
+                ("resnet152d", "bottleneck", (3, 8, 36, 3)),
+                ("resnet200d", "bottleneck", (3, 24, 36, 3)),
+            )
+        ),
     )
 }
 
 
 def list_models() -> list[str]:
-    """The torchvision names fastres supports."""
+    """The names fastres supports: torchvision's ResNets, then timm's ResNet-D family."""
     return list(MODEL_SPECS)
 
 
@@ -181,15 +202,13 @@ def get_spec(name: str) -> ResNetSpec:
 
 
 def find_spec(
-    block: BlockKind, layers: tuple[int, ...], groups: int, width_per_group: int
+    block: BlockKind,
+    layers: tuple[int, ...],
+    groups: int,
+    width_per_group: int,
+    deep_stem: bool = False,
+    avg_down: bool = False,
 ) -> ResNetSpec | None:
     """The named family member with exactly this structure, if any."""
-    for spec in MODEL_SPECS.values():
-        if (spec.block, spec.layers, spec.groups, spec.width_per_group) == (
-            block,
-            tuple(layers),
-            groups,
-            width_per_group,
-        ):
-            return spec
-    return None
+    wanted = ResNetSpec("", block, tuple(layers), groups, width_per_group, deep_stem, avg_down)
+    return next((s for s in MODEL_SPECS.values() if replace(wanted, name=s.name) == s), None)

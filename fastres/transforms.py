@@ -236,7 +236,14 @@ def transforms(
     The result carries .resize, .crop, .mean, .std; pass mean/std on to fastres.load.
     """
     weights, model = _weights_and_model(weights, model)
-    if model is not None:
+    if model is not None and model not in PRESETS:  # timm's ResNet-D: torchvision publishes no weights
+        if weights is not None:
+            raise InputError(
+                f"torchvision publishes no weights for {model}; without weights= this is the classic "
+                "ImageNet evaluation (resize 256, crop 224): pass resize= and crop= for another recipe"
+            )
+        base, source = _V1, f"{model}: IMAGENET1K_V1 recipe"
+    elif model is not None:
         name = _newest(model) if weights in (None, "DEFAULT") else weights
         if name not in PRESETS[model]:
             raise InputError(

@@ -50,6 +50,7 @@ class ConvLayer:
     With `shortcut_weight` (C_out, C_in2, 1, 1), the layer is a bottleneck block's last 1x1 conv with the
     block's projection shortcut concatenated along K: out = relu?(conv1x1(x) + conv1x1_s2(x2) + bias),
     one GEMM over [x | x2 read with stride `shortcut_stride`], `bias` being the sum of both folded biases.
+    `avg_pool` (ResNet-D): the stride-2 1x1 read, of x2 (else of x), averages each in-image 2x2 window.
     """
 
     def __init__(
@@ -67,6 +68,7 @@ class ConvLayer:
         allow_tf32: bool = False,
         shortcut_weight: torch.Tensor | None = None,
         shortcut_stride: int = 1,
+        avg_pool: bool = False,
     ):
         if dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"ConvLayer: dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
@@ -111,6 +113,10 @@ class ConvLayer:
         self.shortcut_stride = shortcut_stride
         if shortcut_weight is not None:
             packed = torch.cat([packed, self._pack_shortcut(shortcut_weight, shortcut_stride)])
+        own_1x1_s2 = (r, s, stride, padding, groups) == (1, 1, 2, 0, 1)
+        if avg_pool and not (shortcut_stride == 2 if shortcut_weight is not None else own_1x1_s2):
+            raise ValueError("ConvLayer: avg_pool needs a 1x1, stride-2, pad-0, groups=1 conv or shortcut")
+        self.avg_pool = avg_pool
         self.weight_packed = packed.to(dtype).contiguous()
         self.bias = None if bias is None else bias.detach().to(torch.float32).contiguous().to(weight.device)
         self.gather_cg = self.kernel_cg if self.kernel_cg < 16 else 0
@@ -118,12 +124,8 @@ class ConvLayer:
         self._workspaces: dict[tuple, torch.Tensor] = {}
 
     def _pack_shortcut(self, shortcut_weight, shortcut_stride: int) -> torch.Tensor:
-        if (self.kernel_size, self.stride, self.padding, self.groups) != (
-            (1, 1),
-            1,
-            0,
-            1,
-        ) or self.has_residual:
+        geometry = (self.kernel_size, self.stride, self.padding, self.groups)
+        if geometry != ((1, 1), 1, 0, 1) or self.has_residual:
             raise ValueError(
                 "ConvLayer: shortcut_weight needs a 1x1, stride-1, padding-0, groups=1 main conv without "
                 "has_residual (the concatenated shortcut is the block's residual)"
@@ -149,7 +151,8 @@ class ConvLayer:
         )
         return (
             f"ConvLayer({self.in_channels}->{self.out_channels}, k={self.kernel_size}, s={self.stride}, "
-            f"p={self.padding}, d={self.dilation}, g={self.groups}{shortcut}, dtype={self.dtype})"
+            f"p={self.padding}, d={self.dilation}, g={self.groups}{shortcut}{', avg_pool' * self.avg_pool}, "
+            f"dtype={self.dtype})"
         )
 
     def output_shape(self, input_shape_nhwc) -> tuple[int, int, int, int]:
@@ -191,7 +194,7 @@ class ConvLayer:
         """The config for this input shape on compute capability `arch` (0 = interpreter): the table
         entry, clipped to the layer, split by `choose_split` (never under the interpreter)."""
         kind = self.kind(input_shape_nhwc, sm_count)
-        config = self.clip_config(table_config(arch, self.dtype == torch.float32, kind))
+        config = self.clip_config(table_config(arch, self.dtype == torch.float32, kind, self.avg_pool))
         if arch == 0:
             return config
         k_steps = self.total_k_steps(config.block_k)
@@ -254,6 +257,7 @@ class ConvLayer:
             KC=kc,
             EVEN_C=not self.gather_cg and all(c % config.block_k == 0 for c in channels),
             HAS_SHORTCUT=bool(self.shortcut_channels),
+            AVG_POOL=self.avg_pool,
             STRIDE2=self.shortcut_stride,
             KC2=kc2,
             SPLIT=config.split_k,
@@ -412,6 +416,7 @@ class ConvLayer:
         name = (
             f"conv{r}x{s}_s{self.stride}{dil}_{self.in_channels}to{self.out_channels}_g{self.groups}"
             f"{f'_sc{self.shortcut_channels}s{self.shortcut_stride}' if self.shortcut_channels else ''}"
+            f"{'_avg2x2' if self.avg_pool else ''}"
             f"_{'x'.join(map(str, shape))}_{str(self.dtype).replace('torch.', '')}"
         )
         specs = [

@@ -101,14 +101,17 @@ def device_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def table_config(arch: int, fp32: bool, kind: str) -> ConvConfig:
-    """The table entry for compute capability `arch` (0 = interpreter) and layer kind."""
+def table_config(arch: int, fp32: bool, kind: str, pooled_read: bool = False) -> ConvConfig:
+    """The table entry for compute capability `arch` (0 = interpreter) and layer kind; `pooled_read`: the
+    layer averages 2x2 windows while loading A (ResNet-D), see `pooled_read_config`."""
     if arch == 0:
         return CONV_CONFIGS[("interp", "any", "any")]
     family = "sm90" if arch >= 90 else "sm80"
     if fp32:
-        return CONV_CONFIGS[(family, "fp32", "gather" if kind == "gather" else "any")]
-    return CONV_CONFIGS[(family, "16bit", kind)]
+        config = CONV_CONFIGS[(family, "fp32", "gather" if kind == "gather" else "any")]
+    else:
+        config = CONV_CONFIGS[(family, "16bit", kind)]
+    return pooled_read_config(config) if pooled_read else config
 
 
 def choose_split(tiles: int, k_steps: int, sm_count: int) -> int:
@@ -132,6 +135,14 @@ def choose_split(tiles: int, k_steps: int, sm_count: int) -> int:
 
 def steps_per_split(k_steps: int, split: int) -> int:
     return triton.cdiv(k_steps, split)
+
+
+def pooled_read_config(config: ConvConfig) -> ConvConfig:
+    """A layer that averages 2x2 windows while loading A (ResNet-D) holds four A tiles and their fp32 sum
+    in registers: K steps of at most 32 on 128-row tiles (sm_90 fp16 at 128x128x64 took 255 registers and
+    spilled 320 bytes) and no register cap (sm_90 fp32 capped at 128 spilled 16 bytes; uncapped: 139)."""
+    block_k = min(config.block_k, 32) if config.block_m >= 128 else config.block_k
+    return replace(config, block_k=block_k, maxnreg=None)
 
 
 def finalize(config: ConvConfig, split: int, k_steps: int) -> ConvConfig:

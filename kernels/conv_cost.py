@@ -25,11 +25,11 @@ def flops(layer, input_shape_nhwc) -> int:
 
 
 def _shortcut_pixels(layer, input_shape_nhwc) -> int:
-    """Pixels of the shortcut input the K-concatenated GEMM reads (one per output pixel)."""
+    """Pixels of the shortcut input the K-concatenated GEMM reads (one per output pixel, 2x2 pooled: four)."""
     if not layer.shortcut_channels:
         return 0
     n, oh, ow, _ = layer.output_shape(input_shape_nhwc)
-    return n * oh * ow
+    return n * oh * ow * (4 if layer.avg_pool else 1)
 
 
 def min_bytes(layer, input_shape_nhwc) -> int:
@@ -52,7 +52,9 @@ def l2_bytes(layer, input_shape_nhwc, config) -> int:
     m_tiles = triton.cdiv(m, config.block_m)
     n_tiles = triton.cdiv(layer.kernel_ng, config.block_n)
     k = layer.weight_packed.shape[0] - layer.shortcut_channels  # R*S*CG per (super-)group
-    a = m * k * layer.kernel_groups + _shortcut_pixels(layer, input_shape_nhwc) * layer.shortcut_channels
+    own_pool = 4 if layer.avg_pool and not layer.shortcut_channels else 1  # a pooled 1x1 reads 2x2 per pixel
+    a = m * k * layer.kernel_groups * own_pool
+    a += _shortcut_pixels(layer, input_shape_nhwc) * layer.shortcut_channels
     a *= n_tiles
     bias = 0 if layer.bias is None else 4 * c_out * m_tiles
     partials = 2 * 4 * m * c_out * config.split_k if config.split_k > 1 else 0

@@ -37,6 +37,12 @@ conv is built with DIL = 1, so it stays in GEMM mode). Its cost is the resolutio
 16 runs layer4 at 4x the plain net's pixels, output stride 8 runs layer3 at 4x and layer4 at 16x, and
 their FLOPs and bytes grow alike: a whole ResNet-50 costs about 1.5x (output stride 16) and 4.7x (8) the
 plain net's FLOPs (counted at 512x512).
+AVG_POOL (ResNet-D's avg-pool downsample, avg_pool2d(2, 2, ceil_mode=True, count_include_pad=False)
+before a 1x1 conv): the stride-2 1x1 read of x2 (with HAS_SHORTCUT) or of x (a 1x1, stride-2 conv, as a
+BasicBlock's projection) loads the 2x2 window at (2*oh, 2*ow) instead of its top-left pixel, sums it in
+fp32 and scales by 1 / (pixels inside the image): 1/4, or 1/2 or 1 at the last row/column of an odd
+extent. The pooled tensor is never written and the pool costs no launch; the mean is rounded once to
+the compute dtype before the MMA, as eager's pooled tensor is.
 
 Split-K (SPLIT > 1, grid (tiles, SPLIT)): program (t, s) runs K-steps [s*STEPS_PER_SPLIT, ...) of the
 concatenated K loop and stores its raw fp32 accumulator into a workspace slice; kernels/splitk.py sums
@@ -50,6 +56,33 @@ import triton
 import triton.language as tl
 
 from .splitk import epilogue_store, sum_partials
+
+
+@triton.jit
+def _avg_pool_rows(x_ptr, offs_m, OH, OW, H, W, C):
+    """Per output pixel: its 2x2 window's top-left pixel address in NHWC x, which of its right and lower
+    neighbours are inside the image (ceil_mode's partial windows), and 1 / (pixels it averages)."""
+    ow = offs_m % OW
+    oh = (offs_m // OW) % OH
+    batch = offs_m // (OW * OH)
+    rows = x_ptr + ((batch * H + oh * 2) * W + ow * 2) * C
+    has_right = ow * 2 + 1 < W
+    has_below = oh * 2 + 1 < H
+    inv_count = 1.0 / ((1 + has_right.to(tl.float32)) * (1 + has_below.to(tl.float32)))
+    return rows, has_right, has_below, inv_count
+
+
+@triton.jit
+def _avg_pool_load(rows, c, mask, has_right, has_below, inv_count, W, C, dtype: tl.constexpr):
+    """The (BLOCK_M, BLOCK_K) A tile of 2x2 means (count_include_pad=False), in `dtype`."""
+    ptrs = rows[:, None] + c[None, :]
+    right = mask & has_right[:, None]
+    below = mask & has_below[:, None]
+    a = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    a += tl.load(ptrs + C, mask=right, other=0.0).to(tl.float32)
+    a += tl.load(ptrs + W * C, mask=below, other=0.0).to(tl.float32)
+    a += tl.load(ptrs + (W + 1) * C, mask=right & below, other=0.0).to(tl.float32)
+    return (a * inv_count[:, None]).to(dtype)
 
 
 # Spatial sizes and the pixel count only bound masks and offsets (channel strides stay specialized
@@ -90,6 +123,7 @@ def _conv_kernel(
     KC: tl.constexpr,  # K-steps per filter tap (channel blocks); the whole main K for gather mode
     EVEN_C: tl.constexpr,  # every channel count is a multiple of BLOCK_K: no channel masks
     HAS_SHORTCUT: tl.constexpr,
+    AVG_POOL: tl.constexpr,  # the stride-2 1x1 read (of x2 with HAS_SHORTCUT, else of x) averages 2x2
     STRIDE2: tl.constexpr,
     KC2: tl.constexpr,  # K-steps over the shortcut input's channels
     SPLIT: tl.constexpr,
@@ -134,7 +168,22 @@ def _conv_kernel(
         hi1 = tl.minimum(hi2, KC1)
         lo2 = tl.maximum(lo1, KC1)
 
-    if R == 1 and S == 1 and STRIDE == 1 and PAD == 0 and GATHER_CG == 0:
+    if AVG_POOL and not HAS_SHORTCUT:
+        # A pooled 1x1 stride-2 conv on its own (R = S = 1, STRIDE = 2, PAD = 0, groups 1).
+        rows, has_right, has_below, inv_count = _avg_pool_rows(x_ptr, offs_m, OH, OW, H, W, C_IN)
+        for kb in range(lo1, hi1):
+            c = kb * BLOCK_K + offs_k
+            c_mask = (c < CG) | EVEN_C
+            a_mask = m_mask[:, None] & c_mask[None, :]
+            dtype = w_ptr.dtype.element_ty
+            a = _avg_pool_load(rows, c, a_mask, has_right, has_below, inv_count, W, C_IN, dtype)
+            b = tl.load(
+                w_ptr + c[:, None] * C_OUT + offs_co[None, :],
+                mask=c_mask[:, None] & n_mask[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    elif R == 1 and S == 1 and STRIDE == 1 and PAD == 0 and GATHER_CG == 0:
         # GEMM mode: output pixel m reads input pixel m.
         a_rows = x_ptr + offs_m * C_IN + g * CG
         for kb in range(lo1, hi1):
@@ -150,7 +199,10 @@ def _conv_kernel(
         if HAS_SHORTCUT:
             # K-concatenated projection shortcut: a 1x1, stride-STRIDE2 conv of the block input,
             # whose packed weights follow the main ones in B (rows CG .. CG + C_IN2).
-            if STRIDE2 == 1:
+            if AVG_POOL:
+                pooled = _avg_pool_rows(x2_ptr, offs_m, OH, OW, H2, W2, C_IN2)
+                a2_rows, has_right, has_below, inv_count = pooled
+            elif STRIDE2 == 1:
                 a2_rows = x2_ptr + offs_m * C_IN2
             else:
                 ow = offs_m % OW
@@ -160,7 +212,12 @@ def _conv_kernel(
             for kb in range(lo2, hi2):
                 c = (kb - KC1) * BLOCK_K + offs_k
                 c_mask = (c < C_IN2) | EVEN_C
-                a = tl.load(a2_rows[:, None] + c[None, :], mask=m_mask[:, None] & c_mask[None, :], other=0.0)
+                a_mask = m_mask[:, None] & c_mask[None, :]
+                if AVG_POOL:
+                    dtype = w_ptr.dtype.element_ty
+                    a = _avg_pool_load(a2_rows, c, a_mask, has_right, has_below, inv_count, W2, C_IN2, dtype)
+                else:
+                    a = tl.load(a2_rows[:, None] + c[None, :], mask=a_mask, other=0.0)
                 b = tl.load(
                     w_ptr + (CG + c)[:, None] * C_OUT + offs_co[None, :],
                     mask=c_mask[:, None] & n_mask[None, :],

@@ -37,6 +37,16 @@ for arch in (90, 80):
         dilated = conv(256, 256, 3, 1, 2, dtype, dilation=2).aot_specs((8, 28, 28, 256), arch)[0]
         jobs[f"r50_3x3_d2_b8{suffix}_sm{arch}"] = (dilated, arch)
     jobs[f"maxpool_sm{arch}"] = (max_pool_aot_specs((8, 112, 112, 64), torch.float16, arch)[0], arch)
+    for dtype, width in ((torch.float16, "fp16"), (torch.float32, "fp32")):
+        # ResNet-D: resnet50d's layer2.0.conv3 with its 2x2-pooled projection concatenated along K, and
+        # resnet18d's standalone pooled projection (both average while loading A).
+        pooled = ConvLayer(torch.randn(512, 128, 1, 1), torch.randn(512), stride=1, padding=0, relu=True,
+                           dtype=dtype, shortcut_weight=torch.randn(512, 256, 1, 1), shortcut_stride=2,
+                           avg_pool=True)  # fmt: skip
+        alone = ConvLayer(torch.randn(128, 64, 1, 1), torch.randn(128), stride=2, padding=0, dtype=dtype,
+                          avg_pool=True)  # fmt: skip
+        jobs[f"pooled_shortcut_{width}_sm{arch}"] = (pooled.aot_specs((8, 28, 28, 128), arch)[0], arch)
+        jobs[f"pooled_alone_{width}_sm{arch}"] = (alone.aot_specs((8, 56, 56, 64), arch)[0], arch)
     head = HeadLayer(torch.randn(1000, 2048), torch.randn(1000), dtype=torch.float16)
     head_pool, head_fc = head.aot_specs((8, 7, 7, 2048), arch)
     jobs[f"head_pool_sm{arch}"], jobs[f"head_fc_sm{arch}"] = (head_pool, arch), (head_fc, arch)
@@ -93,6 +103,18 @@ def test_resnet50_conv_compiles_clean(compiled, layer, arch):
 @pytest.mark.parametrize("kernel", ["maxpool", "head_pool", "head_fc"])
 def test_pool_and_head_compile_clean(compiled, kernel, arch):
     _assert_clean(compiled[f"{kernel}_sm{arch}"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("width", ["fp16", "fp32"])
+@pytest.mark.parametrize("layer", ["pooled_shortcut", "pooled_alone"])
+def test_resnet_d_pooled_projections_compile_clean(compiled, layer, width, arch):
+    stats = compiled[f"{layer}_{width}_sm{arch}"]
+    _assert_clean(stats)
+    assert "avg2x2" in stats["name"]
+    if arch >= 90 and width == "fp16":
+        assert stats["uses_wgmma"] is True, f"{stats['name']}: no HGMMA in the sm_90 SASS"
 
 
 @pytest.mark.slow

@@ -244,6 +244,10 @@ def test_infer_architecture_names_every_model(name, num_classes):
         pytest.param(ResNetSpec("resnet-custom", "basic", (3, 1, 2, 5)), id="basic-3125"),
         pytest.param(ResNetSpec("resnet-custom", "bottleneck", (1, 2, 1, 1), 2, 16), id="bottleneck-g2-w16"),
         pytest.param(ResNetSpec("resnet-custom", "bottleneck", (3, 4, 6, 3), 8, 64), id="resnet50-g8-w64"),
+        pytest.param(
+            ResNetSpec("resnet-custom", "bottleneck", (3, 4, 6, 3), deep_stem=True), id="resnet50c-deep-stem"
+        ),
+        pytest.param(ResNetSpec("resnet-custom", "basic", (1, 1, 1, 1), avg_down=True), id="basic-avg-down"),
     ],
 )
 def test_infer_architecture_custom(spec):
@@ -381,12 +385,14 @@ def test_safetensors_missing(tmp_path, monkeypatch):
         load_checkpoint(path)
 
 
-def test_deep_stem_is_refused():
+def test_a_truncated_deep_stem_is_refused():
     state = meta_state("resnet50")
     stem = {"conv1.0.weight": torch.empty(32, 3, 3, 3), "conv1.1.weight": torch.empty(32)}
     state = stem | {k: v for k, v in state.items() if not k.startswith("conv1.")}
-    with pytest.raises(CheckpointError, match="missing conv1.weight.*deep stem.*timm.*not support"):
-        infer_architecture(state)
+    arch = infer_architecture(state)  # a deep stem with torchvision's projections: timm's "C" layout
+    assert arch.spec.deep_stem and not arch.spec.avg_down and arch.name == "resnet-custom"
+    with pytest.raises(CheckpointError, match=r"missing \d+ keys.*conv1\.1\.bias"):
+        validate_state_dict(state, arch)
 
 
 def test_not_a_resnet():
@@ -496,7 +502,7 @@ def test_weights_url(model, weights):
     )
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", [name for name in MODELS if not MODEL_SPECS[name].deep_stem])
 def test_default_weights_are_v2_where_published(model):
     newest = "IMAGENET1K_V2" if (model, "IMAGENET1K_V2") in TORCHVISION_FILES else "IMAGENET1K_V1"
     assert weights_url(model, "DEFAULT") == weights_url(model, newest)

@@ -60,12 +60,15 @@ def test_op_counts_with_and_without_the_pass(name):
     if spec.block == "basic":
         assert names == [op.name for op in unfused.ops]
         return
-    projections = [op.name for op in unfused.ops if op.name.endswith("downsample.0")]
+    projection = "downsample.1" if spec.avg_down else "downsample.0"  # timm's ResNet-D: (pool, conv, BN)
+    projections = [op.name for op in unfused.ops if op.name.endswith(projection)]
     assert len(projections) == 4 and len(fused.ops) == len(unfused.ops) - 4
     assert names == [op.name for op in unfused.ops if op.name not in projections]
     merged = [op.name for op in fused.ops if isinstance(op, ConvOp) and op.shortcut_input is not None]
-    assert merged == [p.replace("downsample.0", "conv3") for p in projections]
+    assert merged == [p.replace(projection, "conv3") for p in projections]
     assert [op.shortcut_stride for op in fused.ops if op.name in merged] == [1, 2, 2, 2]
+    pooled = [op.shortcut_avg_pool for op in fused.ops if op.name in merged]
+    assert pooled == ([False, True, True, True] if spec.avg_down else [False] * 4)
 
 
 def test_pass_merges_only_a_linear_1x1_projection_read_once_by_a_1x1_conv():

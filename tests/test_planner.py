@@ -95,14 +95,15 @@ def test_plan_is_fully_fused(name):
     convs = [op for op in plan.ops if isinstance(op, ConvOp)]
     blocks = sum(spec.layers)
     # BasicBlock keeps its 3 projection convs; Bottleneck's 4 are merged into their blocks' conv3.
-    assert len(convs) == 1 + blocks * (2 if spec.block == "basic" else 3) + (
+    stem = 3 if spec.deep_stem else 1
+    assert len(convs) == stem + blocks * (2 if spec.block == "basic" else 3) + (
         3 if spec.block == "basic" else 0
     )
     last = "conv2" if spec.block == "basic" else "conv3"
     for conv in convs:
         is_last = conv.name.endswith(last)
         assert (conv.residual is not None or conv.shortcut_input is not None) == is_last, conv.name
-        assert conv.relu == (not conv.name.endswith("downsample.0")), conv.name
+        assert conv.relu == (not conv.name.endswith(("downsample.0", "downsample.1"))), conv.name
         assert conv.bias is not None
     position = {op.output: i for i, op in enumerate(plan.ops)}
     for i, op in enumerate(plan.ops):

@@ -75,8 +75,9 @@ def eval_model(name: str) -> reference.ResNet:
     return make_calibrated_model(name, 10, calibration_images=2, image_size=32)
 
 
-def test_list_models_is_the_torchvision_family():
-    assert list_models() == list(TORCHVISION_NUM_PARAMS)
+def test_list_models_is_the_torchvision_family_then_timms_resnet_d():
+    timm_d = ["resnet18d", "resnet26d", "resnet34d", "resnet50d", "resnet101d", "resnet152d", "resnet200d"]
+    assert list_models() == [*TORCHVISION_NUM_PARAMS, *timm_d]
 
 
 @pytest.mark.parametrize("name", list(TORCHVISION_NUM_PARAMS))

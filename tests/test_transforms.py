@@ -127,7 +127,8 @@ def test_transform_accepts_pil_images_paths_and_bytes(tmp_path):
 
 def test_presets_cover_exactly_the_weights_fastres_can_load():
     assert {m: set(w) for m, w in PRESETS.items()} == {m: set(w) for m, w in _TORCHVISION_WEIGHTS.items()}
-    assert set(PRESETS) == set(fastres.list_models())
+    # timm's ResNet-D models have no torchvision weights, so no preset (see test_resnetd.py)
+    assert set(PRESETS) == {name for name in fastres.list_models() if not fastres.get_spec(name).deep_stem}
 
 
 @pytest.mark.parametrize("model", sorted(PRESETS))

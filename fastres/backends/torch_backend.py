@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..graph import INPUT, LOGITS, ConvOp, GlobalPoolOp, HeadOp, MaxPoolOp, pad_with_values
+from ..graph import INPUT, LOGITS, ConvOp, GlobalPoolOp, HeadOp, MaxPoolOp, avg_pool_2x2, pad_with_values
 from .base import Backend, Observer
 
 
@@ -119,12 +119,15 @@ class TorchBackend(Backend):
 
     def _conv(self, op: ConvOp, x: Tensor, residual: Tensor | None, params=None) -> Tensor:
         weight, bias = params or self.params[op.name]
+        op_stride = op.stride
+        if op.avg_pool:  # ResNet-D's pooled projection: the pool, then a stride-1 1x1 conv
+            x, op_stride = avg_pool_2x2(x), 1
         if op.pad_value is not None and op.padding:
             x = pad_with_values(x, op.padding, op.pad_value)
             op_padding = 0
         else:
             op_padding = op.padding
-        stride, padding, dilation = [op.stride] * 2, [op_padding] * 2, [op.dilation] * 2
+        stride, padding, dilation = [op_stride] * 2, [op_padding] * 2, [op.dilation] * 2
         if self.onednn:
             relu = "relu" if op.relu else "none"
             if residual is None:
@@ -161,6 +164,8 @@ class TorchBackend(Backend):
         """
         weight = self.shortcut_weights[op.name]
         stride = [op.shortcut_stride] * 2
+        if op.shortcut_avg_pool:
+            x, stride = avg_pool_2x2(x), [1, 1]
         if self.onednn:
             return torch.ops.mkldnn._convolution_pointwise(
                 x, weight, None, [0, 0], stride, [1, 1], 1, "none", [None], ""

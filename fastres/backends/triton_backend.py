@@ -5,7 +5,8 @@ given: logical NCHW with any strides, in the engine dtype or uint8 (then with th
 folded into a second StemLayer built from `plan.uint8_stem`, padded with 255 * mean); it writes
 NHWC, so no layout copy precedes it. Every other conv is one fused implicit-GEMM launch (bias,
 residual, ReLU in the epilogue), then one max-pool and the head. A conv with a merged projection
-shortcut is one launch too, a GEMM over both inputs concatenated along K. Per input shape the
+shortcut is one launch too, a GEMM over both inputs concatenated along K; ResNet-D's avg-pool downsample
+is averaged while that launch loads A (no pool launch, no pooled buffer). Per input shape the
 workspace holds one flat buffer per plan slot and the kernels' scratch, so a forward pass allocates
 nothing and is safe to capture in a CUDA graph.
 """
@@ -68,10 +69,14 @@ class TritonBackend(Backend):
         self.layers: dict[str, ConvLayer | HeadLayer] = {}
 
         def conv_layer(op: ConvOp) -> ConvLayer:
-            extra = {}
+            extra = dict(avg_pool=op.avg_pool)  # ResNet-D's 2x2 mean, taken while loading A
             if op.shortcut_input is not None:
+                if op.avg_pool:
+                    raise ValueError(f"triton backend: {op.name} pools its main input and has a shortcut")
                 extra = dict(
-                    shortcut_weight=op.shortcut_weight.to(self.device), shortcut_stride=op.shortcut_stride
+                    shortcut_weight=op.shortcut_weight.to(self.device),
+                    shortcut_stride=op.shortcut_stride,
+                    avg_pool=op.shortcut_avg_pool,
                 )
             return ConvLayer(
                 op.weight.to(self.device),
