@@ -49,13 +49,13 @@ class ResNetSpec:
     layers: tuple[int, int, int, int]
     groups: int = 1
     width_per_group: int = 64
-    # torchvision's replace_stride_with_dilation, one flag per stage layer2..layer4: a flagged stage
-    # keeps its input's resolution (stride 1) and dilates its 3x3 convs by the stride it gave up.
-    replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False)
     # timm's "D" tweaks (Bag of Tricks, arXiv:1812.01187): the deep stem, and a 2x2 average pool
     # (ceil_mode, count_include_pad=False) before each strided projection's 1x1 conv (avg_down).
     deep_stem: bool = False
     avg_down: bool = False
+    # torchvision's replace_stride_with_dilation, one flag per stage layer2..layer4: a flagged stage
+    # keeps its input's resolution (stride 1) and dilates its 3x3 convs by the stride it gave up.
+    replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False)
 
     @property
     def expansion(self) -> int:
@@ -101,6 +101,12 @@ class ResNetSpec:
                 f"{self.name} has BasicBlocks, which have no dilated form (torchvision raises "
                 "NotImplementedError for them too); dilation needs Bottleneck models: resnet50, resnet101, "
                 "resnet152, resnext*, wide_resnet*"
+            )
+        if any(flags) and self.avg_down:
+            # timm pools a dilated stage's shortcut with a 2x2 stride-1 window, which no kernel reads yet.
+            raise ConfigError(
+                f"{self.name} has avg-pool downsamples (ResNet-D), which fastres does not dilate yet; "
+                "dilate a torchvision-layout Bottleneck model (resnet50, resnet101, ...) instead"
             )
         return replace(self, replace_stride_with_dilation=flags)
 

@@ -386,3 +386,8 @@ def test_torchvision_dilated_resnet50_keys_and_outputs():
     engine = fastres.optimize(theirs, device="cpu", backend="torch")  # dilation read from the module
     assert engine.architecture.spec.output_stride == 8
     assert_parity(engine, theirs, random_images(1, 45, 61, seed=49), torch.float32)
+
+
+def test_resnet_d_refuses_dilation_rather_than_plan_timm_s_stride_1_pool():
+    with pytest.raises(fastres.ConfigError, match="avg-pool downsamples"):
+        fastres.load("resnet50d", device="cpu", backend="torch", output_stride=16)
