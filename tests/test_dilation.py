@@ -236,6 +236,8 @@ def test_triton_dilated_features():
     [pytest.param("resnet50", 8, id="resnet50-os8"), pytest.param("resnet101", 16, id="resnet101-os16")],
 )
 def test_triton_full_size_dilated_networks(name, output_stride, dtype):
+    if name == "resnet101" and dtype == torch.float32:  # 5 min interpreted; its layers are resnet50's
+        pytest.skip("resnet101 runs fp16 only under the interpreter (fp32: resnet50 and the small net)")
     model = dilated_model(name, output_stride)
     engine = fastres.optimize(model, device=DEVICE, dtype=dtype, backend="triton")
     assert_parity(engine, model, random_images(1, 45, 61, seed=48), dtype, device=DEVICE)
