@@ -195,7 +195,8 @@ def _dilated(arch: Architecture, replace_stride_with_dilation, output_stride, mo
                 continue
             if not (isinstance(op, ConvOp) and isinstance(conv, nn.Conv2d)):
                 continue
-            planned = tuple((v, v) for v in (op.stride, op.padding, op.dilation))
+            stride = 1 if op.avg_pool else op.stride  # ResNet-D: the module pools, then a stride-1 conv
+            planned = tuple((v, v) for v in (stride, op.padding, op.dilation))
             dilation = conv.dilation if conv.kernel_size != (1, 1) else (1, 1)  # meaningless for a 1x1
             if (conv.stride, conv.padding, dilation) != planned:
                 raise ArchitectureMismatchError(
