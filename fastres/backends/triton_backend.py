@@ -119,12 +119,17 @@ class TritonBackend(Backend):
         shape, layer = tuple(input_shape_nhwc), self.layers[op_name]
         if op_name in self.cudnn_shapes and self.cudnn_shapes[op_name] is None:
             return
+        # ConvLayer decides its config once per (input shape, device) and memoises it in _configs: an
+        # entry put there is what every later launch of that shape runs (kernels/conv.py is at its
+        # module-size limit, so no public setter was added there).
+        key = (shape, layer.device)
+        layer._configs.pop(key, None)  # the rule config, decided again on the next launch
         if tactic is not None and tactic.kind == CUDNN:
-            layer.pin_config(shape, None)
             self.cudnn_layer(op_name)
             self.cudnn_shapes.setdefault(op_name, set()).add(shape)
             return
-        layer.pin_config(shape, None if tactic is None else tactic.config)
+        if tactic is not None:
+            layer._configs[key] = layer.clip_config(tactic.config)
         self.cudnn_shapes.get(op_name, set()).discard(shape)
 
     def use_cudnn(self, op_name: str) -> None:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from .keys import batch_bucket, entry_key  # noqa: F401  (re-exported for callers)
+
 FORMAT = 1
 
 
@@ -76,11 +78,6 @@ def device_key(device: torch.device) -> dict:
             cuda=None,
         )
     return key
-
-
-def batch_bucket(batch: int) -> int:
-    """The batch sizes one tuned choice serves: the next power of two (5..8 use what batch 8 chose)."""
-    return 1 << max(0, batch - 1).bit_length()
 
 
 def _empty() -> dict:
@@ -236,10 +233,6 @@ def _valid_entry(name, entry) -> bool:
     except (KeyError, TypeError, ValueError, AttributeError):
         return False
     return True
-
-
-def entry_key(signature: str, bucket: int) -> str:
-    return f"{signature}@b{bucket}"
 
 
 def clear(root: Path | str | None = None) -> list[Path]:

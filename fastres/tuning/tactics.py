@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..graph import ConvOp
 from ..kernels import ConvConfig
-from .cache import batch_bucket  # noqa: F401  (re-exported: a tactic is chosen per batch bucket)
+from .keys import batch_bucket  # noqa: F401  (re-exported: a tactic is chosen per batch bucket)
 
 CUDNN = "cudnn"
 TRITON = "triton"
