@@ -289,15 +289,6 @@ class ConvLayer:
             config = self._configs[key] = self.config_for(input_shape_nhwc, arch, sm_count)
         return config
 
-    def pin_config(self, input_shape_nhwc, config: ConvConfig | None) -> None:
-        """Launch this input shape with `config` from now on (a tuned choice, e.g. fastres.tuning);
-        None forgets the pin, so the rule table decides again. The config is clipped to the layer."""
-        key = (tuple(input_shape_nhwc), self.device)
-        if config is None:
-            self._configs.pop(key, None)
-        else:
-            self._configs[key] = self.clip_config(config)
-
     def scratch_size(self, input_shape_nhwc) -> tuple[int, int]:
         """(fp32 partials, int32 counters) elements a split-K launch of this input shape needs on this
         layer's device; (0, 0) when it does not split. Callers that run layers one after another on one
