@@ -80,12 +80,13 @@ def _drifted_convs(backend, values64: dict[str, torch.Tensor]) -> list[str]:
     return drifted
 
 
-def run_self_check(backend, *, seed: int = 0) -> SelfCheckVerdict:
+def run_self_check(backend, *, seed: int = 0, size: int | None = None) -> SelfCheckVerdict:
     """Check a TritonBackend against the torch backend; moves drifted convs to cuDNN in place.
 
     The verdict's action says what the caller must do: "torch" means replace the backend."""
     device, dtype = backend.device, backend.dtype
-    x = random_images(CHECK_BATCH, CHECK_SIZE, CHECK_SIZE, seed=seed).to(device)
+    size = size or CHECK_SIZE
+    x = random_images(CHECK_BATCH, size, size, seed=seed).to(device)
     reference = TorchBackend(backend.plan, device, torch.float64)
     values64: dict[str, torch.Tensor] = {INPUT: x.double()}
     outputs = {op.name: op.output for op in backend.plan.ops}
