@@ -11,9 +11,9 @@ import itertools
 import pytest
 import torch
 from e2e import calibrated
+from fastres.kernels import ConvConfig
 
 import fastres
-from fastres.kernels import ConvConfig
 from fastres.tuning import tuner
 from fastres.tuning.candidates import candidate_space
 from fastres.tuning.tactics import CUDNN, CUDNN_TACTIC, Tactic, triton_tactic
@@ -25,7 +25,8 @@ LAYERS = ("layer1.0.conv1", "layer1.0.conv2")  # two signatures (ReLU; residual 
 @pytest.fixture(scope="module")
 def engine():
     model = calibrated("resnet18", 7)
-    return fastres.optimize(model, device="cpu", dtype=torch.float32, backend="triton", tune=False, self_check=False)
+    options = dict(backend="triton", tune=False, self_check=False)
+    return fastres.optimize(model, device="cpu", dtype=torch.float32, **options)
 
 
 @pytest.fixture
