@@ -110,7 +110,7 @@ class TuneCache:
     def _parse(self) -> tuple[dict, str | None]:
         try:
             raw = self.path.read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # nothing cached (yet): quiet
             return _empty(), None
         except OSError as exc:
             return _empty(), f"cannot be read ({exc})"
