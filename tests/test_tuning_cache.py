@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from e2e import calibrated
+from fastres.kernels import ConvConfig
 
 import fastres
 from fastres.cli import main
-from fastres.kernels import ConvConfig
 from fastres.tuning.cache import FORMAT, CacheWarning, TuneCache
 from fastres.tuning.tactics import CUDNN_TACTIC, triton_tactic
 
