@@ -12,10 +12,10 @@ import json
 import pytest
 import torch
 from e2e import assert_parity, calibrated
+from fastres.kernels import ConvConfig, ConvLayer
 
 import fastres
 from fastres.backends import triton_backend
-from fastres.kernels import ConvConfig, ConvLayer
 from fastres.testing import random_images
 from fastres.tuning import selfcheck
 from fastres.tuning.cache import TuneCache, entry_key
@@ -40,7 +40,8 @@ def test_mixed_triton_and_cudnn_plan_matches_the_reference(dtype, monkeypatch):
     engine = fastres.optimize(model, dtype=dtype, tune=False, self_check=False, **OPTIONS)
     backend = engine.backend
     inputs = backend.conv_inputs(2, 32, 32)
-    chosen = [n for n in inputs if n.startswith(("layer3", "layer4"))] + ["layer1.0.conv2", "layer2.0.downsample.0"]
+    chosen = [n for n in inputs if n.startswith(("layer3", "layer4"))]
+    chosen += ["layer1.0.conv2", "layer2.0.downsample.0"]
     for name in chosen:
         backend.tuned[(inputs[name][0], 2)] = CUDNN_TACTIC
     # A choice is per signature: layer1.1.conv2 has layer1.0.conv2's, so it runs on cuDNN too.
@@ -52,7 +53,8 @@ def test_mixed_triton_and_cudnn_plan_matches_the_reference(dtype, monkeypatch):
     calls = _spy_cudnn(monkeypatch)
     assert_parity(engine, model, random_images(2, 32, 32, seed=11), dtype)
     assert len(calls) == len(on_cudnn)  # each listed conv ran on cuDNN, once; the others on Triton
-    assert backend.layers["layer2.0.conv1"]._config(inputs["layer2.0.conv1"][1], torch.device("cpu")).split_k == 3
+    layer, shape = backend.layers["layer2.0.conv1"], inputs["layer2.0.conv1"][1]
+    assert layer._config(shape, torch.device("cpu")).split_k == 3
 
 
 @pytest.mark.interpreter
