@@ -35,8 +35,8 @@ def test_tune_runs_every_step_under_the_interpreter(tmp_path, monkeypatch, capsy
     assert written and written.group(1) == written.group(2) != "0"
     cached = TuneCache(torch.device("cpu")).tactics()
     assert len(cached) == int(written.group(1)) and all(bucket == 1 for _, bucket in cached)
-    engine = fastres.optimize(calibrated("resnet18", 1000), device="cpu", dtype=torch.float32, backend="triton",
-                              self_check=False)  # fmt: skip
+    options = dict(device="cpu", dtype=torch.float32, backend="triton", self_check=False)
+    engine = fastres.optimize(calibrated("resnet18", 1000), **options)  # fmt: skip
     assert engine.backend.tuned == cached  # a default load (tune="cached") applies what was tuned
 
 

@@ -187,3 +187,22 @@ def test_replica_threads_outside_ray_neither_guess_nor_start_ray():
     assert not ray.is_initialized()
     assert replica_cpu_threads() is None
     assert not ray.is_initialized()  # asking must not start a local instance (on every interface)
+
+
+def test_tune_reaches_each_replicas_load_on_the_triton_backend_only(monkeypatch):
+    import fastres
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def load(*args, **options):  # what the replica asks for; stops it before any model is built
+        seen.append(options)
+        raise Stop
+
+    monkeypatch.setattr(fastres, "load", load)
+    for backend in ("triton", "torch"):
+        with pytest.raises(Stop):
+            ImageClassifier.func_or_class(ServeConfig("resnet18", device="cpu", backend=backend, tune=True))
+    assert seen[0]["tune"] is True and "tune" not in seen[1]  # torch: no tuning, the default load

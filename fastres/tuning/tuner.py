@@ -280,6 +280,9 @@ def tune_backend(
                 known=known,
                 bar=bar,
             )
+            if not any(r.batch == batch and r.timed for r in layers):  # all cached or out of budget
+                networks.append(NetworkResult(batch, None, None, True, "nothing searched: not timed"))
+                continue
             network_start = clock()
             networks.append(network_check(backend, batch, height, width, batch_timer))
             network_s += clock() - network_start
