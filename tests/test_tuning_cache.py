@@ -155,3 +155,22 @@ def test_tune_clear_removes_the_cache(tmp_path, monkeypatch, capsys):
     assert main(["tune", "--clear"]) == 0
     assert "removed 2 tuning cache files" in capsys.readouterr().out  # the JSON and its lock
     assert not list(tmp_path.glob("tuning-*")) and cache.tactics() == {}
+
+
+def test_bench_adds_rules_and_tuned_rows_when_the_cache_has_this_plan(tmp_path, monkeypatch):
+    from fastres.tools.bench import BenchConfig, tuned_candidates
+
+    monkeypatch.setenv("FASTRES_CACHE", str(tmp_path))
+    model = calibrated("resnet18", 7)
+    options = dict(device="cpu", dtype=torch.float32, backend="triton", self_check=False)
+    engine = fastres.optimize(model, **options)
+    config = BenchConfig("resnet18", batches=[2], image_size=32)
+    assert tuned_candidates(config, engine, model, engine.device, engine.dtype) == []  # nothing cached
+    signature, _ = engine.backend.conv_inputs(2, 32, 32)["layer1.0.conv1"]
+    TuneCache(torch.device("cpu")).update(layers={f"{signature}@b2": _entry(CUDNN_TACTIC)})
+    engine = fastres.optimize(model, **options)
+    rows = tuned_candidates(config, engine, model, engine.device, engine.dtype)
+    assert [c.name for c in rows] == ["fastres (rules)", "fastres (tuned)"]
+    assert rows[0].fn.backend.tuned == {} and rows[1].fn is engine
+    other = BenchConfig("resnet18", batches=[64], image_size=32)  # another bucket: no tuned row
+    assert tuned_candidates(other, engine, model, engine.device, engine.dtype) == []
