@@ -46,7 +46,10 @@ def candidate_configs() -> dict[tuple[str, torch.dtype], set]:
                     seen.add((signature, batch))
                     layer = backend.layers[op]
                     path = "1x1" if layer.kernel_size == (1, 1) else "3x3"
-                    path += "_shortcut" if layer.shortcut_channels else "_grouped" if layer.kernel_groups > 1 else ""
+                    if layer.shortcut_channels:
+                        path += "_shortcut"
+                    elif layer.kernel_groups > 1:
+                        path += "_grouped"
                     for arch in (90, 80):
                         for tactic in candidate_space(layer, shape, arch, 132).tactics[:-1]:
                             c = tactic.config
