@@ -143,3 +143,51 @@ def test_self_check_passes_a_correct_plan_and_can_be_turned_off(tmp_path, monkey
     engine = fastres.optimize(model, dtype=torch.float32, self_check=False, **OPTIONS)
     assert engine.backend_name == "triton" and "layer1.0.conv1" not in engine.backend.cudnn_shapes
     assert not [w for w in recwarn if issubclass(w.category, SelfCheckWarning)]
+
+
+def _fake_tuner(calls):
+    """Stands in for tune_and_cache: records the request, puts every conv on cuDNN (fast to run here)."""
+
+    def tune(backend, batches, height, width, **options):
+        calls.append((list(batches), height, width))
+        for batch in batches:
+            for signature, _ in backend.conv_inputs(batch, height, width).values():
+                backend.tuned[(signature, batch)] = CUDNN_TACTIC
+
+    return tune
+
+
+@pytest.mark.interpreter
+def test_warmup_tune_tunes_first_and_captures_with_the_choices(tmp_path, monkeypatch):
+    from fastres.tuning import use
+
+    monkeypatch.setenv("FASTRES_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(use, "tune_and_cache", _fake_tuner(calls))
+    model = calibrated("resnet18", 7)
+    engine = fastres.optimize(model, dtype=torch.float32, self_check=False, **OPTIONS)
+    cudnn_calls = _spy_cudnn(monkeypatch)
+    engine.warmup(batch_sizes=(2,), image_size=32, tune=True)
+    assert calls == [([2], 32, 32)]
+    assert len(cudnn_calls) == len(engine.backend.conv_inputs(2, 32, 32))  # the warm-up ran the choices
+    torch_engine = fastres.optimize(model, device="cpu", dtype=torch.float32, backend="torch")
+    with pytest.raises(fastres.ConfigError, match="triton backend"):
+        torch_engine.warmup(tune=True)
+
+
+@pytest.mark.interpreter
+def test_load_tune_true_tunes_each_new_batch_bucket_on_first_use(tmp_path, monkeypatch):
+    from fastres.tuning import use
+
+    monkeypatch.setenv("FASTRES_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(use, "tune_and_cache", _fake_tuner(calls))
+    model = calibrated("resnet18", 7)
+    engine = fastres.optimize(model, dtype=torch.float32, self_check=False, tune=True, **OPTIONS)
+    assert calls == []  # nothing at load
+    x = random_images(2, 32, 32, seed=15)
+    assert_parity(engine, model, x, torch.float32)
+    engine(x)
+    assert calls == [([2], 32, 32)]  # once per bucket and size, the first time the engine sees it
+    with pytest.raises(fastres.ConfigError, match="triton backend"):
+        fastres.optimize(model, device="cpu", backend="torch", tune=True)
