@@ -8,6 +8,10 @@ residual, ReLU in the epilogue), then one max-pool and the head. A conv with a m
 shortcut is one launch too, a GEMM over both inputs concatenated along K. Per input shape the
 workspace holds one flat buffer per plan slot and the kernels' scratch, so a forward pass allocates
 nothing and is safe to capture in a CUDA graph.
+
+Tuned plans (fastres.tuning): `tuned` maps (layer signature, batch bucket) to a tactic, which
+make_workspace applies per input shape: a Triton config pinned for that shape, or the cuDNN tactic
+(F.conv2d on the same NHWC buffers viewed channels-last, epilogue as torch ops, which allocate).
 """
 
 from __future__ import annotations
