@@ -21,8 +21,8 @@ from fastres.tuning.cache import TuneCache
 @pytest.mark.slow
 def test_tune_runs_every_step_under_the_interpreter(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FASTRES_CACHE", str(tmp_path))
-    argv = ["tune", "resnet18", "--device", "cpu", "--dtype", "fp32", "--image-size", "32", "--batch", "1",
-            "--budget-s", "3", "--max-candidates", "1", "--no-progress"]  # fmt: skip
+    argv = ["tune", "resnet18", "--device", "cpu", "--dtype", "fp32", "--image-size", "32", "--batch", "1"]
+    argv += ["--budget-s", "3", "--max-candidates", "1", "--no-progress"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "mean nothing for a GPU" in out
@@ -43,3 +43,36 @@ def test_tune_runs_every_step_under_the_interpreter(tmp_path, monkeypatch, capsy
 def test_tune_needs_a_model_unless_clearing(capsys):
     assert main(["tune"]) == 2
     assert "tune needs MODEL" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compile_for_compiles_the_candidate_space_without_the_interpreter():
+    """Re-runs itself without TRITON_INTERPRET (set by conftest) and compiles for sm_80 with ptxas."""
+    argv = ["tune", "resnet18", "--compile-for", "sm_80", "--batch", "1", "--image-size", "32"]
+    argv += ["--max-candidates", "1", "--no-progress"]
+    assert main(argv) == 0
+
+
+SPILL_PROBE = """
+import torch
+from fastres.kernels import ConvConfig, ConvLayer
+from fastres.tuning.candidates import compile_problem
+layer = ConvLayer(torch.randn(256, 256, 3, 3), None, stride=1, padding=1, dtype=torch.float16)
+for warps in (4, 8):
+    print(compile_problem(layer, (8, 14, 14, 256), layer.clip_config(ConvConfig(128, 256, 64, warps, 3)), 90))
+"""
+
+
+@pytest.mark.slow
+def test_a_spilling_candidate_is_dropped_with_a_reason():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    probe = [sys.executable, "-c", SPILL_PROBE]
+    done = subprocess.run(probe, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    spilled, clean = done.stdout.strip().splitlines()
+    assert spilled.startswith("spills ") and "on sm_90" in spilled  # 128x256 at 4 warps: 255 registers
+    assert clean == "None"  # the tile the candidate space offers: 8 warps

@@ -22,6 +22,7 @@ def add_parser(subparsers) -> None:
             "fastres tune resnet50 --batch 1 8 64 256 --dtype fp16",
             "fastres tune resnet50 --batch 1 --budget-s 20",
             "TRITON_INTERPRET=1 fastres tune resnet18 --device cpu --image-size 32 --batch 1 --budget-s 120",
+            "fastres tune resnet50 --compile-for sm_80 --batch 1 256   # no GPU: what would spill",
             "fastres tune --clear   # remove the tuning cache",
         ),
     )
@@ -54,6 +55,12 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--retune", action="store_true", help="search again layers the cache already has")
     p.add_argument("--clear", action="store_true", help="remove the tuning cache and exit")
+    p.add_argument(
+        "--compile-for",
+        metavar="ARCH",
+        help="instead of tuning: compile the model's whole candidate space for sm_90 or sm_80 (no GPU "
+        "needed) and list what fails or spills; exit status 1 if anything does",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -71,6 +78,8 @@ def run(args) -> int:
         raise ConfigError("need --batch >= 1, --image-size >= 32 and --budget-s >= 0")
     if args.max_candidates is not None and args.max_candidates < 0:
         raise ConfigError("--max-candidates must be >= 0")
+    if args.compile_for:
+        return _compile_for(args)
     engine = _engine(args)
     from ..tuning.report import format_report
     from ..tuning.use import tune_and_cache
@@ -98,6 +107,27 @@ def run(args) -> int:
     agree = sum(read_back.get(key) == tactic for key, tactic in stored.items())
     print(f"cache: {agree} of {len(stored)} choices read back from {cache.path}")
     return 0 if agree == len(stored) or not cache.writable() else 1
+
+
+def _compile_for(args) -> int:
+    import torch
+
+    from ..tools import compile_report
+    from ..tuning import compile_check
+
+    arch = compile_report.parse_arch(args.compile_for)
+    if compile_report.interpreter_enabled():
+        return compile_report.rerun_without_interpreter(args.argv)
+    dtype = parse_dtype(args.dtype) or torch.float16
+    return compile_check.run(
+        args.model,
+        dtype,
+        arch,
+        args.batch,
+        args.image_size,
+        args.max_candidates,
+        progress=not args.no_progress,
+    )
 
 
 def _engine(args):
