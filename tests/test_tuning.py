@@ -49,9 +49,17 @@ def _tune(backend, timer, *, clock=None, budget=1e9, max_candidates=2):
     clock = clock or itertools.count().__next__
     start = clock()
     return tuner.tune_batch(
-        backend, 1, SIZE, SIZE, timer=timer, out_of_time=lambda: clock() - start >= budget, arch=0,
-        sm_count=132, max_candidates=max_candidates, compile_arch=None,
-    )  # fmt: skip
+        backend,
+        1,
+        SIZE,
+        SIZE,
+        timer=timer,
+        out_of_time=lambda: clock() - start >= budget,
+        arch=0,
+        sm_count=132,
+        max_candidates=max_candidates,
+        compile_arch=None,
+    )
 
 
 def _labels(backend, name):
@@ -123,9 +131,10 @@ def test_a_rule_config_failing_the_gate_loses_to_a_correct_tactic(backend, monke
     rule = _labels(backend, LAYERS[0])[0]
     run = tuner._LayerContext.run
     monkeypatch.setattr(
-        tuner._LayerContext, "run",
+        tuner._LayerContext,
+        "run",
         lambda self, t: run(self, t).fill_(float("nan")) if t.label == rule else run(self, t),
-    )  # fmt: skip
+    )
     result = _tune(backend, lambda fn, what: 1.0)[0]
     assert result.chosen != result.rule and "rule config failed" in result.reason
     assert "non-finite" in dict(result.dropped)[rule]
@@ -169,3 +178,17 @@ def test_tactics_round_trip_through_json():
     for bad in ({"kind": "triton"}, {"kind": "x"}, {"kind": "triton", "config": {"block_m": 0}}, None):
         with pytest.raises(ValueError):
             Tactic.from_json(bad)
+
+
+@pytest.mark.interpreter
+def test_tune_backend_with_no_budget_times_nothing_and_keeps_the_rules(backend):
+    timed = []
+    report = tuner.tune_backend(
+        backend, [1, 3], SIZE, SIZE, budget_s=0, timer=lambda fn, what: timed.append(what), progress=False
+    )
+    assert report.interpreted and report.budget_spent and not timed
+    assert [(r.batch, r.tuned, r.chosen == r.rule) for r in report.layers] == [(1, False, True)] * 2 + [
+        (3, False, True)
+    ] * 2
+    assert [(n.batch, n.rules_s, n.kept) for n in report.networks] == [(1, None, True), (3, None, True)]
+    assert backend.tuned == {}

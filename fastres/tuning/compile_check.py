@@ -59,13 +59,18 @@ def run(
     try:
         for kernel, what in specs:
             stats = compile_spec(kernel, arch)
+            problem = None
             if not stats.compiled_ok:
-                bad.append(f"FAILED  {what}: {stats.error}")
+                problem = f"FAILED  {what}: {stats.error}"
             elif stats.spill_bytes:
-                bad.append(f"SPILLS  {what}: {stats.spill_bytes} B, {stats.registers} registers")
+                problem = f"SPILLS  {what}: {stats.spill_bytes} B, {stats.registers} registers"
+            if problem:  # as found: a long sweep that is stopped still says what it saw
+                bad.append(problem)
+                print(problem, flush=True)
             bar.update()
     finally:
         bar.close()
-    print("\n".join(bad) if bad else "every candidate compiled with 0 spills")
+    if not bad:
+        print("every candidate compiled with 0 spills")
     print(f"{len(specs) - len(bad)} of {len(specs)} kernels clean on sm_{arch}")
     return 1 if bad else 0

@@ -25,6 +25,7 @@ from ..graph import INPUT, ConvOp
 from ..numerics import parity_bound, relative_error
 from ..testing import random_images
 from .gate import parity_problem
+from .timing import on_device
 
 CHECK_BATCH, CHECK_SIZE = 2, 64  # small: a few ms of GPU work for ResNet-50 (plus first compiles)
 
@@ -84,6 +85,11 @@ def run_self_check(backend, *, seed: int = 0, size: int | None = None) -> SelfCh
     """Check a TritonBackend against the torch backend; moves drifted convs to cuDNN in place.
 
     The verdict's action says what the caller must do: "torch" means replace the backend."""
+    with on_device(backend.device):
+        return _self_check(backend, seed, size)
+
+
+def _self_check(backend, seed: int, size: int | None) -> SelfCheckVerdict:
     device, dtype = backend.device, backend.dtype
     size = size or CHECK_SIZE
     x = random_images(CHECK_BATCH, size, size, seed=seed).to(device)

@@ -14,6 +14,7 @@ On the CPU (`WallTimer`) the kernels run under Triton's interpreter: its times s
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -68,6 +69,11 @@ class WallTimer:
             fn()
             samples.append(time.perf_counter() - start)
         return statistics.median(samples)
+
+
+def on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the engine's (e.g. cuda:1) for a block."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def default_timer(device: torch.device, batch: int) -> Timer:

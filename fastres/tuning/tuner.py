@@ -28,7 +28,7 @@ from ..progress import Progress
 from .candidates import candidate_space, compile_problem
 from .gate import parity_problem
 from .tactics import CUDNN, Tactic, batch_bucket, triton_tactic
-from .timing import Timer, default_timer
+from .timing import Timer, default_timer, on_device
 
 TIE_TOLERANCE = 0.03  # a tactic must beat the rule config by more than this fraction to replace it
 
@@ -263,31 +263,32 @@ def tune_backend(
     layers, networks, network_s = [], [], 0.0
     start_search = start
     out_of_time = lambda: clock() - start_search - network_s >= budget_s
-    try:
-        for batch in batches:
-            batch_timer = timer or default_timer(device, batch)
-            layers += tune_batch(
-                backend,
-                batch,
-                height,
-                width,
-                timer=batch_timer,
-                out_of_time=out_of_time,
-                arch=arch,
-                sm_count=sm_count,
-                max_candidates=max_candidates,
-                compile_arch=compile_arch,
-                known=known,
-                bar=bar,
-            )
-            if not any(r.batch == batch and r.timed for r in layers):  # all cached or out of budget
-                networks.append(NetworkResult(batch, None, None, True, "nothing searched: not timed"))
-                continue
-            network_start = clock()
-            networks.append(network_check(backend, batch, height, width, batch_timer))
-            network_s += clock() - network_start
-    finally:
-        bar.close()
+    with on_device(device):  # Triton launches on the current CUDA device
+        try:
+            for batch in batches:
+                batch_timer = timer or default_timer(device, batch)
+                layers += tune_batch(
+                    backend,
+                    batch,
+                    height,
+                    width,
+                    timer=batch_timer,
+                    out_of_time=out_of_time,
+                    arch=arch,
+                    sm_count=sm_count,
+                    max_candidates=max_candidates,
+                    compile_arch=compile_arch,
+                    known=known,
+                    bar=bar,
+                )
+                if not any(r.batch == batch and r.timed for r in layers):  # all cached or out of budget
+                    networks.append(NetworkResult(batch, None, None, True, "nothing searched: not timed"))
+                    continue
+                network_start = clock()
+                networks.append(network_check(backend, batch, height, width, batch_timer))
+                network_s += clock() - network_start
+        finally:
+            bar.close()
     for net in networks:
         if not net.kept:  # reverted end to end: what the report and the cache record is the rules
             for r in layers:
