@@ -28,7 +28,9 @@ def test_tune_runs_every_step_under_the_interpreter(tmp_path, monkeypatch, capsy
     assert "mean nothing for a GPU" in out
     rows = re.findall(r"^(layer\S+)\s+\d+\s+(BM\S+)\s", out, re.M)
     assert rows and rows[0][0] == "layer1.0.conv1"  # per layer: the rule config beside the choice
-    assert re.search(r"^layer1\.0\.conv1 .*(fastest tactic|rule config is fastest|tie)", out, re.M)
+    # The layer's verdict; interpreter times are noise, so the end-to-end check may revert the batch.
+    verdicts = r"(fastest tactic|rule config is fastest|tie|slower end to end than the rules: rules kept)"
+    assert re.search(rf"^layer1\.0\.conv1 .*{verdicts}", out, re.M)
     assert "budget spent: rule config kept" in out  # a 3 s budget cannot cover resnet18: the fallback
     assert re.search(r"^whole network, batch 1: rules [\d.]+ ms, tuned [\d.]+ ms", out, re.M)
     written = re.search(r"^cache: (\d+) of (\d+) choices read back", out, re.M)
