@@ -5,7 +5,7 @@
 #
 # For a machine with no package registry (torch, Triton and Python preinstalled): installs fastres
 # without network, prints the GPU and versions, runs the CUDA-graph smoke checks (gpu_smoke.py), the GPU
-# tests, the model benchmarks, the per-layer conv benchmark with the performance model's estimate beside each layer, and the model's full-network
+# tests, the model benchmarks, `fastres tune` (rule vs tuned per layer), the per-layer conv benchmark with the performance model's estimate beside each layer, and the model's full-network
 # estimate for this card at batch 1 and 256 (estimate/*.json; the sm_90/sm_80 compile reports run in CI). Logs, CSV, JSON and plots go to $OUT when set, else
 # ./gpu-check-results/. Each stage has its own time budget (timeout) and a failing stage does not stop
 # the next; the budgets add up to under 8 minutes. A short summary table (stage, status, seconds) is
@@ -45,11 +45,12 @@ STAGES=(
   "install 15 0"
   "versions 15 0"
   "smoke 100 1"
-  "pytest-gpu 125 1"
-  "bench-resnet50 100 1"
-  "bench-resnet18 20 1"
-  "layers-resnet50 35 1"
-  "estimate-resnet50 30 1"
+  "pytest-gpu 100 1"
+  "bench-resnet50 80 1"
+  "bench-resnet18 15 1"
+  "layers-resnet50 30 1"
+  "estimate-resnet50 25 1"
+  "tune-resnet50 55 1"
 )
 total=0
 for s in "${STAGES[@]}"; do set -- $s; total=$((total + $2 + GRACE)); done
@@ -77,6 +78,10 @@ tail -n 12 '$OUT_DIR'/pytest-gpu-*.log; exit \$rc" ;;
     layers-resnet50) echo "$PY benchmarks/bench_layers.py --model resnet50 --batch 64 --dtype fp16 --out '$OUT_DIR/layers'" ;;
     # The model's estimate for the bench stage's batches, this card's name and SM count (kernels come
     # from Triton's cache by now). An estimate, written beside the measurements to calibrate the model.
+    # Per-layer tactic selection on this card (issue 14): rule config vs the chosen one per layer, times
+    # measured, in the log; the cache it writes (rule_ms, tuned_ms per layer and batch) lands in $OUT.
+    tune-resnet50) echo "FASTRES_CACHE='$OUT_DIR/tune-cache' $PY -m fastres tune resnet50 --batch 1 256 --dtype fp16 \
+--budget-s 25 --no-progress" ;;
     estimate-resnet50) echo "set -- \$($PY -c 'import torch; from fastres.tools.estimate import gpu_for_device_name as g; \
 p = torch.cuda.get_device_properties(0); print(g(p.name) or (\"h100\" if p.major >= 9 else \"a100\"), p.multi_processor_count)'); \
 rc=0; for b in 1 256; do $PY -m fastres compile-report resnet50 --estimate --batch \$b --gpu \$1 --assume sms=\$2 \

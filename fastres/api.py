@@ -27,6 +27,7 @@ from .graph import ConvOp, build_eager_graph
 from .planner import plan_resnet, resolve_features, select_outputs
 from .reference import build_resnet
 from .specs import IMAGENET_MEAN, IMAGENET_STD
+from .tuning.use import DEFAULT_BUDGET_S, check_tune_mode
 
 _DTYPE_NAMES = {
     "fp16": torch.float16,
@@ -104,6 +105,12 @@ def _build_engine(
     arch: Architecture, state_dict, device, dtype, backend, mean, std, labels, engine_options, features=None
 ) -> Engine:
     device, dtype, backend = _resolve_device_dtype_backend(device, dtype, backend)
+    tune = engine_options.pop("tune", "cached")
+    self_check = engine_options.pop("self_check", None)
+    tune_budget_s = float(engine_options.pop("tune_budget_s", DEFAULT_BUDGET_S))
+    check_tune_mode(tune)
+    if backend != "triton" and (tune is True or self_check is True):
+        raise ConfigError("tune=True and self_check=True apply to the triton backend (a CUDA GPU)")
     plan = plan_resnet(arch.spec, arch.num_classes, state_dict, mean=mean, std=std, dtype=dtype)
     calibration = engine_options.pop("calibration", None)
     save_calibration = engine_options.pop("save_calibration", None)
@@ -145,10 +152,15 @@ def _build_engine(
     if backend == "reference":
         options["module"] = build_resnet(arch.spec, arch.num_classes, state_dict)
     runner = create_backend(backend, plan, device, dtype, **options)
+    tuner = None
+    if backend == "triton":  # the tuning cache's choices, first-use tuning, the first-use self-check
+        from .tuning.use import prepare_backend
+
+        runner, tuner = prepare_backend(runner, tune=tune, self_check=self_check, budget_s=tune_budget_s)
     if features is not None:  # weights packed for the whole plan (embed() may need more), run cut
         plan = select_outputs(plan, features)
         runner = runner.for_plan(plan)
-    return Engine(plan, runner, arch, state_dict, labels=labels, **engine_options)
+    return Engine(plan, runner, arch, state_dict, labels=labels, tuner=tuner, **engine_options)
 
 
 def _outputs(num_classes, features, out_indices, engine_options) -> tuple[int | None, tuple | None]:
@@ -262,6 +274,13 @@ def load(
         dilated stage keeps stride 1 and dilates its 3x3 convs, as torchvision builds it (DeepLabV3's
         backbone); Bottleneck models only. The dilated stages then run at 4x (16) or 4x and 16x (8) the
         pixels. From an nn.Module (weights= here, or optimize), its own dilation is read and checked.
+    tune (triton backend): "cached" (default) applies tuned choices from the tuning cache
+        ($FASTRES_CACHE, default ~/.cache/fastres) when it has them, else the rule table, and never
+        times anything; True also tunes each new input size on first use within tune_budget_s
+        (default 60) and caches the result; False uses the rule table only (see fastres.tuning).
+    self_check (triton backend): None (default) checks the Triton plan against the torch backend the
+        first time it runs on a GPU (per cache key) and falls back on a mismatch; True always checks,
+        also under the interpreter; False never.
     engine_options: allow_tf32 (float32 convs on TF32 tensor cores; off by default: IEEE fp32),
         cuda_graphs (default on for CUDA), max_batch (larger batches run in chunks),
         max_cached_shapes (input shapes kept warm, LRU); openvino only: threads (OpenVINO's

@@ -148,6 +148,7 @@ class Engine:
         max_cached_shapes: int = 8,
         labels=None,
         embedding: bool = False,
+        tuner=None,
     ):
         if max_batch < 1 or max_cached_shapes < 1:
             raise ConfigError("max_batch and max_cached_shapes must be at least 1")
@@ -164,9 +165,17 @@ class Engine:
         self.labels: list[str] = load_labels(labels, architecture.num_classes)
         self.mean, self.std = plan.mean, plan.std
         # Keyed by (shape, dtype, stride): kernels read the input by its strides.
-        self._runners = RunnerCache(max_cached_shapes, lambda x: Runner(self.backend, x, self.cuda_graphs))
+        # tune=True (fastres.tuning.use.FirstUseTuner): called with (batch, H, W) before a new shape's
+        # runner is built, so its workspace and CUDA graph are made with the tuned tactics.
+        self._tuner = tuner
+        self._runners = RunnerCache(max_cached_shapes, self._new_runner)
         self._embedder: Engine | None = self if embedding else None
         self._embedder_lock = threading.Lock()
+
+    def _new_runner(self, x: Tensor) -> Runner:
+        if self._tuner is not None:
+            self._tuner(x.shape[0], x.shape[2], x.shape[3])
+        return Runner(self.backend, x, self.cuda_graphs)
 
     @property
     def num_classes(self) -> int:
@@ -292,12 +301,26 @@ class Engine:
         image_size: int | tuple[int, int] = 224,
         input_dtype: torch.dtype | None = None,
         layout: str = "NCHW",
+        tune: bool = False,
+        budget_s: float = 60.0,
     ) -> None:
         """Compile kernels and capture CUDA graphs for these shapes ahead of the first real call.
 
         input_dtype: torch.uint8 to warm the raw-pixel path (in `layout`), else normalised float.
+        tune=True (triton backend): first tune these batch sizes at this image size within budget_s
+        seconds, reusing and filling the tuning cache (fastres.tuning); shapes already captured are
+        captured again with the tuned tactics.
         """
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if tune:
+            if self.backend.name != "triton":
+                raise ConfigError(f"warmup(tune=True) applies to the triton backend, not {self.backend.name}")
+            from .tuning.use import tune_and_cache
+
+            tune_and_cache(self.backend, list(batch_sizes), h, w, budget_s=budget_s, progress=False)
+            for runner in self._runners.values():
+                runner.release()
+            self._runners = RunnerCache(self.max_cached_shapes, self._new_runner)
         for batch in batch_sizes:
             if input_dtype == torch.uint8:
                 shape = (batch, 3, h, w) if layout.upper() == "NCHW" else (batch, h, w, 3)

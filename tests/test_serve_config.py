@@ -83,3 +83,8 @@ def test_loopback_or_a_key_does_not_warn(captured, capsys, monkeypatch, host):
 def test_api_key_must_fit_in_a_header():
     with pytest.raises(ValueError, match="printable ASCII"):
         ServeConfig("resnet50", api_key="with space")
+
+
+def test_tune_flag_reaches_the_replicas_config(captured):
+    assert main(["serve", "resnet18"]) == 0 and main(["serve", "resnet18", "--tune"]) == 0
+    assert [config.tune for config, _ in captured] == [False, True]

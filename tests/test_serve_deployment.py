@@ -206,3 +206,22 @@ def test_the_stats_name_the_replica_and_its_memory():
     stats = protocol.InferenceStats().triton_statistics("birds", replica=after)
     assert stats["model_stats"][0]["replica"] == after
     held.close()
+
+
+def test_tune_reaches_each_replicas_load_on_the_triton_backend_only(monkeypatch):
+    import fastres
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def load(*args, **options):  # what the replica asks for; stops it before any model is built
+        seen.append(options)
+        raise Stop
+
+    monkeypatch.setattr(fastres, "load", load)
+    for backend in ("triton", "torch"):
+        with pytest.raises(Stop):
+            ImageClassifier.func_or_class(ServeConfig("resnet18", device="cpu", backend=backend, tune=True))
+    assert seen[0]["tune"] is True and "tune" not in seen[1]  # torch: no tuning, the default load

@@ -9,6 +9,10 @@ shortcut is one launch too, a GEMM over both inputs concatenated along K; ResNet
 is averaged while that launch loads A (no pool launch, no pooled buffer). Per input shape the
 workspace holds one flat buffer per plan slot and the kernels' scratch, so a forward pass allocates
 nothing and is safe to capture in a CUDA graph.
+
+Tuned plans (fastres.tuning): `tuned` maps (layer signature, batch bucket) to a tactic, which
+make_workspace applies per input shape: a Triton config pinned for that shape, or the cuDNN tactic
+(F.conv2d on the same NHWC buffers viewed channels-last, epilogue as torch ops, which allocate).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch import Tensor
 
 from ..graph import INPUT, ConvOp, GlobalPoolOp, HeadOp, MaxPoolOp
 from ..kernels import ConvLayer, HeadLayer, StemLayer, global_avg_pool_nhwc, max_pool2d_nhwc
+from ..tuning.tactics import CUDNN, CudnnConv, Tactic, batch_bucket, layer_signature
 from .base import Backend, Observer
 
 
@@ -67,6 +72,12 @@ class TritonBackend(Backend):
         if plan.uint8_stem is not None:  # raw pixels: the normalisation folded in, padded with 255*mean
             self.uint8_stem = _stem_layer(plan.uint8_stem, self.device, dtype, allow_tf32)
         self.layers: dict[str, ConvLayer | HeadLayer] = {}
+        self.allow_tf32 = allow_tf32
+        # Tuned choices (fastres.tuning): (layer signature, batch bucket) -> tactic, applied per input
+        # shape by make_workspace; convs on the cuDNN tactic: op name -> the input shapes (None: all).
+        self.tuned: dict[tuple[str, int], Tactic] = {}
+        self.cudnn_layers: dict[str, CudnnConv] = {}
+        self.cudnn_shapes: dict[str, set[tuple] | None] = {}
 
         def conv_layer(op: ConvOp) -> ConvLayer:
             extra = dict(avg_pool=op.avg_pool)  # ResNet-D's 2x2 mean, taken while loading A
@@ -102,7 +113,55 @@ class TritonBackend(Backend):
                     dtype=dtype,
                 )
 
+    def conv_inputs(self, batch: int, height: int, width: int) -> dict[str, tuple[str, tuple]]:
+        """Per conv but the stem: (its layer signature, its NHWC input shape) for this input size."""
+        shapes = self.plan.shapes(batch, height, width)
+        out = {}
+        for op in self.plan.ops[1:]:
+            if isinstance(op, ConvOp):
+                n, c, h, w = shapes[op.inputs[0]]
+                out[op.name] = (layer_signature(op, (h, w), self.dtype), (n, h, w, c))
+        return out
+
+    def set_tactic(self, op_name: str, input_shape_nhwc: tuple, tactic: Tactic | None) -> None:
+        """Run conv `op_name` on this input shape with `tactic` (None: the rule config). A conv the
+        self-check moved to cuDNN for every shape (`use_cudnn`) stays there."""
+        shape, layer = tuple(input_shape_nhwc), self.layers[op_name]
+        if op_name in self.cudnn_shapes and self.cudnn_shapes[op_name] is None:
+            return
+        # ConvLayer decides its config once per (input shape, device) and memoises it in _configs: an
+        # entry put there is what every later launch of that shape runs (kernels/conv.py is at its
+        # module-size limit, so no public setter was added there).
+        key = (shape, layer.device)
+        layer._configs.pop(key, None)  # the rule config, decided again on the next launch
+        if tactic is not None and tactic.kind == CUDNN:
+            self.cudnn_layer(op_name)
+            self.cudnn_shapes.setdefault(op_name, set()).add(shape)
+            return
+        if tactic is not None:
+            layer._configs[key] = layer.clip_config(tactic.config)
+        self.cudnn_shapes.get(op_name, set()).discard(shape)
+
+    def use_cudnn(self, op_name: str) -> None:
+        """Run conv `op_name` with the cuDNN tactic at every input shape (the self-check's fallback)."""
+        self.cudnn_layer(op_name)
+        self.cudnn_shapes[op_name] = None
+
+    def cudnn_layer(self, op_name: str) -> CudnnConv:
+        if op_name not in self.cudnn_layers:
+            op = next(op for op in self.plan.ops if op.name == op_name)
+            self.cudnn_layers[op_name] = CudnnConv(op, self.device, self.dtype, self.allow_tf32)
+        return self.cudnn_layers[op_name]
+
+    def apply_tuned(self, batch: int, height: int, width: int) -> None:
+        """Set every conv's tactic for this input size from `tuned` (its batch bucket's choices)."""
+        bucket = batch_bucket(batch)
+        for name, (signature, shape) in self.conv_inputs(batch, height, width).items():
+            self.set_tactic(name, shape, self.tuned.get((signature, bucket)))
+
     def make_workspace(self, batch: int, height: int, width: int) -> TritonWorkspace:
+        if self.tuned:
+            self.apply_tuned(batch, height, width)
         shapes = self.plan.shapes(batch, height, width)
         buffers = [
             torch.empty(n, device=self.device, dtype=self.dtype)
@@ -180,6 +239,12 @@ class TritonBackend(Backend):
 
     def _conv(self, op: ConvOp, src: Tensor, values: dict[str, Tensor], scratch) -> Tensor:
         layer, out = self.layers[op.name], values[op.output]
+        if op.name in self.cudnn_shapes:
+            shapes = self.cudnn_shapes[op.name]
+            if shapes is None or tuple(src.shape) in shapes:
+                residual = values[op.residual] if op.residual else None
+                shortcut = values[op.shortcut_input] if op.shortcut_input is not None else None
+                return self.cudnn_layers[op.name](src, residual, out, shortcut)
         if op.shortcut_input is None:
             return layer(src, values[op.residual] if op.residual else None, out=out, scratch=scratch)
         return layer(src, None, out=out, shortcut_input=values[op.shortcut_input], scratch=scratch)

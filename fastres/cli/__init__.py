@@ -1,5 +1,5 @@
-"""The `fastres` command line (also `python -m fastres`): bench, info, check, compile-report, classify,
-calibrate, embed, serve.
+"""The `fastres` command line (also `python -m fastres`): bench, info, check, compile-report, tune,
+classify, calibrate, embed, serve.
 
 Argument parsing only, one module per command (add_parser(subparsers) and run(args)); the work lives
 in fastres.tools (bench, compile_report, estimate), fastres.classify, fastres.serving and the engine.
@@ -19,10 +19,10 @@ import torch
 
 from .. import __version__
 from ..errors import FastresError
-from . import bench, calibrate, check, classify, compile_report, embed, info, serve
+from . import bench, calibrate, check, classify, compile_report, embed, info, serve, tune
 from .args import CliParser, UsageError, examples
 
-COMMANDS = (bench, info, check, compile_report, classify, embed, calibrate, serve)
+COMMANDS = (bench, info, check, compile_report, tune, classify, embed, calibrate, serve)
 
 
 def _version() -> str:
@@ -44,6 +44,7 @@ def build_parser() -> CliParser:
             "fastres info resnet50 --batch 8",
             "fastres check resnet50 --weights resnet50.pth",
             "fastres compile-report resnet50 --arch sm_90 --dtype fp16",
+            "fastres tune resnet50 --batch 1 8 64 256 --dtype fp16",
             "fastres classify photos/ --weights DEFAULT",
             "fastres embed photos/ --weights DEFAULT --out embeddings.npy",
             "fastres serve resnet50 --weights DEFAULT",

@@ -70,6 +70,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--resize", type=int, help="/v1/classify: short side (default: the weights' recipe)")
     p.add_argument("--crop", type=int, help="/v1/classify: centre crop (default: the weights' recipe, 224)")
     p.add_argument("--warmup-size", type=int, default=224, help="image size run before ready (default 224)")
+    p.add_argument(
+        "--tune",
+        action="store_true",
+        help="triton backend: tune each new batch size on first use and cache it (the first replica "
+        "tunes, the others read the cache; see `fastres tune`)",
+    )
     p.add_argument("--address", help="join this Ray cluster ('auto', HOST:6379) instead of starting one")
     p.add_argument(
         "--api-key",
@@ -111,6 +117,7 @@ def run(args) -> int:
         resize=args.resize,
         crop=args.crop,
         api_key=api_key,
+        tune=args.tune,
         **options,
     )
     return serving.serve_forever(

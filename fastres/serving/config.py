@@ -42,6 +42,10 @@ class ServeConfig:
     # /v1/classify: fastres.transforms for the weights (resize the short side, centre crop), overridable
     resize: int | None = None
     crop: int | None = None
+    # The triton backend: tune each new input size on first use (fastres.load(tune=True)) and cache the
+    # choices; the first replica to reach a size tunes it under a file lock, the others then read it.
+    # Off: every replica applies what the cache already has (tune="cached").
+    tune: bool = False
     # Required as `Authorization: Bearer KEY` on every route but health; out of repr, hence of logs.
     api_key: str | None = field(default=None, repr=False)
 

@@ -141,6 +141,7 @@ class ImageClassifier:
             max_batch=config.max_batch,
             max_cached_shapes=32,  # batch-size buckets x image sizes x layouts seen
             threads=replica_cpu_threads() if backend == "openvino" else None,
+            **({"tune": True} if config.tune and backend == "triton" else {}),
             **({"calibration": config.calibration} if config.calibration else {}),
         )
         self.labels = list(self.engine.labels)

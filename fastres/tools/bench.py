@@ -264,6 +264,29 @@ def other_backend_candidates(config: BenchConfig, engine, module, device, dtype)
     return [Candidate("fastres-torch", other)]
 
 
+def tuned_candidates(config: BenchConfig, engine, module, device, dtype) -> list[Candidate]:
+    """A Triton engine with tuned choices cached for this plan (`fastres tune`): "fastres (rules)", the
+    rule table alone, beside "fastres (tuned)", the engine as loaded (tune="cached", as "fastres")."""
+    import fastres
+
+    backend = engine.backend
+    if engine.backend_name != "triton" or not backend.tuned:
+        return []
+    from ..tuning.keys import batch_bucket
+
+    size = config.image_size
+    wanted = {
+        (signature, batch_bucket(b))
+        for b in config.batches
+        for signature, _ in backend.conv_inputs(b, size, size).values()
+    }
+    if not wanted & backend.tuned.keys():
+        return []
+    options = dict(device=device, dtype=dtype, backend="triton", tune=False, self_check=False)
+    rules = fastres.optimize(module, **options)
+    return [Candidate("fastres (rules)", rules), Candidate("fastres (tuned)", engine)]
+
+
 def run_benchmark(config: BenchConfig, on_rows: Callable[[list[dict]], None] | None = None) -> BenchResult:
     """Measure fastres against its anchors; `on_rows` gets all rows so far after each batch size."""
     from ..specs import MODEL_SPECS, get_spec
@@ -291,6 +314,7 @@ def run_benchmark(config: BenchConfig, on_rows: Callable[[list[dict]], None] | N
     candidates = [
         Candidate("fastres", engine),
         *other_backend_candidates(config, engine, module, device, dtype),
+        *tuned_candidates(config, engine, module, device, dtype),
         *anchor_candidates(module, device, dtype, config.compare, calibration),
     ]
     backend_of = {c.name: c.fn.backend_name for c in candidates if c.name.startswith("fastres")}

@@ -1,0 +1,82 @@
+"""How the tuner times a call: the median of repeats after warm-up, injectable for tests.
+
+A timer is called as `timer(fn, what)` and returns seconds per call of `fn`; `what` names the layer and
+tactic (or the whole network) so that a test can script the times it returns.
+
+On a GPU (`CudaTimer`) each repeat is bracketed by CUDA events on the current stream. With `flush_l2`
+a buffer twice the L2's size is written before each repeat, outside the events: at batch 1 a ResNet's
+weights are read once per forward from DRAM (25 MB for ResNet-50 in fp16, about the H100's whole
+L2 with activations beside them), so a layer timed with its weights L2-resident would look faster than
+it runs in the network. At larger batches activations dominate the traffic and the flush is skipped.
+
+On the CPU (`WallTimer`) the kernels run under Triton's interpreter: its times say nothing about a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+
+
+class Timer(Protocol):
+    def __call__(self, fn: Callable[[], Any], what: str) -> float: ...
+
+
+class CudaTimer:
+    """Median seconds of `repeats` calls after `warmup` calls, from CUDA events; optional L2 flush."""
+
+    def __init__(self, device: torch.device, *, warmup: int = 3, repeats: int = 15, flush_l2: bool = False):
+        self.device, self.warmup, self.repeats = device, warmup, repeats
+        self.flush = None
+        if flush_l2:
+            l2 = torch.cuda.get_device_properties(device).L2_cache_size
+            self.flush = torch.empty(max(2 * l2, 1 << 20), dtype=torch.uint8, device=device)
+
+    def __call__(self, fn: Callable[[], Any], what: str) -> float:
+        for _ in range(self.warmup):
+            fn()
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(self.repeats)
+        ]
+        for start, end in events:
+            if self.flush is not None:
+                self.flush.zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(self.device)
+        return statistics.median(start.elapsed_time(end) for start, end in events) / 1e3
+
+
+class WallTimer:
+    """Median wall-clock seconds (the CPU; under the interpreter these times mean nothing for a GPU)."""
+
+    def __init__(self, *, warmup: int = 0, repeats: int = 1):
+        self.warmup, self.repeats = warmup, repeats
+
+    def __call__(self, fn: Callable[[], Any], what: str) -> float:
+        for _ in range(self.warmup):
+            fn()
+        samples = []
+        for _ in range(self.repeats):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+
+
+def on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the engine's (e.g. cuda:1) for a block."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def default_timer(device: torch.device, batch: int) -> Timer:
+    if device.type == "cuda":
+        return CudaTimer(device, flush_l2=batch == 1)
+    return WallTimer()

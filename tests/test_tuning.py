@@ -1,0 +1,194 @@
+"""fastres.tuning's selection: candidates, the parity gate, the injected timer, ties and the budget.
+
+The layers are real (resnet18's Triton plan, run under the interpreter); the timer and the clock are
+injected, so a test scripts which tactic is fastest and when the budget runs out.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from e2e import calibrated
+from fastres.kernels import ConvConfig
+
+import fastres
+from fastres.tuning import tuner
+from fastres.tuning.candidates import candidate_space
+from fastres.tuning.tactics import CUDNN, CUDNN_TACTIC, Tactic, triton_tactic
+
+SIZE = 32
+LAYERS = ("layer1.0.conv1", "layer1.0.conv2")  # two signatures (ReLU; residual + ReLU), the cheapest
+
+
+@pytest.fixture(scope="module")
+def engine():
+    model = calibrated("resnet18", 7)
+    options = dict(backend="triton", tune=False, self_check=False)
+    return fastres.optimize(model, device="cpu", dtype=torch.float32, **options)
+
+
+@pytest.fixture
+def backend(engine, monkeypatch):
+    backend = engine.backend
+    backend.tuned.clear()
+    full = backend.conv_inputs
+    monkeypatch.setattr(
+        backend, "conv_inputs", lambda *a: {k: v for k, v in full(*a).items() if k in LAYERS}, raising=False
+    )
+    yield backend
+    backend.tuned.clear()
+
+
+def _label(what: str) -> str:
+    return what.rsplit(" ", 1)[1]
+
+
+def _tune(backend, timer, *, clock=None, budget=1e9, max_candidates=2):
+    clock = clock or itertools.count().__next__
+    start = clock()
+    return tuner.tune_batch(
+        backend,
+        1,
+        SIZE,
+        SIZE,
+        timer=timer,
+        out_of_time=lambda: clock() - start >= budget,
+        arch=0,
+        sm_count=132,
+        max_candidates=max_candidates,
+        compile_arch=None,
+    )
+
+
+def _labels(backend, name):
+    signature, shape = backend.conv_inputs(1, SIZE, SIZE)[name]
+    return [t.label for t in candidate_space(backend.layers[name], shape, 0, 132, max_candidates=2).tactics]
+
+
+@pytest.mark.interpreter
+def test_the_fastest_gated_tactic_wins(backend):
+    fastest = {name: _labels(backend, name)[2] for name in LAYERS}  # the second variant after the rule
+    timer = lambda fn, what: 0.5 if _label(what) in fastest.values() else 1.0
+    results = _tune(backend, timer)
+    assert [r.ops[0] for r in results] == list(LAYERS)
+    for r in results:
+        assert r.chosen.label == fastest[r.ops[0]] and r.reason == "fastest tactic"
+        assert r.rule_s == 1.0 and r.chosen_s == 0.5 and r.speedup == 2.0
+        assert len(r.timed) == 4  # rule, two variants, cuDNN: all passed the gate
+        assert backend.tuned[(r.signature, 1)] == r.chosen
+
+
+@pytest.mark.interpreter
+def test_ties_keep_the_rule_config_and_are_deterministic(backend):
+    # Every tactic within the tie tolerance of the rule: the rule stays.
+    near = lambda fn, what: 1.0 if _label(what) == _labels(backend, LAYERS[0])[0] else 0.99
+    assert all(r.chosen == r.rule and "tie" in r.reason for r in _tune(backend, near))
+    # Two variants equally and clearly faster: the earlier candidate, on every run.
+    labels = _labels(backend, LAYERS[0])
+    equal = lambda fn, what: {labels[1]: 0.5, labels[2]: 0.5}.get(_label(what), 1.0)
+    first, again = _tune(backend, equal)[0], _tune(backend, equal)[0]
+    assert first.chosen.label == again.chosen.label == labels[1]
+
+
+@pytest.mark.interpreter
+def test_budget_spent_keeps_the_rule_config_for_the_rest(backend):
+    timed = []
+    timer = lambda fn, what: timed.append(what) or 1.0
+    # The clock advances one second per reading: the first layer starts inside a 3 s budget, the
+    # budget runs out during it (not every tactic is timed), and the second layer never starts.
+    results = _tune(backend, timer, budget=3)
+    first, second = results
+    assert first.tuned and any("budget" in why for _, why in first.dropped)
+    assert not second.tuned and second.chosen == second.rule and "budget" in second.reason
+    assert (second.signature, 1) not in backend.tuned  # not cached: a later run can finish it
+    assert all(LAYERS[1] not in w for w in timed)
+    assert [r.tuned for r in _tune(backend, timer, budget=0)] == [False, False]
+
+
+@pytest.mark.interpreter
+def test_a_wrong_candidate_is_discarded_never_chosen(backend, monkeypatch):
+    wrong = _labels(backend, LAYERS[0])[1]
+    run = tuner._LayerContext.run
+
+    def corrupted(self, tactic):
+        out = run(self, tactic)
+        if tactic.label == wrong:
+            out.view(-1)[::7] += 1.0  # a deliberately wrong kernel result
+        return out
+
+    monkeypatch.setattr(tuner._LayerContext, "run", corrupted)
+    timer = lambda fn, what: 0.1 if _label(what) == wrong else 1.0  # it would win on time
+    result = _tune(backend, timer)[0]
+    assert result.chosen.label != wrong and result.chosen == result.rule
+    assert [why for label, why in result.dropped if label == wrong][0].startswith("parity: relative error")
+    assert wrong not in [label for label, _ in result.timed]
+
+
+@pytest.mark.interpreter
+def test_a_rule_config_failing_the_gate_loses_to_a_correct_tactic(backend, monkeypatch):
+    rule = _labels(backend, LAYERS[0])[0]
+    run = tuner._LayerContext.run
+    monkeypatch.setattr(
+        tuner._LayerContext,
+        "run",
+        lambda self, t: run(self, t).fill_(float("nan")) if t.label == rule else run(self, t),
+    )
+    result = _tune(backend, lambda fn, what: 1.0)[0]
+    assert result.chosen != result.rule and "rule config failed" in result.reason
+    assert "non-finite" in dict(result.dropped)[rule]
+
+
+def test_choose_prefers_the_rule_within_the_tolerance():
+    rule, a, b = (triton_tactic(ConvConfig(64, 64, 32, 4, s)) for s in (1, 2, 3))
+    assert tuner.choose(rule, [(rule, 1.0), (a, 0.98)])[0] == rule
+    assert tuner.choose(rule, [(rule, 1.0), (a, 0.5), (b, 0.5)])[0] == a
+    assert tuner.choose(rule, [(a, 0.7), (CUDNN_TACTIC, 0.6)])[0] == CUDNN_TACTIC
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("arch", [90, 80])
+def test_candidate_space_is_legal_for_the_layer(engine, arch, dtype):
+    """Rule first, cuDNN last, no duplicates, every config already clipped to the layer, and no
+    pipeline larger than the arch's shared memory."""
+    from fastres.backends.triton_backend import TritonBackend
+    from fastres.tuning.candidates import SMEM_KIB, smem_bytes
+
+    backend = TritonBackend(engine.plan, "cpu", dtype)
+    elem = torch.empty((), dtype=dtype).element_size()
+    for batch in (1, 256):
+        for name, (_, shape) in backend.conv_inputs(batch, 224, 224).items():
+            layer = backend.layers[name]
+            space = candidate_space(layer, shape, arch, 132)
+            assert space.rule.config == layer.config_for(shape, arch, 132)
+            assert space.tactics[-1].kind == CUDNN
+            configs = [t.config for t in space.tactics[:-1]]
+            assert len(set(configs)) == len(configs)
+            assert all(layer.clip_config(c) == c for c in configs)
+            assert all(smem_bytes(c, elem) <= SMEM_KIB[arch] * 1024 for c in configs[1:])
+            if dtype == torch.float32:
+                assert all(c.block_m * c.block_n <= 128 * 64 for c in configs[1:])
+
+
+def test_tactics_round_trip_through_json():
+    config = ConvConfig(128, 64, 32, 8, 3, maxnreg=128, split_k=4, fused_reduce=False)
+    for tactic in (triton_tactic(config), CUDNN_TACTIC):
+        assert Tactic.from_json(tactic.to_json()) == tactic
+    for bad in ({"kind": "triton"}, {"kind": "x"}, {"kind": "triton", "config": {"block_m": 0}}, None):
+        with pytest.raises(ValueError):
+            Tactic.from_json(bad)
+
+
+@pytest.mark.interpreter
+def test_tune_backend_with_no_budget_times_nothing_and_keeps_the_rules(backend):
+    timed = []
+    report = tuner.tune_backend(
+        backend, [1, 3], SIZE, SIZE, budget_s=0, timer=lambda fn, what: timed.append(what), progress=False
+    )
+    assert report.interpreted and report.budget_spent and not timed
+    assert [(r.batch, r.tuned, r.chosen == r.rule) for r in report.layers] == [(1, False, True)] * 2 + [
+        (3, False, True)
+    ] * 2
+    assert [(n.batch, n.rules_s, n.kept) for n in report.networks] == [(1, None, True), (3, None, True)]
+    assert backend.tuned == {}
