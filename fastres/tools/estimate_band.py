@@ -1,7 +1,8 @@
 """The estimate as a band: optimistic / central / pessimistic, each an explicit assumption set.
 
 One number from an analytical model hides how much it rests on guesses (the clock under load, L2 and DRAM
-latency, how often one warp can issue, the gap between graph nodes, whether weights stay in L2). The band
+latency and bandwidth, how often one warp can issue, the gap between graph nodes, whether weights stay in
+L2). The band
 reruns the same compiled launches (fastres.tools.estimate_report.ModelLaunches) under a set of optimistic
 and a set of pessimistic values, and then moves one assumption at a time from its optimistic to its
 pessimistic value with the rest central: the assumptions that move the total most dominate the spread.
@@ -26,6 +27,9 @@ BAND: dict[str, tuple[Callable[[Gpu], float], Callable[[Gpu], float]]] = {
     "warp_issue_interval_cycles": (lambda g: 1.0, lambda g: 4.0),
     "node_gap_us": (lambda g: 0.67 * g.node_gap_us, lambda g: 1.67 * g.node_gap_us),
     "cta_overhead_cycles": (lambda g: 0.7 * g.cta_overhead_cycles, lambda g: 1.5 * g.cta_overhead_cycles),
+    # Bandwidth bounds the large batches: published L2 figures vary widely, HBM efficiency somewhat.
+    "l2_gbs": (lambda g: 1.2 * g.l2_gbs, lambda g: 0.7 * g.l2_gbs),
+    "dram_efficiency": (lambda g: min(0.95, 1.1 * g.dram_efficiency), lambda g: 0.85 * g.dram_efficiency),
     # Optimistic: all of L2 keeps the weights between forwards; pessimistic: a third of it.
     "l2_usable_fraction": (lambda g: 1.0, lambda g: 0.33),
 }
