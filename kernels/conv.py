@@ -257,7 +257,7 @@ class ConvLayer:
             SPLIT=config.split_k,
             STEPS_PER_SPLIT=steps_per_split(k_steps, config.split_k),
             FUSED_REDUCE=config.fused_reduce,
-            REDUCE_ROWS=config.block_m // (fused_reduce_trips(config) or 1),  # rows per reduction chunk
+            REDUCE_ROWS=config.block_m // (fused_reduce_trips(config, self.dtype == torch.float32) or 1),
             HAS_BIAS=has_bias,
             HAS_RESIDUAL=self.has_residual,
             APPLY_RELU=self.relu,
@@ -428,7 +428,7 @@ class ConvLayer:
                 flops=flops(self, shape),
                 min_bytes=min_bytes(self, shape),
                 l2_bytes=l2_bytes(self, shape, config),
-                reduce_trips=fused_reduce_trips(config),
+                reduce_trips=fused_reduce_trips(config, self.dtype == torch.float32),
             )
         ]
         if config.split_k > 1 and not config.fused_reduce:

@@ -124,13 +124,14 @@ def k_step_cycles(config: ConvConfig, fp32: bool) -> int:
     return max(SPLIT_STEP_LATENCY_CYCLES, macs // SPLIT_MACS_PER_CYCLE["fp32" if fp32 else "16bit"])
 
 
-def split_cycles(tiles: int, k_steps: int, sm_count: int, split: int, step_cycles: int, config) -> int:
+def split_cycles(tiles: int, k_steps: int, sm_count: int, split: int, step_cycles: int, config,
+                 fp32: bool = False) -> int:  # fmt: skip
     """Modelled cycles of a layer split `split` ways: waves of (K-steps of one slice + its reduction)."""
     waves = triton.cdiv(tiles * split, sm_count)
     loop = triton.cdiv(k_steps, split) * step_cycles
     if split == 1:
         return waves * loop
-    chunks = reduce_chunks(config.block_m, config.block_n, split, config.num_warps, config.maxnreg)
+    chunks = reduce_chunks(config.block_m, config.block_n, split, config.num_warps, config.maxnreg, fp32)
     return waves * loop + SPLIT_HANDSHAKE_CYCLES + chunks * SPLIT_CHUNK_CYCLES
 
 
@@ -149,15 +150,17 @@ def choose_split(tiles: int, k_steps: int, sm_count: int, config: ConvConfig | N
     step = k_step_cycles(config, fp32)
     most = min(triton.cdiv(sm_count, tiles), k_steps // SPLIT_MIN_STEPS, SPLIT_MAX)
     candidates = {triton.cdiv(k_steps, steps_per_split(k_steps, s)) for s in range(1, max(most, 1) + 1)}
-    return min(sorted(candidates), key=lambda s: split_cycles(tiles, k_steps, sm_count, s, step, config))
+    cost = lambda s: split_cycles(tiles, k_steps, sm_count, s, step, config, fp32)  # noqa: E731
+    return min(sorted(candidates), key=cost)
 
 
-def fused_reduce_trips(config: ConvConfig) -> int | None:
+def fused_reduce_trips(config: ConvConfig, fp32: bool = False) -> int | None:
     """Trips of the fused reduction's chunk loop (block_m / `splitk.reduce_rows`, both powers of two);
     None when the config runs no fused reduction."""
     if config.split_k == 1 or not config.fused_reduce:
         return None
-    return reduce_chunks(config.block_m, config.block_n, config.split_k, config.num_warps, config.maxnreg)
+    c = config
+    return reduce_chunks(c.block_m, c.block_n, c.split_k, c.num_warps, c.maxnreg, fp32)
 
 
 def steps_per_split(k_steps: int, split: int) -> int:

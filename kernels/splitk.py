@@ -33,24 +33,29 @@ REDUCE_WARPS = 2
 # configs' cap of 128 registers half as many, which do not spill (a fully hoisted 64x64 tile at split 3
 # spilled 32 bytes there; 128 values spilled 8 at split 16).
 REDUCE_VALUES_PER_THREAD = 128
-REDUCE_VALUES_PER_THREAD_CAPPED = 64  # when the config caps registers at 128 or fewer
+# When the config caps registers at 128 or fewer, and for fp32 (its FMA-path tiles sit near 128
+# registers: on sm_80, uncapped, 128 values spilled 8 bytes at split 16).
+REDUCE_VALUES_PER_THREAD_CAPPED = 64
 
 
-def reduce_rows(block_m: int, block_n: int, split: int, num_warps: int, maxnreg: int | None = None) -> int:
+def reduce_rows(block_m: int, block_n: int, split: int, num_warps: int, maxnreg: int | None = None,
+                fp32: bool = False) -> int:  # fmt: skip
     """Rows of a (block_m, block_n) tile that one chunk of the reduction covers: the largest power of two
     whose split * rows * block_n partials give at most the per-thread budget of values (but at least one
     value per thread, so no lane idles), clipped to the tile."""
     threads = 32 * num_warps
-    budget = REDUCE_VALUES_PER_THREAD if maxnreg is None or maxnreg > 128 else REDUCE_VALUES_PER_THREAD_CAPPED
+    capped = fp32 or (maxnreg is not None and maxnreg <= 128)
+    budget = REDUCE_VALUES_PER_THREAD_CAPPED if capped else REDUCE_VALUES_PER_THREAD
     rows = max(1, threads // block_n)
     while rows * 2 <= block_m and split * rows * 2 * block_n <= budget * threads:
         rows *= 2
     return min(rows, block_m)
 
 
-def reduce_chunks(block_m: int, block_n: int, split: int, num_warps: int, maxnreg: int | None = None) -> int:
+def reduce_chunks(block_m: int, block_n: int, split: int, num_warps: int, maxnreg: int | None = None,
+                  fp32: bool = False) -> int:  # fmt: skip
     """Chunks (trips of the reduction's loop over rows) of one tile's reduction."""
-    return triton.cdiv(block_m, reduce_rows(block_m, block_n, split, num_warps, maxnreg))
+    return triton.cdiv(block_m, reduce_rows(block_m, block_n, split, num_warps, maxnreg, fp32))
 
 
 @triton.jit

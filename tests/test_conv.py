@@ -354,7 +354,8 @@ def test_split_rule(dtype):
     step = k_step_cycles(small, dtype == torch.float32)
     assert 1 < small.split_k <= SPLIT_MAX and tiles * small.split_k <= 132  # one wave
     assert -(-k_steps // small.split_k) >= 4  # every slice keeps >= 4 K-steps
-    cost = {s: split_cycles(tiles, k_steps, 132, s, step, small) for s in range(1, SPLIT_MAX + 1)}
+    fp32 = dtype == torch.float32
+    cost = {s: split_cycles(tiles, k_steps, 132, s, step, small, fp32) for s in range(1, SPLIT_MAX + 1)}
     assert cost[small.split_k] == min(cost.values())
     if dtype == torch.float16:  # 72 K-steps on 8 tiles: the old rule's 15 slices cost 2 more chunks
         assert small.split_k < 15 and cost[small.split_k] < cost[15]
