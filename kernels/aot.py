@@ -87,6 +87,8 @@ class KernelSpec:
     * `flops`: useful floating-point work (2 per multiply-add of the math, no padding or super-group
       zeros counted; 0 for data movement).
     * `min_bytes`: the least DRAM traffic the launch can do: every input, weight and output byte once.
+    * `reduce_trips`: trips of the fused split-K reduction's loop in the one CTA per tile that runs it
+      (`kernels.splitk.reduce_chunks`); None when the launch has no fused reduction.
     * `l2_bytes`: optional; bytes the CTAs load from and store to L2 in all. None lets the estimator
       count them from the SASS (load/store widths per thread), which cannot see TMA loads: a launcher
       whose kernel uses TMA should give it.
@@ -108,6 +110,7 @@ class KernelSpec:
     flops: int | None = None
     min_bytes: int | None = None
     l2_bytes: int | None = None
+    reduce_trips: int | None = None
 
     @property
     def ctas(self) -> int | None:
@@ -187,11 +190,13 @@ def make_spec(
     flops: int | None = None,
     min_bytes: int | None = None,
     l2_bytes: int | None = None,
+    reduce_trips: int | None = None,
 ) -> KernelSpec:
     """Build the spec a launch `fn[grid](**args, **constexprs)` would compile.
 
     `args` values are tensors, `Pointer`s, ints, floats or bools; `constexprs` covers every constexpr param.
-    `grid`, `k_steps`, `outer_steps`, `flops`, `min_bytes`, `l2_bytes`: the launch facts (see `KernelSpec`).
+    `grid`, `k_steps`, `outer_steps`, `flops`, `min_bytes`, `l2_bytes`, `reduce_trips`: the launch facts
+    (see `KernelSpec`).
     """
     names = _param_names(fn)
     missing = set(names) - set(args) - set(constexprs)
@@ -244,6 +249,7 @@ def make_spec(
         flops=flops,
         min_bytes=min_bytes,
         l2_bytes=l2_bytes,
+        reduce_trips=reduce_trips,
     )
 
 

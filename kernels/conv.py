@@ -21,6 +21,7 @@ from .conv_configs import (
     device_arch,
     device_sm_count,
     finalize,
+    fused_reduce_trips,
     pow2_at_least_16,
     steps_per_split,
     supergroup_factor,
@@ -198,7 +199,8 @@ class ConvLayer:
         if arch == 0:
             return config
         k_steps = self.total_k_steps(config.block_k)
-        split = choose_split(self.output_tiles(input_shape_nhwc, config), k_steps, sm_count)
+        tiles = self.output_tiles(input_shape_nhwc, config)
+        split = choose_split(tiles, k_steps, sm_count, config, self.dtype == torch.float32)
         return finalize(config, split, k_steps)
 
     def clip_config(self, config: ConvConfig) -> ConvConfig:
@@ -263,6 +265,7 @@ class ConvLayer:
             SPLIT=config.split_k,
             STEPS_PER_SPLIT=steps_per_split(k_steps, config.split_k),
             FUSED_REDUCE=config.fused_reduce,
+            REDUCE_ROWS=config.block_m // (fused_reduce_trips(config, self.dtype == torch.float32) or 1),
             HAS_BIAS=has_bias,
             HAS_RESIDUAL=self.has_residual,
             APPLY_RELU=self.relu,
@@ -434,6 +437,7 @@ class ConvLayer:
                 flops=flops(self, shape),
                 min_bytes=min_bytes(self, shape),
                 l2_bytes=l2_bytes(self, shape, config),
+                reduce_trips=fused_reduce_trips(config, self.dtype == torch.float32),
             )
         ]
         if config.split_k > 1 and not config.fused_reduce:

@@ -7,7 +7,7 @@ Split-K: a layer whose output-tile grid cannot fill the GPU (batch 1, 7x7 and 14
 programs on 132 SMs, 32-72 K-steps each) runs its K loop in `split_k` slices, one program per
 (tile, slice); each slice writes fp32 partials and the tile's last program to finish (or a reduce
 kernel, kernels/splitk.py) sums them in a fixed order and runs the epilogue once. `choose_split` picks
-the slice count.
+the slice count that minimises a cycle model of the shortened loop plus the reduction it adds.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import triton
 
 from .aot import interpreting
 from .launch import LaunchConfig
+from .splitk import reduce_chunks
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,16 @@ CONV_CONFIGS: dict[tuple[str, str, str], ConvConfig] = {
 AOT_SM_COUNT = 132  # H100/H200 SXM; the SM count assumed when compiling ahead of time
 SPLIT_MIN_STEPS = 4  # every split keeps at least this many K-steps, so its pipeline still fills
 SPLIT_MAX = 16  # bounds the fp32 workspace (split * M * C_out * 4 bytes) and the reduce kernel's reads
-# A split costs a round trip of split * M * C_out fp32 partials through L2 and a serial reduction by the
-# tile's last program (about 1-2 us at batch 1, estimate) and pays ~0.1-0.2 us per K-step a program no
-# longer runs (64x64x64 step on H100, estimate): split only where it removes at least this many steps.
-SPLIT_MIN_SAVED_STEPS = 8
+# The split's cost model (cycles of one program, all estimates for an H100 at batch 1, from the sm_90
+# SASS). A K-step costs the larger of its operand latency through the pipeline and its MACs at the
+# SM's rate: 16-bit wgmma ~1024 MACs/clock, IEEE fp32 on the FMA units 128. The fused reduction costs a
+# handshake (the partials' stores drained, a gpu-scope acq_rel atomic, a CTA barrier: about two L2
+# round trips) plus, per chunk of `splitk.reduce_rows` rows, the chunk's loads -- about two L2 round
+# trips, since ptxas issues a chunk's loads in one or two batches (kernels.sass.load_round_trips).
+SPLIT_STEP_LATENCY_CYCLES = 250
+SPLIT_MACS_PER_CYCLE = {"16bit": 1024, "fp32": 128}
+SPLIT_HANDSHAKE_CYCLES = 800
+SPLIT_CHUNK_CYCLES = 1000
 
 
 @functools.cache
@@ -114,23 +121,49 @@ def table_config(arch: int, fp32: bool, kind: str, pooled_read: bool = False) ->
     return pooled_read_config(config) if pooled_read else config
 
 
-def choose_split(tiles: int, k_steps: int, sm_count: int) -> int:
-    """K-slices per output tile: enough programs for about one wave, each slice >= SPLIT_MIN_STEPS steps.
+def k_step_cycles(config: ConvConfig, fp32: bool) -> int:
+    """Modelled cycles of one K-step of `config`'s tile (see SPLIT_STEP_LATENCY_CYCLES)."""
+    macs = config.block_m * config.block_n * config.block_k
+    return max(SPLIT_STEP_LATENCY_CYCLES, macs // SPLIT_MACS_PER_CYCLE["fp32" if fp32 else "16bit"])
 
-    split = min(ceil(sm_count / tiles), k_steps // SPLIT_MIN_STEPS, SPLIT_MAX), then evened out so every
-    slice has ceil(k_steps / split) steps but the last (no empty slice). A grid that already fills the
-    SMs (tiles >= sm_count) is never split (its partials would only add traffic), nor a layer where the
-    split saves fewer than SPLIT_MIN_SAVED_STEPS serial K-steps (not worth the reduction).
+
+def split_cycles(tiles: int, k_steps: int, sm_count: int, split: int, step_cycles: int, config,
+                 fp32: bool = False) -> int:  # fmt: skip
+    """Modelled cycles of a layer split `split` ways: waves of (K-steps of one slice + its reduction)."""
+    waves = triton.cdiv(tiles * split, sm_count)
+    loop = triton.cdiv(k_steps, split) * step_cycles
+    if split == 1:
+        return waves * loop
+    chunks = reduce_chunks(config.block_m, config.block_n, split, config.num_warps, config.maxnreg, fp32)
+    return waves * loop + SPLIT_HANDSHAKE_CYCLES + chunks * SPLIT_CHUNK_CYCLES
+
+
+def choose_split(tiles: int, k_steps: int, sm_count: int, config: ConvConfig | None = None,
+                 fp32: bool = False) -> int:  # fmt: skip
+    """K-slices per output tile: the split with the fewest modelled cycles (`split_cycles`), among those
+    that keep every slice >= SPLIT_MIN_STEPS steps, split at most SPLIT_MAX ways and fit in one wave.
+
+    A grid that already fills the SMs (tiles >= sm_count) is never split (its partials would only add
+    traffic). Splits are evened out so every slice has ceil(k_steps / split) steps but the last (no
+    empty slice). Without a config, the sm_90 16-bit small-tile entry gives the reduction's chunks.
     """
     if tiles >= sm_count:
         return 1
-    split = min(triton.cdiv(sm_count, tiles), k_steps // SPLIT_MIN_STEPS, SPLIT_MAX)
-    if split <= 1:
-        return 1
-    per_split = triton.cdiv(k_steps, split)
-    if k_steps - per_split < SPLIT_MIN_SAVED_STEPS:
-        return 1
-    return triton.cdiv(k_steps, per_split)
+    config = config or CONV_CONFIGS[("sm90", "16bit", "small_m")]
+    step = k_step_cycles(config, fp32)
+    most = min(triton.cdiv(sm_count, tiles), k_steps // SPLIT_MIN_STEPS, SPLIT_MAX)
+    candidates = {triton.cdiv(k_steps, steps_per_split(k_steps, s)) for s in range(1, max(most, 1) + 1)}
+    cost = lambda s: split_cycles(tiles, k_steps, sm_count, s, step, config, fp32)  # noqa: E731
+    return min(sorted(candidates), key=cost)
+
+
+def fused_reduce_trips(config: ConvConfig, fp32: bool = False) -> int | None:
+    """Trips of the fused reduction's chunk loop (block_m / `splitk.reduce_rows`, both powers of two);
+    None when the config runs no fused reduction."""
+    if config.split_k == 1 or not config.fused_reduce:
+        return None
+    c = config
+    return reduce_chunks(c.block_m, c.block_n, c.split_k, c.num_warps, c.maxnreg, fp32)
 
 
 def steps_per_split(k_steps: int, split: int) -> int:
@@ -172,9 +205,12 @@ __all__ = [
     "CONV_CONFIGS",
     "ConvConfig",
     "choose_split",
+    "k_step_cycles",
+    "split_cycles",
     "device_arch",
     "device_sm_count",
     "finalize",
+    "fused_reduce_trips",
     "pow2_at_least_16",
     "steps_per_split",
     "supergroup_factor",

@@ -46,7 +46,8 @@ the compute dtype before the MMA, as eager's pooled tensor is.
 
 Split-K (SPLIT > 1, grid (tiles, SPLIT)): program (t, s) runs K-steps [s*STEPS_PER_SPLIT, ...) of the
 concatenated K loop and stores its raw fp32 accumulator into a workspace slice; kernels/splitk.py sums
-the slices in a fixed order and runs the epilogue once.
+the slices in a fixed order and runs the epilogue once (in chunks of REDUCE_ROWS rows, every slice of a
+chunk loaded before any is added).
 
 Limitations: int32 index arithmetic (tensors below 2**31 elements, checked); tiny super-groups get
 BLOCK_N = 16 tiles.
@@ -55,7 +56,7 @@ BLOCK_N = 16 tiles.
 import triton
 import triton.language as tl
 
-from .splitk import epilogue_store, sum_partials
+from .splitk import epilogue_store, reduce_tile
 
 
 @triton.jit
@@ -129,6 +130,7 @@ def _conv_kernel(
     SPLIT: tl.constexpr,
     STEPS_PER_SPLIT: tl.constexpr,
     FUSED_REDUCE: tl.constexpr,  # the last program of a tile to finish reduces it (no extra launch)
+    REDUCE_ROWS: tl.constexpr,  # rows per chunk of that reduction (splitk.reduce_rows)
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     APPLY_RELU: tl.constexpr,
@@ -293,9 +295,8 @@ def _conv_kernel(
             tl.debug_barrier()
             arrived = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel", scope="gpu")
             if arrived == SPLIT - 1:
-                acc = sum_partials(ws_ptr + out_offs, M * C_OUT, out_mask, SPLIT)
                 tl.store(lock_ptr + pid, 0)  # re-armed for the next launch (and CUDA-graph replay)
-                epilogue_store(
-                    acc, bias_ptr, res_ptr, out_ptr, offs_co, n_mask, out_offs, out_mask,
-                    HAS_BIAS, HAS_RESIDUAL, APPLY_RELU,
+                reduce_tile(
+                    ws_ptr, bias_ptr, res_ptr, out_ptr, pid_m * BLOCK_M, M, C_OUT, offs_co, n_mask,
+                    SPLIT, BLOCK_M, REDUCE_ROWS, HAS_BIAS, HAS_RESIDUAL, APPLY_RELU,
                 )  # fmt: skip

@@ -52,6 +52,22 @@ class OpCounts:
     tma_loads: int = 0  # UTMALDG: bytes not visible in the SASS
 
 
+@dataclass(frozen=True)
+class ReductionSummary:
+    """The split-K reduction: the code after the kernel's first global atomic (its arrival counter).
+
+    Per trip of its loop (the whole stretch once when it has no loop): global loads, and the dependent
+    round trips they take in issue order (`load_round_trips`): 1 when every load issues before the first
+    use. `looped` says whether a backward branch repeats it; the trip count is a launch fact
+    (`KernelSpec.reduce_trips`), not in the SASS."""
+
+    loads_per_trip: int
+    round_trips_per_trip: int
+    looped: bool
+    loads_outside_loop: int = 0
+    round_trips_outside_loop: int = 0
+
+
 @dataclass
 class SassSummary:
     main_loop: OpCounts | None  # per iteration; None when the kernel has no loop
@@ -62,6 +78,7 @@ class SassSummary:
     unroll: int = 1  # source iterations per main-loop iteration (ptxas unrolled a loop without MMA)
     # The innermost loop around the main loop, without the main loop's body (per iteration); None if none.
     enclosing: OpCounts | None = None
+    reduction: ReductionSummary | None = None  # split-K's fused reduction, when the kernel has one
 
 
 def parse_instructions(sass: str) -> list[Instruction]:
@@ -136,6 +153,29 @@ def summarize(sass: str) -> SassSummary:
     if not instructions:
         raise ValueError("no SASS instructions found (is this `cuobjdump -sass` output?)")
     loops = find_loops(instructions)
+    summary = _summarize(instructions, loops)
+    summary.reduction = summarize_reduction(instructions, loops)
+    return summary
+
+
+def summarize_reduction(
+    instructions: list[Instruction], loops: list[tuple[int, int]]
+) -> ReductionSummary | None:
+    """The stretch after the first global atomic (split-K's arrival counter), or None without one."""
+    start = next((i for i, ins in enumerate(instructions) if ins.opcode.startswith("ATOMG")), None)
+    if start is None:
+        return None
+    after = [(a, b) for a, b in loops if a > start]
+    if not after:
+        loads, trips = load_round_trips(instructions[start:])
+        return ReductionSummary(loads, trips, False)
+    a, b = min(after)  # the chunk loop: the first loop after the atomic
+    loads, trips = load_round_trips(instructions[a : b + 1])
+    outside = load_round_trips(instructions[start:a] + instructions[b + 1 :])
+    return ReductionSummary(loads, trips, True, *outside)
+
+
+def _summarize(instructions: list[Instruction], loops: list[tuple[int, int]]) -> SassSummary:
     innermost = [
         (a, b) for a, b in loops if not any((a, b) != (c, d) and a <= c and d <= b for c, d in loops)
     ]
@@ -174,6 +214,36 @@ def summarize(sass: str) -> SassSummary:
     )
 
 
+_REGISTER = re.compile(r"\bR(\d+)\b")
+
+
+def _is_global_load(opcode: str) -> bool:
+    return opcode.startswith("LDG") and not opcode.startswith("LDGDEPBAR")
+
+
+def load_round_trips(instructions: list[Instruction]) -> tuple[int, int]:
+    """(global loads, dependent round trips) of a straight-line stretch of SASS, in issue order.
+
+    Issue is in order: the first instruction that reads a register a still-pending LDG writes stalls
+    until that load (and, approximately, every load issued before it) has returned -- one round trip,
+    after which nothing is pending. A stretch whose loads all issue before the first use costs one round
+    trip; ptxas interleaving uses between the loads (to save registers) costs one per batch."""
+    pending: set[int] = set()
+    loads = trips = 0
+    for ins in instructions:
+        regs = [int(r) for r in _REGISTER.findall(ins.operands)]
+        writes_first = not ins.opcode.startswith(("STG", "ST.", "RED", "BRA", "ISETP", "FSETP"))
+        sources = regs[1:] if writes_first and regs else regs
+        if pending and any(r in pending for r in sources):
+            trips += 1
+            pending.clear()
+        if _is_global_load(ins.opcode) and regs:
+            loads += 1
+            width = {16: 4, 8: 2}.get(_width(ins.opcode), 1)
+            pending.update(range(regs[0], regs[0] + width))
+    return loads, trips + bool(pending)
+
+
 def _loads(instructions: list[Instruction]) -> list[str]:
     return sorted(i.opcode for i in instructions if i.opcode.startswith("LDG") and i.opcode != "LDGDEPBAR")
 
@@ -196,9 +266,12 @@ def _unroll_factor(instructions, main: tuple[int, int], innermost: list[tuple[in
 __all__ = [
     "Instruction",
     "OpCounts",
+    "ReductionSummary",
     "SassSummary",
     "count_ops",
     "find_loops",
+    "load_round_trips",
     "parse_instructions",
     "summarize",
+    "summarize_reduction",
 ]

@@ -26,16 +26,67 @@ REDUCE_BLOCK_N = 64
 REDUCE_WARPS = 2
 
 
+# Every slice of a chunk of the tile is loaded before the first is added (no load depends on the running
+# sum), so one chunk costs about one L2 round trip where a rolled loop over the slices paid one per slice.
+# Chunks hold at most this many fp32 partials per thread: enough loads in flight to cover L2 latency
+# (ptxas still splits a chunk into 2-3 batches of loads without a register cap), and under the fp32
+# configs' cap of 128 registers half as many, which do not spill (a fully hoisted 64x64 tile at split 3
+# spilled 32 bytes there; 128 values spilled 8 at split 16).
+REDUCE_VALUES_PER_THREAD = 128
+# When the config caps registers at 128 or fewer, and for fp32 (its FMA-path tiles sit near 128
+# registers: on sm_80, uncapped, 128 values spilled 8 bytes at split 16).
+REDUCE_VALUES_PER_THREAD_CAPPED = 64
+
+
+def reduce_rows(block_m: int, block_n: int, split: int, num_warps: int, maxnreg: int | None = None,
+                fp32: bool = False) -> int:  # fmt: skip
+    """Rows of a (block_m, block_n) tile that one chunk of the reduction covers: the largest power of two
+    whose split * rows * block_n partials give at most the per-thread budget of values (but at least one
+    value per thread, so no lane idles), clipped to the tile."""
+    threads = 32 * num_warps
+    capped = fp32 or (maxnreg is not None and maxnreg <= 128)
+    budget = REDUCE_VALUES_PER_THREAD_CAPPED if capped else REDUCE_VALUES_PER_THREAD
+    rows = max(1, threads // block_n)
+    while rows * 2 <= block_m and split * rows * 2 * block_n <= budget * threads:
+        rows *= 2
+    return min(rows, block_m)
+
+
+def reduce_chunks(block_m: int, block_n: int, split: int, num_warps: int, maxnreg: int | None = None,
+                  fp32: bool = False) -> int:  # fmt: skip
+    """Chunks (trips of the reduction's loop over rows) of one tile's reduction."""
+    return triton.cdiv(block_m, reduce_rows(block_m, block_n, split, num_warps, maxnreg, fp32))
+
+
 @triton.jit
 def sum_partials(tile_ptr, slice_stride, mask, SPLIT: tl.constexpr):
     """Sum of the SPLIT fp32 partials at tile_ptr + s * slice_stride, in slice order 0..SPLIT-1.
 
-    Loads bypass L1 (.cg): partials written by other SMs must come from L2, never from a stale line."""
+    Unrolled: no load depends on the sum, so all SPLIT loads issue before the first add, and the adds
+    run in the same fixed order on every run and in every kernel that calls this. Loads bypass L1 (.cg):
+    partials written by other SMs must come from L2, never from a stale line."""
     acc = tl.load(tile_ptr, mask=mask, other=0.0, cache_modifier=".cg")
-    # A rolled loop: unrolled, ptxas hoisted all SPLIT loads (180 registers at SPLIT = 15).
-    for s in range(1, SPLIT):
+    for s in tl.static_range(1, SPLIT):
         acc += tl.load(tile_ptr + s * slice_stride, mask=mask, other=0.0, cache_modifier=".cg")
     return acc
+
+
+@triton.jit
+def reduce_tile(
+    ws_ptr, bias_ptr, res_ptr, out_ptr, row0, M, C_OUT, offs_n, n_mask,
+    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr,
+):  # fmt: skip
+    """Rows [row0, row0 + BLOCK_M) x columns offs_n of the output: sum the SPLIT partials of `ws`
+    ((SPLIT, M, C_OUT) fp32) and run the epilogue, ROWS rows at a time (chunks are independent)."""
+    for r in range(0, BLOCK_M, ROWS):
+        offs_m = row0 + r + tl.arange(0, ROWS)
+        mask = (offs_m < M)[:, None] & n_mask[None, :]
+        offs = offs_m[:, None] * C_OUT + offs_n[None, :]
+        acc = sum_partials(ws_ptr + offs, M * C_OUT, mask, SPLIT)
+        epilogue_store(
+            acc, bias_ptr, res_ptr, out_ptr, offs_n, n_mask, offs, mask, HAS_BIAS, HAS_RESIDUAL, APPLY_RELU
+        )
 
 
 @triton.jit
@@ -67,18 +118,15 @@ def _splitk_reduce_kernel(
     APPLY_RELU: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     n_tiles = tl.cdiv(C_OUT, BLOCK_N)
     pid = tl.program_id(0)
-    offs_m = (pid // n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < C_OUT
-    mask = (offs_m < M)[:, None] & n_mask[None, :]
-    offs = offs_m[:, None] * C_OUT + offs_n[None, :]
-    acc = sum_partials(ws_ptr + offs, M * C_OUT, mask, SPLIT)
-    epilogue_store(
-        acc, bias_ptr, res_ptr, out_ptr, offs_n, n_mask, offs, mask, HAS_BIAS, HAS_RESIDUAL, APPLY_RELU
-    )
+    reduce_tile(
+        ws_ptr, bias_ptr, res_ptr, out_ptr, (pid // n_tiles) * BLOCK_M, M, C_OUT, offs_n, offs_n < C_OUT,
+        SPLIT, BLOCK_M, ROWS, HAS_BIAS, HAS_RESIDUAL, APPLY_RELU,
+    )  # fmt: skip
 
 
 def _reduce_block_n(c_out: int) -> int:
@@ -103,6 +151,7 @@ def reduce_args(ws, bias, residual, out, *, m: int, c_out: int, split: int, relu
         APPLY_RELU=relu,
         BLOCK_M=REDUCE_BLOCK_M,
         BLOCK_N=block_n,
+        ROWS=reduce_rows(REDUCE_BLOCK_M, block_n, split, REDUCE_WARPS),
     )
     grid = (triton.cdiv(m, REDUCE_BLOCK_M) * triton.cdiv(c_out, block_n),)
     return args, constexprs, grid
@@ -140,4 +189,4 @@ def reduce_spec(out_dtype, *, has_bias: bool, has_residual: bool, m: int, c_out:
     )
 
 
-__all__ = ["reduce_spec", "splitk_reduce"]
+__all__ = ["reduce_chunks", "reduce_rows", "reduce_spec", "splitk_reduce"]

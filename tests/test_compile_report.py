@@ -17,9 +17,10 @@ def _env_without_interpreter():
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
-def _report(dtype: str, image_size: int, env: dict, *extra: str) -> subprocess.CompletedProcess:
-    """`fastres compile-report resnet18 --arch sm_80` at batch 1 in a child process."""
-    cmd = [sys.executable, "-m", "fastres", "compile-report", "resnet18", "--arch", "sm_80", "--dtype", dtype,
+def _report(dtype: str, image_size: int, env: dict, *extra: str, model: str = "resnet18",
+            arch: str = "sm_80") -> subprocess.CompletedProcess:  # fmt: skip
+    """`fastres compile-report MODEL --arch ARCH` at batch 1 in a child process."""
+    cmd = [sys.executable, "-m", "fastres", "compile-report", model, "--arch", arch, "--dtype", dtype,
            "--batch", "1", "--image-size", str(image_size), "--no-progress", *extra]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
@@ -50,6 +51,23 @@ def test_small_report_compiles_without_spills(tmp_path):
     # The stem reads float and uint8 images: both variants are compiled.
     assert "stem7x7_s2_3to64" in done.stdout and "uint8tofloat16" in done.stdout and "head_" in done.stdout
     assert list(tmp_path.glob("compile_report_resnet18_sm80_float16.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "model, dtype",
+    [
+        # fp32 split-K 3x3 residual+ReLU convs spilled on sm_90 (issue 18); bf16 has its own binaries.
+        pytest.param("resnet34", "fp32", id="resnet34-fp32"),
+        pytest.param("resnet18", "bf16", id="resnet18-bf16"),
+    ],
+)
+def test_batch1_sm90_report_has_no_spills(model, dtype):
+    """At 224 px and batch 1 the late layers split K and run the fused reduction: no kernel spills."""
+    done = _report(dtype, 224, _env_without_interpreter(), model=model, arch="sm_90")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "_k" in done.stdout  # some kernel splits K (its config ends in _k<split>)
+    assert "failed: 0; spilling: 0" in done.stdout.strip().splitlines()[-2]
 
 
 def test_report_reruns_itself_without_the_interpreter(tmp_path):

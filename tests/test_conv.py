@@ -7,7 +7,15 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 import torch.nn.functional as F
+from fastres.kernels import splitk
 from fastres.kernels.conv import CONV_CONFIGS, ConvConfig, ConvLayer
+from fastres.kernels.conv_configs import SPLIT_MAX, k_step_cycles, split_cycles
+from fastres.kernels.splitk import (
+    REDUCE_VALUES_PER_THREAD,
+    REDUCE_VALUES_PER_THREAD_CAPPED,
+    reduce_chunks,
+    reduce_rows,
+)
 
 from fastres.numerics import LAYER_RTOL, assert_close, poison_
 
@@ -223,6 +231,31 @@ def test_split_k_is_deterministic():
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_k_fused_chunks_and_reduce_kernel_agree_bitwise(dtype, monkeypatch):
+    """The fused reduction in one chunk, in chunks of 2 rows, and the separate reduce kernel sum every
+    element's partials in the same order: the same bits, close to the float64 reference."""
+    case = Case(1, 7, 6, 48, 40, 3, 1, 1, residual=True)
+    layer, weight, bias, x, residual = _build(case, dtype, seed=int(torch.randint(1 << 30, ())))
+    base = layer.clip_config(ConvConfig(32, 32, 16, 4, 1, split_k=5))
+    outs, rows = {}, {}
+    for label, config, budget in [
+        ("one_chunk", base, REDUCE_VALUES_PER_THREAD),
+        ("chunks_of_4_rows", base, 4),
+        ("reduce_kernel", replace(base, fused_reduce=False), REDUCE_VALUES_PER_THREAD),
+    ]:
+        monkeypatch.setattr(splitk, "REDUCE_VALUES_PER_THREAD", budget)
+        rows[label] = reduce_rows(32, 32, 5, 4)
+        out = poison_(torch.empty(layer.output_shape(tuple(x.shape)), dtype=dtype, device=DEVICE))
+        outs[label] = layer.launch(x, residual, out, config=config)
+    assert rows["one_chunk"] == 32 and rows["chunks_of_4_rows"] == 4  # one chunk; eight
+    assert torch.equal(outs["one_chunk"], outs["chunks_of_4_rows"])
+    assert torch.equal(outs["one_chunk"], outs["reduce_kernel"])
+    ref = _reference(case, weight, bias, x, residual, dtype)
+    assert_close(outs["one_chunk"], ref, LAYER_RTOL[dtype], what="split-K")
+
+
+@pytest.mark.interpreter
 def test_split_k_with_caller_scratch_shared_by_two_layers():
     """Scratch owned by the caller (one pair per CUDA graph) serves layers run one after another, gives
     the same bits as the layer's own workspace, and is re-armed for the next launch."""
@@ -312,19 +345,44 @@ def test_shortcut_contract_errors():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_split_rule(dtype):
-    """Split K where the output tiles cannot fill 132 SMs (batch 1, 7x7), never where they can."""
+    """Split K where the output tiles cannot fill 132 SMs (batch 1, 7x7), never where they can; the split
+    is the cheapest under the cycle model, which charges the reduction its chunks."""
     layer = ConvLayer(torch.randn(512, 512, 3, 3), None, stride=1, padding=1, dtype=dtype)
     small = layer.config_for((1, 7, 7, 512), 90)
     tiles = layer.output_tiles((1, 7, 7, 512), small)
     k_steps = layer.total_k_steps(small.block_k)
-    assert small.split_k > 1
-    assert tiles * small.split_k >= 100  # about one wave of 132 SMs
+    step = k_step_cycles(small, dtype == torch.float32)
+    assert 1 < small.split_k <= SPLIT_MAX and tiles * small.split_k <= 132  # one wave
     assert -(-k_steps // small.split_k) >= 4  # every slice keeps >= 4 K-steps
+    fp32 = dtype == torch.float32
+    cost = {s: split_cycles(tiles, k_steps, 132, s, step, small, fp32) for s in range(1, SPLIT_MAX + 1)}
+    assert cost[small.split_k] == min(cost.values())
+    if dtype == torch.float16:  # 72 K-steps on 8 tiles: the old rule's 15 slices cost 2 more chunks
+        assert small.split_k < 15 and cost[small.split_k] < cost[15]
     assert layer.config_for((64, 56, 56, 512), 90).split_k == 1
     assert layer.config_for((1, 7, 7, 512), 0).split_k == 1  # the interpreter never splits
     assert small.fused_reduce and len(layer.aot_specs((1, 7, 7, 512), 90)) == 1  # no reduce launch
     fallback = layer.aot_specs((1, 7, 7, 512), 90, config=replace(small, fused_reduce=False))
     assert [spec.name.endswith("_splitk_reduce") for spec in fallback] == [False, True]
+
+
+def test_split_rule_declines_where_the_reduction_costs_more():
+    """Few K-steps (a 1x1 over 256 channels: 4 steps) are never split: the handshake costs more."""
+    layer = ConvLayer(torch.randn(512, 256, 1, 1), None, stride=2, padding=0, dtype=torch.float16)
+    assert layer.config_for((1, 14, 14, 256), 90).split_k == 1
+
+
+@pytest.mark.parametrize("maxnreg", [None, 128])
+@pytest.mark.parametrize("split", [2, 3, 8, 15, 16])
+def test_reduce_rows_bound_the_loads_in_flight(split, maxnreg):
+    """A chunk holds at most the register budget of partials per thread, at least one per thread."""
+    threads = 128
+    budget = REDUCE_VALUES_PER_THREAD if maxnreg is None else REDUCE_VALUES_PER_THREAD_CAPPED
+    rows = reduce_rows(64, 64, split, 4, maxnreg)
+    assert rows & (rows - 1) == 0 and 1 <= rows <= 64
+    assert rows * 64 >= threads and split * rows * 64 <= budget * threads
+    assert rows == 64 or split * 2 * rows * 64 > budget * threads  # the largest that fits
+    assert reduce_chunks(64, 64, split, 4, maxnreg) == 64 // rows
 
 
 def test_stages_clipped_to_k_steps():

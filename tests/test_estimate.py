@@ -13,10 +13,27 @@ from dataclasses import fields
 
 import pytest
 from fastres.kernels.aot import KernelStats
-from fastres.kernels.sass import OpCounts, SassSummary, find_loops, parse_instructions, summarize
+from fastres.kernels.sass import (
+    OpCounts,
+    ReductionSummary,
+    SassSummary,
+    find_loops,
+    parse_instructions,
+    summarize,
+)
 
 from fastres.cli import main
-from fastres.tools.estimate import GPUS, Gpu, apply_assumptions, estimate_launch, get_gpu, resident_ctas
+from fastres.tools.estimate import (
+    GPUS,
+    Gpu,
+    apply_assumptions,
+    estimate_launch,
+    get_gpu,
+    reduction_cycles,
+    resident_ctas,
+    weights_are_cold,
+)
+from fastres.tools.estimate_band import BAND, compute_band, format_band
 
 
 def _env_without_interpreter():
@@ -168,7 +185,7 @@ class _Spec:
 
     def __init__(self, grid, k_steps, flops, min_bytes, num_warps=4, l2_bytes=None):
         self.name, self.grid, self.k_steps, self.flops = "synthetic", grid, k_steps, flops
-        self.outer_steps = None
+        self.outer_steps, self.reduce_trips = None, None
         self.min_bytes, self.num_warps, self.l2_bytes = min_bytes, num_warps, l2_bytes
         self.ctas = grid[0]
 
@@ -189,13 +206,13 @@ def test_tensor_bound_launch_scales_with_work_and_clock():
     est = estimate_launch(spec, _stats(100, 2 * 128 * 128 * 64), gpu)
     assert est.bound == "tensor"
     assert est.tensor_cycles_per_step == pytest.approx(2 * 128 * 128 * 64 / 4096)
-    assert est.terms_us["tensor"] == pytest.approx(8 * 64 * 512 / (gpu.clock_ghz * 1e3))
+    assert est.terms_us["tensor"] == pytest.approx(8 * 64 * 512 / (gpu.sustained_clock_ghz * 1e3))
     # The combined time adds the prologue/epilogue and the rest of the kernel to the tensor time.
     assert est.terms_us["tensor"] < est.terms_us["compute"] < 1.2 * est.terms_us["tensor"]
     assert est.time_us == pytest.approx(est.terms_us["compute"] + gpu.node_gap_us)
     twice = estimate_launch(_Spec((132 * 16,), 64, 2 * 10**9, 10**6), _stats(100, 2 * 128 * 128 * 64), gpu)
     assert twice.terms_us["tensor"] == pytest.approx(2 * est.terms_us["tensor"])
-    faster = apply_assumptions(gpu, ["clock_ghz=3.66"])
+    faster = apply_assumptions(gpu, [f"sustained_clock_ghz={2 * gpu.sustained_clock_ghz}"])
     assert estimate_launch(spec, _stats(100, 2 * 128 * 128 * 64), faster).terms_us["tensor"] == pytest.approx(
         est.terms_us["tensor"] / 2
     )
@@ -204,12 +221,69 @@ def test_tensor_bound_launch_scales_with_work_and_clock():
 def test_issue_and_dram_bound_launches():
     gpu = GPUS["h100"]
     issue = estimate_launch(_Spec((132,), 64, 10**9, 10**6), _stats(600, 2 * 64 * 64 * 16), gpu)
-    assert issue.bound == "issue" and issue.issue_cycles_per_step == 600
+    # One CTA of 4 warps: one warp per scheduler, issuing once per warp_issue_interval_cycles.
+    assert issue.bound == "issue" and issue.issue_cycles_per_step == 600 * gpu.warp_issue_interval_cycles
+    lone = apply_assumptions(gpu, ["warp_issue_interval_cycles=1"])
+    alone = estimate_launch(_Spec((132,), 64, 10**9, 10**6), _stats(600, 2 * 64 * 64 * 16), lone)
+    assert alone.issue_cycles_per_step == 600
     dram = estimate_launch(_Spec((132,), 1, 10**6, 10**9), _stats(100, 2 * 64 * 64 * 16), gpu)
     assert dram.bound == "DRAM"
     assert dram.terms_us["DRAM"] == pytest.approx(10**9 / (gpu.dram_gbs * gpu.dram_efficiency * 1e3))
     h200 = estimate_launch(_Spec((132,), 1, 10**6, 10**9), _stats(100, 2 * 64 * 64 * 16), GPUS["h200"])
     assert h200.terms_us["DRAM"] < dram.terms_us["DRAM"]
+
+
+def _reduction_stats(round_trips: int, looped: bool = True):
+    stats = _stats(100, 2 * 64 * 64 * 16)
+    stats.sass.reduction = ReductionSummary(16, round_trips_per_trip=round_trips, looped=looped)
+    return stats
+
+
+def test_split_k_reduction_is_charged_from_the_sass():
+    """Handshake (2 L2 round trips) plus trips x round trips per trip, at L2 latency, once per launch."""
+    gpu = GPUS["h100"]
+    spec = _Spec((64,), 5, 10**8, 10**6)
+    spec.reduce_trips = 4
+    assert reduction_cycles(spec, _reduction_stats(2), gpu) == (2 + 4 * 2) * gpu.l2_latency_cycles
+    assert reduction_cycles(spec, _reduction_stats(2, looped=False), gpu) == 4 * gpu.l2_latency_cycles
+    plain = estimate_launch(spec, _stats(100, 2 * 64 * 64 * 16), gpu)
+    split = estimate_launch(spec, _reduction_stats(2), gpu)
+    assert plain.terms_us["reduction"] == 0
+    assert split.terms_us["compute"] - plain.terms_us["compute"] == pytest.approx(
+        split.terms_us["reduction"]
+    )
+
+
+def test_cold_weights_and_pdl():
+    """Weights beyond the usable L2 make a one-wave launch's loads DRAM loads; PDL hides the prologue and
+    shrinks the node gap (an assumption switch)."""
+    gpu = GPUS["h100"]
+    assert weights_are_cold(51_000_000, gpu) and not weights_are_cold(51_000_000, apply_assumptions(
+        gpu, ["l2_usable_fraction=1"]))  # fmt: skip
+    spec, stats = _Spec((64,), 16, 10**8, 10**6), _stats(100, 2 * 64 * 64 * 16)
+    warm, cold = estimate_launch(spec, stats, gpu), estimate_launch(spec, stats, gpu, weights_cold=True)
+    assert cold.latency_cycles_per_step > warm.latency_cycles_per_step
+    assert cold.terms_us["latency"] > warm.terms_us["latency"]
+    pdl = estimate_launch(spec, stats, apply_assumptions(gpu, ["pdl=1"]), weights_cold=True)
+    assert pdl.time_us < cold.time_us
+    assert pdl.time_us - pdl.terms_us["compute"] == pytest.approx(gpu.pdl_gap_us)
+
+
+def test_band_orders_its_sets_and_ranks_the_drivers():
+    gpu = GPUS["h100"]
+    spec, stats = _Spec((64,), 16, 10**8, 10**6), _reduction_stats(2)
+    spec.reduce_trips = 2
+    total = lambda g: estimate_launch(spec, stats, g, weights_cold=weights_are_cold(40_000_000, g)).time_us
+    band = compute_band(total, gpu)
+    t = band.totals_us
+    assert t["optimistic"] < t["central"] == total(gpu) < t["pessimistic"]
+    assert set(band.assumptions["optimistic"]) == set(BAND) and band.assumptions["central"] == {}
+    moves = [abs(d) for _, d in band.drivers]
+    assert moves == sorted(moves, reverse=True) and moves[0] > 0
+    fixed = compute_band(total, gpu, fixed={"node_gap_us"})
+    assert "node_gap_us" not in fixed.assumptions["pessimistic"]
+    assert "node_gap_us" not in dict(fixed.drivers)
+    assert any("spread dominated by" in line for line in format_band(band, 1))
 
 
 def test_assume_overrides_and_rejects():
@@ -248,14 +322,24 @@ def test_estimate_command_prints_assumptions_rows_and_total(tmp_path):
     total, nodes = _total_ms(out)
     assert total > 0 and nodes == 23  # stem + 19 convs + pool + head (pool and fc); the stem reads the input
     rows = [line for line in out.splitlines() if re.match(r"\s*\d+\s+(conv|stem)", line)]
-    assert len(rows) == 20 and all(re.search(r"\d\.\d\s+(tensor|issue|latency|L2|DRAM)$", r) for r in rows)
+    assert len(rows) == 20
+    assert all(re.search(r"\d\.\d\s+(tensor|issue|latency|reduction|L2|DRAM)$", r) for r in rows)
+    band = re.search(r"^ESTIMATE band at batch 2: optimistic ([\d.]+) ms, central ([\d.]+) ms, pessimistic "
+                     r"([\d.]+) ms per forward$", out, re.M)  # fmt: skip
+    assert band, out
+    low, mid, high = map(float, band.groups())
+    assert low < mid < high and mid == pytest.approx(total, abs=1e-3)
+    assert re.search(r"^  spread dominated by .*: \w+ \+[\d.]+ ms \(\d+%\)", out, re.M), out
     record = json.loads(next(tmp_path.glob("estimate_resnet18_h100_float16_b2.json")).read_text())
     assert record["kind"].startswith("ESTIMATE") and len(record["launches"]) == nodes + 1
+    assert record["band_ms"]["optimistic"] < record["band_ms"]["pessimistic"]
     # --assume changes the result: 10 us more per graph node, nothing else.
     slower = _estimate("--assume", f"node_gap_us={GPUS['h100'].node_gap_us + 10}")
     assert slower.returncode == 0, slower.stderr
     assert "node_gap_us = 11.5" in slower.stdout
     assert _total_ms(slower.stdout)[0] == pytest.approx(total + nodes * 10e-3, abs=2e-3)
+    # A key fixed with --assume is the same in every set of the band, and drives none of its spread.
+    assert "node_gap_us=" not in slower.stdout.split("ESTIMATE band")[1]
 
 
 @pytest.mark.parametrize(

@@ -10,15 +10,27 @@ Per launch, on the busiest SM (it receives c = ceil(CTAs / SMs) CTAs, `resident`
 
     resident  = min(blocks, warps, registers, shared-memory limits per SM)
     waves     = ceil(CTAs / (SMs * resident)), each of r <= resident CTAs
-    per wave  = k * max(r * tensor cycles per step, issue cycles per step for r CTAs' W warps,
+    issue     = instructions * max(r * W / 4 warps per scheduler, warp_issue_interval_cycles): a
+                scheduler issues one instruction per cycle, one warp at best one per interval
+    per wave  = k * max(r * tensor cycles per step, issue cycles per step,
                         load latency / pipeline depth + barriers * barrier cost)
                 + the same for the loop around the main loop (outer_steps iterations) and the rest
-                + CTA overhead (launch, pipeline fill, epilogue drain)
-    compute   = sum over waves (tensor, issue, latency: each term alone, summed the same way)
+                + CTA overhead (launch, pipeline fill, epilogue drain; first loads at DRAM latency when
+                  the weights are cold)
+    reduction = split-K's fused reduction, from the SASS: handshake (2 L2 round trips) + reduce_trips *
+                round trips per trip * L2 latency (kernels.sass.ReductionSummary), once per launch
+    compute   = sum over waves (tensor, issue, latency: each term alone, summed the same way) + reduction
     L2        = max(all CTAs' bytes / L2 bandwidth, the busiest SM's bytes / its L2 port)
     DRAM      = minimum bytes / (HBM bandwidth * efficiency)
     time      = max(compute, L2, DRAM) + per-node gap; the bound is L2 or DRAM when one of them won,
-                else whichever of tensor / issue / latency is largest alone.
+                else whichever of tensor / issue / latency / reduction is largest alone.
+
+Cycles convert to time at the sustained clock under tensor load (`sustained_clock_ghz`, ~1.7 GHz on an
+H100 SXM), not the boost clock the tensor peak is quoted at. Weights are cold (read from DRAM at batch 1)
+when the model's weights exceed the usable part of L2 (`l2_usable_fraction`): the first loads of every
+launch and, in a single-wave launch, every K-step's load then take DRAM latency. With `pdl=1`
+(programmatic dependent launch, an assumption switch: the kernels must launch with it) a launch's
+prologue overlaps its predecessor's tail and the node gap shrinks to `pdl_gap_us`.
 
 The forward pass adds the engine's copy of the input into the CUDA graph's static input (a launch
 outside the graph), one graph launch, and the backend's non-Triton graph nodes (the NCHW -> NHWC copy).
@@ -36,8 +48,10 @@ Known blind spots (why this is a rough guide, not a prediction):
   L2 partition crossings, clock throttling under load and DRAM page effects are not modelled.
 * The prologue/epilogue (CTA overhead) is paid once per wave and never hidden behind co-resident CTAs:
   pessimistic for launches of many waves (the stem at batch 256).
-* Inter-kernel overlap (programmatic dependent launch) and the L2 staying warm across launches are not
-  modelled except through the latency choice; the per-node gap is a constant.
+* Inter-kernel overlap is the `pdl` switch alone (all of a prologue hidden, or none); whether weights stay
+  in L2 across forwards is all-or-nothing per model; the per-node gap is a constant.
+* One number is an illusion: `fastres.tools.estimate_band` reruns the model under an optimistic and a
+  pessimistic assumption set and says which assumptions dominate the spread.
 * TMA loads carry no byte count in the SASS: a launcher using TMA must give `l2_bytes`.
 * mma.sync (HMMA) on Hopper runs at an assumed fraction of the wgmma peak.
 Calibrate against measurements (benchmarks/gpu_check.sh writes both side by side) before trusting it.
@@ -76,6 +90,11 @@ class Gpu:
     cta_overhead_cycles: float  # CTA launch, prologue and epilogue latency not in the SASS counts
     node_gap_us: float  # between two kernel nodes of a CUDA graph
     forward_overhead_us: float  # graph launch (the static-input copy is modelled as a launch)
+    sustained_clock_ghz: float  # the clock cycles run at under sustained tensor load (below the boost)
+    warp_issue_interval_cycles: float = 2.0  # one warp's average cycles between issues (dependencies)
+    l2_usable_fraction: float = 0.5  # of L2, what keeps weights from one forward to the next
+    pdl: int = 0  # 1: kernels launch with programmatic dependent launch (prologue overlaps predecessor)
+    pdl_gap_us: float = 0.5  # the node gap left under PDL
     regs_per_sm: int = 65536
     smem_per_sm_kib: float = 228.0
     smem_reserved_per_cta_bytes: int = 1024  # the driver keeps 1 KiB per resident CTA
@@ -108,6 +127,7 @@ _H100 = Gpu(
     cta_overhead_cycles=1000,
     node_gap_us=1.5,
     forward_overhead_us=4.0,
+    sustained_clock_ghz=1.7,  # H100 SXM under sustained tensor load (1.98 boost, 1.83 at the quoted peak)
 )
 GPUS: dict[str, Gpu] = {
     "h100": _H100,
@@ -126,6 +146,7 @@ GPUS: dict[str, Gpu] = {
         l2_latency_cycles=250,
         dram_latency_cycles=650,
         smem_per_sm_kib=164.0,
+        sustained_clock_ghz=1.35,
     ),
 }
 
@@ -136,6 +157,9 @@ def get_gpu(name: str, assume: list[str] | tuple[str, ...] = ()) -> Gpu:
     if gpu is None:
         raise InputError(f"unknown --gpu {name!r}; choose one of {', '.join(GPUS)}")
     return apply_assumptions(gpu, assume)
+
+
+_MAY_BE_ZERO = ("node_gap_us", "forward_overhead_us", "pdl", "pdl_gap_us", "cta_overhead_cycles")
 
 
 def apply_assumptions(gpu: Gpu, assume: list[str] | tuple[str, ...]) -> Gpu:
@@ -150,7 +174,7 @@ def apply_assumptions(gpu: Gpu, assume: list[str] | tuple[str, ...]) -> Gpu:
             number = float(value)
         except ValueError:
             raise InputError(f"bad --assume {item!r}: {value!r} is not a number") from None
-        if number < 0 or (number == 0 and key not in ("node_gap_us", "forward_overhead_us")):
+        if number < 0 or (number == 0 and key not in _MAY_BE_ZERO):
             raise InputError(f"bad --assume {item!r}: must be positive")
         changes[key] = int(number) if types[key] in ("int", int) else number
     return dataclasses.replace(gpu, **changes)
@@ -207,11 +231,12 @@ def resident_ctas(gpu: Gpu, registers: int, smem_bytes: int, num_warps: int) -> 
     return max(0, min(gpu.max_ctas_per_sm, by_warps, by_regs, by_smem))
 
 
-def estimate_launch(spec, stats, gpu: Gpu) -> LaunchEstimate:
-    """The model above for one launch; `stats` is its `KernelStats` (compiled for `gpu.arch`)."""
+def estimate_launch(spec, stats, gpu: Gpu, weights_cold: bool = False) -> LaunchEstimate:
+    """The model above for one launch; `stats` is its `KernelStats` (compiled for `gpu.arch`);
+    `weights_cold`: the model's weights do not stay in L2 between forwards (`weights_are_cold`)."""
     notes: list[str] = []
-    cycle_us = 1e-3 / gpu.clock_ghz
-    gap = gpu.node_gap_us
+    cycle_us = 1e-3 / gpu.sustained_clock_ghz
+    gap = gpu.pdl_gap_us if gpu.pdl else gpu.node_gap_us
     if not stats.compiled_ok or stats.sass is None:
         return LaunchEstimate(spec.name, spec.ctas, None, None, spec.k_steps, None, None, None, None,
                               None, spec.flops, spec.min_bytes, None, {}, gap, "?",
@@ -236,6 +261,9 @@ def estimate_launch(spec, stats, gpu: Gpu) -> LaunchEstimate:
         k = math.ceil(k / stats.sass.unroll)
     data_bytes = spec.min_bytes or 0
     mem_latency = gpu.l2_latency_cycles if data_bytes <= gpu.l2_mib * 2**20 / 2 else gpu.dram_latency_cycles
+    first_latency = gpu.dram_latency_cycles if weights_cold else mem_latency
+    if weights_cold and ctas <= gpu.sms * resident:  # one wave: every weight tile is read once, cold
+        mem_latency = gpu.dram_latency_cycles
     enclosing, outer = stats.sass.enclosing, spec.outer_steps
     if enclosing is not None and outer is None:
         notes.append("the loop around the main loop counts once (outer_steps not given)")
@@ -257,16 +285,18 @@ def estimate_launch(spec, stats, gpu: Gpu) -> LaunchEstimate:
                 latency if pipelined is not None else 0,
             )
         )
-    overhead = gpu.cta_overhead_cycles + 2 * mem_latency  # first loads in, last stores out
+    # First loads in, last stores out; under PDL the prologue overlaps the previous launch's tail.
+    overhead = 0.0 if gpu.pdl else gpu.cta_overhead_cycles + first_latency
+    overhead += mem_latency
 
     def issue(instructions: float, r: int) -> float:
-        # r CTAs share the SM's issue slots; one warp issues at most one instruction per cycle.
-        return instructions * max(r * warps / gpu.issue_per_cycle_per_sm, 1)
+        # r CTAs share the SM's schedulers; one warp issues at best once per interval (dependencies).
+        return instructions * max(r * warps / gpu.issue_per_cycle_per_sm, gpu.warp_issue_interval_cycles)
 
     # The busiest SM runs its CTAs in waves of `resident`; within a wave every iteration takes the
     # slowest of the tensor cores, the issue slots and the load latency, then the CTAs drain.
-    pure = {"tensor": 0.0, "issue": 0.0, "latency": 0.0}
-    compute = 0.0
+    pure = {"tensor": 0.0, "issue": 0.0, "latency": 0.0, "reduction": reduction_cycles(spec, stats, gpu)}
+    compute = pure["reduction"]
     for r in [resident] * (per_sm // resident) + ([per_sm % resident] if per_sm % resident else []):
         compute += overhead
         pure["latency"] += overhead
@@ -315,6 +345,23 @@ def estimate_launch(spec, stats, gpu: Gpu) -> LaunchEstimate:
     )
 
 
+def reduction_cycles(spec, stats, gpu: Gpu) -> float:
+    """The fused split-K reduction of the tile's last CTA, read from the SASS: the handshake (partials
+    drained, acq_rel atomic: two L2 round trips), then each trip's dependent round trips."""
+    red = stats.sass.reduction if stats.sass is not None else None
+    if red is None:
+        return 0.0
+    trips = spec.reduce_trips if spec.reduce_trips is not None else 1
+    trips = trips if red.looped else 1
+    round_trips = 2 + trips * red.round_trips_per_trip + red.round_trips_outside_loop
+    return round_trips * gpu.l2_latency_cycles
+
+
+def weights_are_cold(weight_bytes: int, gpu: Gpu) -> bool:
+    """Whether a model's weights miss L2 from one forward to the next (exceed its usable part)."""
+    return weight_bytes > gpu.l2_usable_fraction * gpu.l2_mib * 2**20
+
+
 def _tensor_cycles(ops, gpu: Gpu, warps: int) -> float:
     """Cycles the SM's tensor cores need for one CTA's MMAs in `ops`."""
     if not ops.mma:
@@ -330,7 +377,7 @@ def _tensor_cycles(ops, gpu: Gpu, warps: int) -> float:
 
 def estimate_copy(name: str, nbytes: int, gpu: Gpu, gap_us: float) -> LaunchEstimate:
     """A plain device copy (no Triton kernel): DRAM-bound, never faster than one round trip to memory."""
-    cycle_us = 1e-3 / gpu.clock_ghz
+    cycle_us = 1e-3 / gpu.sustained_clock_ghz
     terms = {
         "latency": (gpu.cta_overhead_cycles + 2 * gpu.dram_latency_cycles) * cycle_us,
         "DRAM": nbytes / (gpu.dram_gbs * gpu.dram_efficiency * 1e3),
@@ -352,5 +399,7 @@ __all__ = [
     "estimate_launch",
     "get_gpu",
     "gpu_for_device_name",
+    "reduction_cycles",
     "resident_ctas",
+    "weights_are_cold",
 ]

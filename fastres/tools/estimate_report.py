@@ -16,7 +16,15 @@ from pathlib import Path
 
 import torch
 
-from .estimate import ESTIMATE_BANNER, Gpu, LaunchEstimate, assumption_lines, estimate_copy, estimate_launch
+from .estimate import (
+    ESTIMATE_BANNER,
+    Gpu,
+    LaunchEstimate,
+    assumption_lines,
+    estimate_copy,
+    estimate_launch,
+    weights_are_cold,
+)
 
 
 def compile_stats(specs: list, arch: int, progress: bool = False) -> dict[tuple, object]:
@@ -38,38 +46,63 @@ def compile_stats(specs: list, arch: int, progress: bool = False) -> dict[tuple,
     return stats
 
 
-def estimate_specs(specs: list, gpu: Gpu, stats: dict | None = None) -> list[LaunchEstimate]:
+def estimate_specs(
+    specs: list, gpu: Gpu, stats: dict | None = None, weights_cold: bool = False
+) -> list[LaunchEstimate]:
     """One estimate per spec, in order (compiling what `stats` does not hold yet)."""
     stats = stats if stats is not None else compile_stats(specs, gpu.arch)
     missing = [s for s in specs if s.compile_key() not in stats]
     if missing:
         stats.update(compile_stats(missing, gpu.arch))
-    return [estimate_launch(s, stats[s.compile_key()], gpu) for s in specs]
+    return [estimate_launch(s, stats[s.compile_key()], gpu, weights_cold) for s in specs]
+
+
+def plan_weight_bytes(plan, dtype: torch.dtype) -> int:
+    """Bytes of every conv and fc weight of the plan in the compute dtype (what one forward reads)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    names = ("weight", "shortcut_weight")
+    tensors = [getattr(op, name, None) for op in plan.ops for name in names]
+    return elem * sum(t.numel() for t in tensors if t is not None)
+
+
+class ModelLaunches:
+    """A model's launches compiled once for `arch`, estimated under any assumption set (`estimate`)."""
+
+    def __init__(self, model: str, dtype: torch.dtype, batch: int, image_size: int, arch: int,
+                 progress: bool = False):  # fmt: skip
+        from ..backends.triton_backend import TritonBackend
+        from ..planner import plan_resnet
+        from ..reference import build_resnet
+        from ..specs import get_spec
+
+        spec = get_spec(model)
+        torch.manual_seed(0)
+        plan = plan_resnet(spec, 1000, build_resnet(spec, 1000).state_dict())
+        backend = TritonBackend(plan, "cpu", dtype)  # builds specs only: no GPU touched
+        self.batch, self.image_size, self.dtype = batch, image_size, dtype
+        self.weight_bytes = plan_weight_bytes(plan, dtype)
+        self.specs = backend.kernel_specs(batch, image_size, image_size, arch)
+        self.stats = compile_stats(self.specs, arch, progress)
+        self.copy_nodes = backend.copy_nodes(batch, image_size, image_size)
+
+    def estimate(self, gpu: Gpu) -> tuple[list[LaunchEstimate], int]:
+        """Every node of one forward pass, in order, and how many of them are CUDA-graph nodes."""
+        gap = gpu.pdl_gap_us if gpu.pdl else gpu.node_gap_us
+        launches = estimate_specs(self.specs, gpu, self.stats, weights_are_cold(self.weight_bytes, gpu))
+        copies = [estimate_copy(name, nbytes, gpu, gap) for name, nbytes in self.copy_nodes]
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        # The engine copies each call's input into the graph's static input: a launch before the replay.
+        static = estimate_copy(
+            "engine: input -> static graph input", 2 * self.batch * 3 * self.image_size**2 * elem, gpu, 0.0
+        )
+        return [static, *copies, *launches], len(copies) + len(launches)
 
 
 def estimate_model(
     model: str, dtype: torch.dtype, batch: int, image_size: int, gpu: Gpu, progress: bool = False
 ) -> tuple[list[LaunchEstimate], int]:
     """Every node of one forward pass, in order, and how many of them are CUDA-graph nodes."""
-    from ..backends.triton_backend import TritonBackend
-    from ..planner import plan_resnet
-    from ..reference import build_resnet
-    from ..specs import get_spec
-
-    spec = get_spec(model)
-    torch.manual_seed(0)
-    plan = plan_resnet(spec, 1000, build_resnet(spec, 1000).state_dict())
-    backend = TritonBackend(plan, "cpu", dtype)  # builds specs only: no GPU touched
-    specs = backend.kernel_specs(batch, image_size, image_size, gpu.arch)
-    launches = estimate_specs(specs, gpu, compile_stats(specs, gpu.arch, progress))
-    copies = [estimate_copy(name, nbytes, gpu, gpu.node_gap_us) for name, nbytes in
-              backend.copy_nodes(batch, image_size, image_size)]  # fmt: skip
-    elem = torch.empty((), dtype=dtype).element_size()
-    # The engine copies each call's input into the graph's static input: a launch before the replay.
-    static = estimate_copy(
-        "engine: input -> static graph input", 2 * batch * 3 * image_size**2 * elem, gpu, 0.0
-    )
-    return [static, *copies, *launches], len(copies) + len(launches)
+    return ModelLaunches(model, dtype, batch, image_size, gpu.arch, progress).estimate(gpu)
 
 
 def _short(name: str) -> str:
@@ -137,12 +170,24 @@ def run_estimate(
     gpu: Gpu,
     out_dir: str | None = None,
     progress: bool = True,
+    fixed: set[str] = frozenset(),
 ) -> int:
+    """Print the central estimate's table and total, then the band; `fixed`: keys set with --assume."""
+    from .estimate_band import compute_band, format_band
+
     dtype_name = str(dtype).replace("torch.", "")
     print(f"{model} {dtype_name}, input {batch}x3x{image_size}x{image_size}, {ESTIMATE_BANNER}", flush=True)
     start = time.perf_counter()
-    rows, graph_nodes = estimate_model(model, dtype, batch, image_size, gpu, progress)
+    launches = ModelLaunches(model, dtype, batch, image_size, gpu.arch, progress)
+    rows, graph_nodes = launches.estimate(gpu)
     text = format_estimate(rows, graph_nodes, gpu, batch)
+    band = compute_band(lambda g: g.forward_overhead_us + sum(r.time_us for r in launches.estimate(g)[0]),
+                        gpu, fixed)  # fmt: skip
+    cold = weights_are_cold(launches.weight_bytes, gpu)
+    text += (f"\nweights: {launches.weight_bytes / 1e6:.1f} MB, {'cold (DRAM)' if cold else 'warm (L2)'} "
+             f"at l2_usable_fraction={gpu.l2_usable_fraction}; PDL {'on' if gpu.pdl else 'off'} "
+             "(PDL is an assumption switch: --assume pdl=1)")  # fmt: skip
+    text += "\n" + "\n".join(format_band(band, batch))
     if out_dir is not None:
         from .environment import environment
 
@@ -161,6 +206,9 @@ def run_estimate(
             "estimated_latency_ms": total_us / 1e3,
             "estimated_img_per_s": batch / total_us * 1e6,
             "graph_nodes": graph_nodes,
+            "band_ms": {k: v / 1e3 for k, v in band.totals_us.items()},
+            "band_assumptions": band.assumptions,
+            "band_drivers_ms": {k: v / 1e3 for k, v in band.drivers},
             "launches": [asdict(r) for r in rows],
         }
         file.write_text(json.dumps(record, indent=1) + "\n")
@@ -186,4 +234,7 @@ def estimate_command(args, argv: list[str]) -> int:
     if compile_report.interpreter_enabled():
         return compile_report.rerun_without_interpreter(argv)
     dtype = parse_dtype(args.dtype or "fp16")
-    return run_estimate(args.model, dtype, args.batch, args.image_size, gpu, args.out, not args.no_progress)
+    fixed = {item.partition("=")[0].strip() for item in args.assume or ()}
+    return run_estimate(
+        args.model, dtype, args.batch, args.image_size, gpu, args.out, not args.no_progress, fixed
+    )
