@@ -87,6 +87,8 @@ class ConvLayer:
         self.relu = relu
         self.has_residual = has_residual
         self.dtype = dtype
+        self.out_dtype = dtype  # the int8 layer (kernels/conv_int8.py) may write int8, fp16 or int32
+        self.acc_dtype = torch.float32  # the accumulator and split-K partials (int32 for int8)
         self.device = weight.device
         self.input_precision = "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
 
@@ -115,12 +117,8 @@ class ConvLayer:
         self._workspaces: dict[tuple, torch.Tensor] = {}
 
     def _pack_shortcut(self, shortcut_weight, shortcut_stride: int) -> torch.Tensor:
-        if (self.kernel_size, self.stride, self.padding, self.groups) != (
-            (1, 1),
-            1,
-            0,
-            1,
-        ) or self.has_residual:
+        geometry = (self.kernel_size, self.stride, self.padding, self.groups)
+        if geometry != ((1, 1), 1, 0, 1) or self.has_residual:
             raise ValueError(
                 "ConvLayer: shortcut_weight needs a 1x1, stride-1, padding-0, groups=1 main conv without "
                 "has_residual (the concatenated shortcut is the block's residual)"
@@ -228,6 +226,7 @@ class ConvLayer:
             x2_ptr=shortcut_input if shortcut_input is not None else x,
             ws_ptr=workspace[0] if workspace[0] is not None else out,
             lock_ptr=workspace[1] if workspace[1] is not None else self.weight_packed,
+            scale_ptr=self.weight_packed,  # dummy, dereferenced only by the int8 layer's epilogue
             M=n * oh * ow,
             H=h,
             W=w,
@@ -240,6 +239,8 @@ class ConvLayer:
             H2=h2,
             W2=w2,
             C_IN2=self.shortcut_channels,
+            RES_SCALE=1.0,
+            OUT_INV_SCALE=1.0,
         )
         constexprs = dict(
             R=self.kernel_size[0],
@@ -259,6 +260,7 @@ class ConvLayer:
             HAS_RESIDUAL=self.has_residual,
             APPLY_RELU=self.relu,
             INPUT_PRECISION=self.input_precision,
+            INT8=False,
             BLOCK_M=config.block_m,
             BLOCK_N=config.block_n,
             BLOCK_K=config.block_k,
@@ -318,9 +320,9 @@ class ConvLayer:
             check_tensor(residual, "ConvLayer residual", out_shape, self.dtype, self.device)
         self._check_shortcut(shortcut_input, out_shape)
         if out is None:
-            out = torch.empty(out_shape, dtype=self.dtype, device=self.device)
+            out = torch.empty(out_shape, dtype=self.out_dtype, device=self.device)
         else:
-            check_tensor(out, "ConvLayer out", out_shape, self.dtype, self.device)
+            check_tensor(out, "ConvLayer out", out_shape, self.out_dtype, self.device)
         limit = max(x.numel(), out.numel() * config.split_k)
         if shortcut_input is not None:
             limit = max(limit, shortcut_input.numel())
@@ -368,8 +370,8 @@ class ConvLayer:
         if scratch is not None:
             partials, counters = scratch
             need, tiles = config.split_k * m * self.out_channels, self.output_tiles(in_shape, config)
-            if partials.dtype != torch.float32 or counters.dtype != torch.int32:
-                raise TypeError("ConvLayer: scratch must be (float32, int32) tensors")
+            if partials.dtype != self.acc_dtype or counters.dtype != torch.int32:
+                raise TypeError(f"ConvLayer: scratch must be ({self.acc_dtype}, torch.int32) tensors")
             if partials.numel() < need or counters.numel() < tiles:
                 raise ValueError(f"ConvLayer: scratch too small, need ({need}, {tiles}) elements")
             return partials[:need].view(config.split_k, m, self.out_channels), counters[:tiles]
@@ -378,7 +380,7 @@ class ConvLayer:
         if ws is None:
             m = out_shape[0] * out_shape[1] * out_shape[2]
             partials = torch.empty(
-                (config.split_k, m, self.out_channels), dtype=torch.float32, device=self.device
+                (config.split_k, m, self.out_channels), dtype=self.acc_dtype, device=self.device
             )
             locks = torch.zeros(self.output_tiles(in_shape, config), dtype=torch.int32, device=self.device)
             ws = self._workspaces[key] = (partials, locks)
@@ -391,7 +393,7 @@ class ConvLayer:
         config = config or self.config_for(shape, arch)
         out_shape = self.output_shape(shape)
         x = ShapeOnly(shape, self.dtype)
-        out = ShapeOnly(out_shape, self.dtype)
+        out = ShapeOnly(out_shape, self.out_dtype)
         residual = ShapeOnly(out_shape, self.dtype) if self.has_residual else None
         x2 = None
         if self.shortcut_channels:
@@ -401,7 +403,7 @@ class ConvLayer:
             )
         ws = (None, None)
         if config.split_k > 1:
-            ws = (ShapeOnly((config.split_k, 0, 0), torch.float32), ShapeOnly((0,), torch.int32))
+            ws = (ShapeOnly((config.split_k, 0, 0), self.acc_dtype), ShapeOnly((0,), torch.int32))
         args, constexprs, grid = self._kernel_args(x, residual, out, config, x2, ws)
         args = pointers_for_placeholders(args)
         r, s = self.kernel_size
