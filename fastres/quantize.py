@@ -158,6 +158,63 @@ def quantize_weight(weight: Tensor, scales: Tensor) -> Tensor:
     return torch.round(weight.double() / scales.view(shape)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
 
 
+def quantize_conv_weights(op: ConvOp, scales: dict[str, float]) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(int8 weight, int8 projection-shortcut weight or None, per-channel dequantization factor f) of
+    a conv whose inputs have the given scales: conv(q_x, q_w) [+ conv(q_x2, q_wd)] times f is the real
+    pre-bias output. Main and projection share one int32 accumulator, so both are quantized against
+    f = max(s_w * s_x, s_wd * s_x2): the larger term keeps its full int8 range, the other is a little
+    coarser. Without a projection f = s_w * s_x (plain per-channel weights)."""
+    s_x = scales[op.inputs[0]]
+    factor = weight_scales(op.weight) * s_x
+    shortcut = None
+    if op.shortcut_input is not None:
+        s_x2 = scales[op.shortcut_input]
+        factor = torch.maximum(factor, weight_scales(op.shortcut_weight) * s_x2)
+        shortcut = quantize_weight(op.shortcut_weight, factor / s_x2)
+    return quantize_weight(op.weight, factor / s_x), shortcut, factor
+
+
+def fake_quantized_plan(plan, scales: dict[str, float]):
+    """The plan with every conv but the stem holding its int8 weights dequantized (float64), so that a
+    float run of it computes what the int8 path computes, up to the activations' rounding."""
+    import dataclasses
+
+    ops = [plan.ops[0]]
+    for op in plan.ops[1:]:
+        if isinstance(op, ConvOp):
+            q_w, q_wd, factor = quantize_conv_weights(op, scales)
+            view = lambda f: f.view(-1, 1, 1, 1)
+            changes = dict(weight=q_w.double() * view(factor / scales[op.inputs[0]]))
+            if q_wd is not None:
+                changes["shortcut_weight"] = q_wd.double() * view(factor / scales[op.shortcut_input])
+            op = dataclasses.replace(op, **changes)
+        ops.append(op)
+    return dataclasses.replace(plan, ops=ops)
+
+
+def simulate_int8(plan, scales: dict[str, float], images: Tensor, observer=None) -> Tensor:
+    """float32 logits of the int8 path's arithmetic simulated on the torch backend ("fake quant"):
+    int8 weights dequantized, and each int8 value rounded to its scale's grid (within [-127, 127]) as
+    soon as its op produced it, before any later op reads it. The Triton int8 engine differs from this
+    only by fp32 rounding in its epilogues (a code at most one step apart where a value meets a tie)."""
+    from .backends.torch_backend import TorchBackend
+
+    fake = fake_quantized_plan(plan, scales)
+    backend = TorchBackend(fake, "cpu", torch.float32)
+    producer = {op.name: op.output for op in fake.ops}
+
+    def quantize_in_place(name: str, out: Tensor) -> None:
+        # The torch backend hands the observer the very tensor the next ops read: rounding it here
+        # is rounding the activation itself.
+        scale = scales.get(producer[name])
+        if scale is not None:
+            out.div_(scale).round_().clamp_(-INT8_MAX, INT8_MAX).mul_(scale)
+        if observer is not None:
+            observer(name, out)
+
+    return backend.run(images.float(), None, observer=quantize_in_place)
+
+
 def quantized_values(plan) -> list[str]:
     """The plan values that are int8 on the Triton path: every value a conv other than the stem reads
     (main input, residual, projection-shortcut input). The stem reads the float images; the head reads

@@ -26,6 +26,13 @@ ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit
+def quantize_int8(y, inv_scale):
+    """round_half_even(clamp(y * inv_scale, -127, 127)) as int8 (see the module docstring)."""
+    v = tl.minimum(tl.maximum(y * inv_scale, -127.0), 127.0)
+    return ((v + ROUND_MAGIC) - ROUND_MAGIC).to(tl.int8)
+
+
+@triton.jit
 def epilogue_store_int8(
     acc, scale_ptr, bias_ptr, res_ptr, out_ptr, offs_n, n_mask, offs, mask, res_scale, out_inv_scale,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr,
@@ -42,8 +49,6 @@ def epilogue_store_int8(
         if APPLY_RELU:
             y = tl.maximum(y, 0.0)
         if out_ptr.dtype.element_ty == tl.int8:
-            v = tl.minimum(tl.maximum(y * out_inv_scale, -127.0), 127.0)
-            v = (v + ROUND_MAGIC) - ROUND_MAGIC
-            tl.store(out_ptr + offs, v.to(tl.int8), mask=mask)
+            tl.store(out_ptr + offs, quantize_int8(y, out_inv_scale), mask=mask)
         else:
             tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
