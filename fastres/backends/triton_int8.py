@@ -49,7 +49,8 @@ def triton_calibration(plan, calibration, *, model_name: str, weights_sha256: st
     """The CalibrationRecord (with per-value scales) from a saved file, or calibrated now on images."""
     if records.is_saved_calibration(calibration):
         record = records.read_record(calibration)
-        records.check_record(record, calibration, model=model_name, weights_sha256=weights_sha256, backend="triton")
+        expected = dict(model=model_name, weights_sha256=weights_sha256, backend="triton")
+        records.check_record(record, calibration, **expected)
         missing = [v for v in quantized_values(plan) if v not in (record.scales or {})]
         if missing:
             raise ConfigError(f"calibration {calibration} has no scale for {missing[:3]}: recalibrate")
