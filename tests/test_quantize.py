@@ -164,3 +164,19 @@ def test_every_method_gives_a_positive_finite_threshold(method):
     hist = histogram_of(torch.randn(1000, generator=torch.Generator().manual_seed(6)).relu())
     t = threshold(hist, method)
     assert 0 < t <= hist.amax and math.isfinite(t)
+
+
+def test_sqnr_and_the_layer_report_column():
+    from fastres.cli.check import format_layer_report
+    from fastres.engine import LayerError
+    from fastres.numerics import sqnr_db
+
+    ref = torch.randn(1000, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    noise = torch.randn(1000, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    noise *= 0.1 * ref.norm() / noise.norm()  # noise power 1/100 of the signal's: 20 dB
+    assert sqnr_db(ref + noise, ref) == pytest.approx(20.0)
+    assert sqnr_db(ref, ref) == math.inf
+    layers = [LayerError("conv1", "conv", 1e-4, 70.8), LayerError("layer1.0.conv1", "conv", 8e-2, 32.9)]
+    report = format_layer_report(layers, sqnr=True)
+    assert "SQNR  70.8 dB" in report and "SQNR  32.9 dB" in report
+    assert "SQNR" not in format_layer_report(layers)
