@@ -45,11 +45,12 @@ STAGES=(
   "install 15 0"
   "versions 15 0"
   "smoke 100 1"
-  "pytest-gpu 100 1"
-  "bench-resnet50 80 1"
+  "pytest-gpu 90 1"
+  "bench-resnet50 75 1"
   "bench-resnet18 15 1"
-  "layers-resnet50 30 1"
-  "estimate-resnet50 25 1"
+  "int8-resnet18 25 1"
+  "layers-resnet50 20 1"
+  "estimate-resnet50 20 1"
   "tune-resnet50 55 1"
 )
 total=0
@@ -75,6 +76,10 @@ tail -n 12 '$OUT_DIR'/pytest-gpu-*.log; exit \$rc" ;;
     bench-resnet50) echo "$PY -m fastres bench resnet50 --batch 1 8 64 256 --dtype fp16 --compare eager,compile \
 --compile-budget 40 --no-progress --out '$OUT_DIR/bench'" ;;
     bench-resnet18) echo "$PY -m fastres bench resnet18 --batch 1 64 --no-progress --out '$OUT_DIR/bench'" ;;
+    # The int8 Triton engine (calibrated on random images, percentile): its kernels compile here, so
+    # batch 64 only, a few repeats: a first speed point and a check that every int8 kernel builds and runs.
+    int8-resnet18) echo "$PY -m fastres bench resnet18 --batch 64 --dtype int8 --repeats 10 --no-progress \
+--out '$OUT_DIR/bench-int8'" ;;
     layers-resnet50) echo "$PY benchmarks/bench_layers.py --model resnet50 --batch 64 --dtype fp16 --out '$OUT_DIR/layers'" ;;
     # The model's estimate for the bench stage's batches, this card's name and SM count (kernels come
     # from Triton's cache by now). An estimate, written beside the measurements to calibrate the model.

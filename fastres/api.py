@@ -78,10 +78,10 @@ def _resolve_device_dtype_backend(device, dtype, backend) -> tuple[torch.device,
         dtype = default_openvino_precision()  # what OpenVINO's users get: bf16 on CPUs that have it
     else:
         dtype = torch.float16 if on_gpu else torch.float32
-    if dtype == torch.int8 and backend != "openvino":
+    if dtype == torch.int8 and backend not in ("openvino", "triton"):
         raise ConfigError(
-            f"int8 runs on the openvino backend (the CPU; pip install 'fastres[openvino]'), "
-            f"not on {backend}: int8 on the GPU is not available yet, use fp16 there"
+            f"int8 runs on the openvino backend (the CPU; pip install 'fastres[openvino]') or the triton "
+            f"backend (CUDA GPUs), not on {backend}"
         )
     if backend == "triton":
         if device.type not in ("cuda", "cpu"):
@@ -114,6 +114,7 @@ def _build_engine(
     plan = plan_resnet(arch.spec, arch.num_classes, state_dict, mean=mean, std=std, dtype=dtype)
     calibration = engine_options.pop("calibration", None)
     save_calibration = engine_options.pop("save_calibration", None)
+    calibration_method = engine_options.pop("calibration_method", None)
     options = {}
     if dtype == torch.int8:
         if calibration is None:
@@ -136,8 +137,12 @@ def _build_engine(
             model_name=arch.spec.variant_name,  # a dilated net's calibration is not the plain one's
             weights_sha256=weights_hash(state_dict),
         )
-    elif calibration is not None or save_calibration is not None:
-        raise ConfigError("calibration= and save_calibration= apply to dtype='int8'")
+        if calibration_method is not None:
+            if backend != "triton":  # OpenVINO quantizes with NNCF's own preset (backends/openvino_int8.py)
+                raise ConfigError("calibration_method= applies to the triton backend; OpenVINO uses NNCF's")
+            options["calibration_method"] = calibration_method
+    elif calibration is not None or save_calibration is not None or calibration_method is not None:
+        raise ConfigError("calibration=, save_calibration= and calibration_method= apply to dtype='int8'")
     allow_tf32 = bool(engine_options.pop("allow_tf32", False))
     if allow_tf32:
         if dtype != torch.float32 or backend == "reference":

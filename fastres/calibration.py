@@ -40,6 +40,9 @@ class CalibrationRecord:
     backend: str
     artifact: str  # file name beside the record (e.g. OpenVINO's quantized .xml; its .bin sits next to it)
     fastres: str
+    # The Triton path's artefact: plan value -> per-tensor int8 activation scale (weights' per-channel
+    # scales follow from the weights, whose hash the record names). None for OpenVINO's record.
+    scales: dict[str, float] | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 

@@ -9,6 +9,7 @@ call cannot overwrite an earlier result. A runner is used by one thread at a tim
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from .checkpoints import Architecture
 from .errors import ConfigError, InputError
 from .graph import execute, normalize
 from .labels import load_labels
-from .numerics import relative_error
+from .numerics import relative_error, sqnr_db
 from .planner import Plan, select_outputs
 from .reference import build_resnet
 from .runner import Runner, RunnerCache
@@ -108,6 +109,8 @@ class LayerError:
     op: str
     kind: str
     relative_error: float  # this op's output vs the same plan executed in float64 from the same input
+    # Signal-to-quantization-noise ratio in dB: 10 log10(sum ref^2 / sum (out - ref)^2); inf if exact.
+    sqnr_db: float = math.inf
 
 
 @dataclass
@@ -398,14 +401,17 @@ class Engine:
         x = as_nchw(x, layout)
         if x.shape[0] == 0:
             raise InputError("layer_errors() needs at least one image")
-        x = x.to(self.device) if x.dtype == torch.uint8 else x.to(device=self.device, dtype=self.dtype)
+        float_dtype = self.backend.input_float_dtype or self.dtype  # int8 engines take float input
+        x = x.to(self.device) if x.dtype == torch.uint8 else x.to(device=self.device, dtype=float_dtype)
         reference: dict[str, Tensor] = {}
         # uint8 pixels run the plan's uint8 stem on the raw values, in float64 like the rest.
         execute(self.plan.ops_for(x.dtype), x.detach().cpu().double(), observer=reference.__setitem__)
         kinds = {op.name: op.kind for op in self.plan.ops}
         report: list[LayerError] = []
         observe = lambda name, value: report.append(
-            LayerError(name, kinds[name], relative_error(value, reference[name]))
+            LayerError(
+                name, kinds[name], relative_error(value, reference[name]), sqnr_db(value, reference[name])
+            )
         )
         workspace = self.backend.make_workspace(x.shape[0], x.shape[2], x.shape[3])
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()

@@ -6,6 +6,8 @@ hold their own fine-tunes to the same standard with `assert_close`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -29,6 +31,16 @@ def relative_error(out: Tensor, ref: Tensor) -> float:
     """max |out - ref| / max |ref|, computed in float64 on the CPU."""
     out64, ref64 = _float64_cpu(out), _float64_cpu(ref)
     return (out64 - ref64).abs().max().item() / max(ref64.abs().max().item(), 1e-300)
+
+
+def sqnr_db(out: Tensor, ref: Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB, 10 log10(sum ref^2 / sum (out - ref)^2), in float64
+    on the CPU (inf when out equals ref; about 6 dB per bit of a well-used quantizer)."""
+    out64, ref64 = _float64_cpu(out), _float64_cpu(ref)
+    noise, signal = (out64 - ref64).square().sum().item(), ref64.square().sum().item()
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
 def parity_bound(eager_relative_error: float) -> float:

@@ -12,7 +12,8 @@ from dataclasses import replace
 import torch
 import triton
 
-from .aot import KernelSpec, ShapeOnly, make_spec
+from .aot import KernelSpec
+from .conv_aot import conv_aot_specs
 from .conv_configs import (
     AOT_SM_COUNT,
     CONV_CONFIGS,
@@ -27,16 +28,15 @@ from .conv_configs import (
     supergroup_factor,
     table_config,
 )
-from .conv_cost import flops, l2_bytes, min_bytes
+from .conv_cost import flops
 from .conv_kernel import _conv_kernel
 from .launch import (
     SUPPORTED_DTYPES,
     check_int32_indexing,
     check_launchable,
     check_tensor,
-    pointers_for_placeholders,
 )
-from .splitk import reduce_spec, splitk_reduce
+from .splitk import splitk_reduce
 
 
 def conv_out_shape(input_shape_nhwc, out_channels, kernel_size, stride, padding, dilation=1) -> tuple:
@@ -93,6 +93,8 @@ class ConvLayer:
         self.relu = relu
         self.has_residual = has_residual
         self.dtype = dtype
+        self.out_dtype = dtype  # the int8 layer (kernels/conv_int8.py) may write int8, fp16 or int32
+        self.acc_dtype = torch.float32  # the accumulator and split-K partials (int32 for int8)
         self.device = weight.device
         self.input_precision = "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
 
@@ -236,6 +238,7 @@ class ConvLayer:
             x2_ptr=shortcut_input if shortcut_input is not None else x,
             ws_ptr=workspace[0] if workspace[0] is not None else out,
             lock_ptr=workspace[1] if workspace[1] is not None else self.weight_packed,
+            scale_ptr=self.weight_packed,  # dummy, dereferenced only by the int8 layer's epilogue
             M=n * oh * ow,
             H=h,
             W=w,
@@ -248,6 +251,8 @@ class ConvLayer:
             H2=h2,
             W2=w2,
             C_IN2=self.shortcut_channels,
+            RES_SCALE=1.0,
+            OUT_INV_SCALE=1.0,
         )
         constexprs = dict(
             R=self.kernel_size[0],
@@ -270,6 +275,7 @@ class ConvLayer:
             HAS_RESIDUAL=self.has_residual,
             APPLY_RELU=self.relu,
             INPUT_PRECISION=self.input_precision,
+            INT8=False,
             BLOCK_M=config.block_m,
             BLOCK_N=config.block_n,
             BLOCK_K=config.block_k,
@@ -329,9 +335,9 @@ class ConvLayer:
             check_tensor(residual, "ConvLayer residual", out_shape, self.dtype, self.device)
         self._check_shortcut(shortcut_input, out_shape)
         if out is None:
-            out = torch.empty(out_shape, dtype=self.dtype, device=self.device)
+            out = torch.empty(out_shape, dtype=self.out_dtype, device=self.device)
         else:
-            check_tensor(out, "ConvLayer out", out_shape, self.dtype, self.device)
+            check_tensor(out, "ConvLayer out", out_shape, self.out_dtype, self.device)
         limit = max(x.numel(), out.numel() * config.split_k)
         if shortcut_input is not None:
             limit = max(limit, shortcut_input.numel())
@@ -379,8 +385,8 @@ class ConvLayer:
         if scratch is not None:
             partials, counters = scratch
             need, tiles = config.split_k * m * self.out_channels, self.output_tiles(in_shape, config)
-            if partials.dtype != torch.float32 or counters.dtype != torch.int32:
-                raise TypeError("ConvLayer: scratch must be (float32, int32) tensors")
+            if partials.dtype != self.acc_dtype or counters.dtype != torch.int32:
+                raise TypeError(f"ConvLayer: scratch must be ({self.acc_dtype}, torch.int32) tensors")
             if partials.numel() < need or counters.numel() < tiles:
                 raise ValueError(f"ConvLayer: scratch too small, need ({need}, {tiles}) elements")
             return partials[:need].view(config.split_k, m, self.out_channels), counters[:tiles]
@@ -388,7 +394,7 @@ class ConvLayer:
         ws = self._workspaces.get(key)
         if ws is None:
             partials = torch.empty(
-                (config.split_k, m, self.out_channels), dtype=torch.float32, device=self.device
+                (config.split_k, m, self.out_channels), dtype=self.acc_dtype, device=self.device
             )
             locks = torch.zeros(self.output_tiles(in_shape, config), dtype=torch.int32, device=self.device)
             ws = self._workspaces[key] = (partials, locks)
@@ -396,64 +402,7 @@ class ConvLayer:
 
     def aot_specs(self, input_shape_nhwc, arch: int, config: ConvConfig | None = None) -> list[KernelSpec]:
         """What `__call__` compiles for this input shape on compute capability `arch`, without launching:
-        the conv kernel, and the split-K reduce kernel when the config splits K."""
-        shape = tuple(input_shape_nhwc)
-        config = config or self.config_for(shape, arch)
-        out_shape = self.output_shape(shape)
-        x = ShapeOnly(shape, self.dtype)
-        out = ShapeOnly(out_shape, self.dtype)
-        residual = ShapeOnly(out_shape, self.dtype) if self.has_residual else None
-        x2 = None
-        if self.shortcut_channels:
-            s2 = self.shortcut_stride
-            x2 = ShapeOnly(
-                (shape[0], out_shape[1] * s2, out_shape[2] * s2, self.shortcut_channels), self.dtype
-            )
-        ws = (None, None)
-        if config.split_k > 1:
-            ws = (ShapeOnly((config.split_k, 0, 0), torch.float32), ShapeOnly((0,), torch.int32))
-        args, constexprs, grid = self._kernel_args(x, residual, out, config, x2, ws)
-        args = pointers_for_placeholders(args)
-        r, s = self.kernel_size
-        dil = f"_d{self.dilation}" if self.dilation > 1 else ""
-        name = (
-            f"conv{r}x{s}_s{self.stride}{dil}_{self.in_channels}to{self.out_channels}_g{self.groups}"
-            f"{f'_sc{self.shortcut_channels}s{self.shortcut_stride}' if self.shortcut_channels else ''}"
-            f"{'_avg2x2' if self.avg_pool else ''}"
-            f"_{'x'.join(map(str, shape))}_{str(self.dtype).replace('torch.', '')}"
-        )
-        specs = [
-            make_spec(
-                _conv_kernel,
-                args,
-                constexprs,
-                num_warps=config.num_warps,
-                num_stages=config.num_stages,
-                maxnreg=config.maxnreg,
-                name=name,
-                config=str(config),
-                grid=grid,
-                k_steps=steps_per_split(self.total_k_steps(config.block_k), config.split_k),
-                flops=flops(self, shape),
-                min_bytes=min_bytes(self, shape),
-                l2_bytes=l2_bytes(self, shape, config),
-                reduce_trips=fused_reduce_trips(config, self.dtype == torch.float32),
-            )
-        ]
-        if config.split_k > 1 and not config.fused_reduce:
-            specs.append(
-                reduce_spec(
-                    self.dtype,
-                    has_bias=self.bias is not None,
-                    has_residual=self.has_residual,
-                    m=out_shape[0] * out_shape[1] * out_shape[2],
-                    c_out=self.out_channels,
-                    split=config.split_k,
-                    relu=self.relu,
-                    name=f"{name}_splitk_reduce",
-                )  # fmt: skip
-            )
-        return specs
-
+        the conv kernel, and the split-K reduce kernel when the config splits K (kernels/conv_aot.py)."""
+        return conv_aot_specs(self, input_shape_nhwc, arch, config)
 
 __all__ = ["CONV_CONFIGS", "ConvConfig", "ConvLayer", "conv_out_shape", "device_arch", "flops"]

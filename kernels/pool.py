@@ -4,6 +4,10 @@ out[b, oh, ow, c] = max over (r, s) of x[b, oh*stride - pad + r, ow*stride - pad
 acts as -inf (it never wins; pad <= kernel_size // 2 guarantees every window holds a real pixel). Each
 program owns BLOCK_P output pixels x BLOCK_C channels; channels are the contiguous axis, so every tap is
 a coalesced (BLOCK_P, BLOCK_C) load. NaN propagates, as in torch.nn.functional.max_pool2d.
+
+With an int8 `out` (the int8 engine: the first int8 conv reads the pool's output), the max is
+quantized in the store with `out_scale` (kernels/int8_epilogue.py): quantization is monotone, so this
+equals pooling quantized values, and no separate quantize kernel runs between the stem and the convs.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .aot import KernelSpec, Pointer, ShapeOnly, interpreting, make_spec
+from .int8_epilogue import quantize_int8
 from .launch import SUPPORTED_DTYPES, check_int32_indexing, check_launchable
 
 # One config: the op is a pure bandwidth-bound gather; 32 pixels x 64 channels over 4 warps keeps the
@@ -37,6 +42,7 @@ def _max_pool_kernel(
     OH,
     OW,
     C,
+    OUT_INV_SCALE,  # an int8 out: 1 / its scale
     # compile-time
     KERNEL: tl.constexpr,
     STRIDE: tl.constexpr,
@@ -68,6 +74,8 @@ def _max_pool_kernel(
             )
             best = tl.maximum(best, v, propagate_nan=tl.PropagateNan.ALL)
     out_offs = offs_p[:, None] * C + offs_c[None, :]
+    if out_ptr.dtype.element_ty == tl.int8:
+        best = quantize_int8(best.to(tl.float32), OUT_INV_SCALE)
     tl.store(out_ptr + out_offs, best, mask=p_mask[:, None] & c_mask[None, :])
 
 
@@ -93,10 +101,11 @@ def _check_geometry(kernel_size: int, stride: int, padding: int) -> None:
         )
 
 
-def _pool_args(x, out, kernel_size, stride, padding, block_p, block_c):
+def _pool_args(x, out, kernel_size, stride, padding, block_p, block_c, out_scale=None):
     n, h, w, c = x.shape
     _, oh, ow, _ = out.shape
-    args = dict(x_ptr=x, out_ptr=out, P=n * oh * ow, H=h, W=w, OH=oh, OW=ow, C=c)
+    inv_scale = 1.0 / out_scale if out_scale else 1.0
+    args = dict(x_ptr=x, out_ptr=out, P=n * oh * ow, H=h, W=w, OH=oh, OW=ow, C=c, OUT_INV_SCALE=inv_scale)
     constexprs = dict(KERNEL=kernel_size, STRIDE=stride, PAD=padding, BLOCK_P=block_p, BLOCK_C=block_c)
     grid = (triton.cdiv(n * oh * ow, block_p), triton.cdiv(c, block_c))
     return args, constexprs, grid
@@ -109,8 +118,10 @@ def max_pool2d_nhwc(
     stride: int = 2,
     padding: int = 1,
     out: torch.Tensor | None = None,
+    out_scale: float | None = None,
 ) -> torch.Tensor:
-    """Max pool a contiguous NHWC tensor; returns (N, OH, OW, C) in x's dtype (into `out` if given)."""
+    """Max pool a contiguous NHWC tensor; returns (N, OH, OW, C) in x's dtype (into `out` if given),
+    or with `out_scale` in int8, quantized with that scale (symmetric, round half to even)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"max_pool2d_nhwc: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -124,12 +135,15 @@ def max_pool2d_nhwc(
     out_shape = pool_output_shape(tuple(x.shape), kernel_size, stride, padding)
     if out_shape[1] < 1 or out_shape[2] < 1:
         raise ValueError(f"max_pool2d_nhwc: input {tuple(x.shape)} is smaller than the {kernel_size}x window")
+    if out_scale is not None and not out_scale > 0:
+        raise ValueError(f"max_pool2d_nhwc: out_scale must be positive, got {out_scale}")
+    out_dtype = x.dtype if out_scale is None else torch.int8
     if out is None:
-        out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+        out = torch.empty(out_shape, dtype=out_dtype, device=x.device)
     else:
-        if not isinstance(out, torch.Tensor) or out.dtype != x.dtype:
+        if not isinstance(out, torch.Tensor) or out.dtype != out_dtype:
             raise TypeError(
-                f"max_pool2d_nhwc: out must be a {x.dtype} tensor, got {getattr(out, 'dtype', out)}"
+                f"max_pool2d_nhwc: out must be a {out_dtype} tensor, got {getattr(out, 'dtype', out)}"
             )
         if tuple(out.shape) != out_shape or out.device != x.device or not out.is_contiguous():
             raise ValueError(
@@ -138,20 +152,24 @@ def max_pool2d_nhwc(
             )
     check_int32_indexing(x.numel(), "max_pool2d_nhwc")
     block_p, block_c = _blocks(interpreting())
-    args, constexprs, grid = _pool_args(x, out, kernel_size, stride, padding, block_p, block_c)
+    args, constexprs, grid = _pool_args(x, out, kernel_size, stride, padding, block_p, block_c, out_scale)
     launch = dict(num_warps=POOL_NUM_WARPS, num_stages=1, enable_fp_fusion=True)
     _max_pool_kernel[grid](**args, **constexprs, **launch)
     return out
 
 
-def max_pool_aot_specs(input_shape_nhwc, dtype, arch, kernel_size=3, stride=2, padding=1) -> list[KernelSpec]:
-    """What max_pool2d_nhwc compiles for this shape and dtype on compute capability `arch`."""
+def max_pool_aot_specs(
+    input_shape_nhwc, dtype, arch, kernel_size=3, stride=2, padding=1, out_dtype=None
+) -> list[KernelSpec]:
+    """What max_pool2d_nhwc compiles for this shape and dtype on compute capability `arch` (out_dtype
+    torch.int8: the int8 engine's quantizing pool)."""
+    out_dtype = out_dtype or dtype
     _check_geometry(kernel_size, stride, padding)
     out_shape = pool_output_shape(tuple(input_shape_nhwc), kernel_size, stride, padding)
     block_p, block_c = _blocks(False)
-    shaped = ShapeOnly(tuple(input_shape_nhwc), dtype), ShapeOnly(out_shape, dtype)
+    shaped = ShapeOnly(tuple(input_shape_nhwc), dtype), ShapeOnly(out_shape, out_dtype)
     args, constexprs, grid = _pool_args(*shaped, kernel_size, stride, padding, block_p, block_c)
-    args.update(x_ptr=Pointer(dtype), out_ptr=Pointer(dtype))
+    args.update(x_ptr=Pointer(dtype), out_ptr=Pointer(out_dtype))
     shape = "x".join(map(str, input_shape_nhwc))
     spec = make_spec(
         _max_pool_kernel,
@@ -159,7 +177,7 @@ def max_pool_aot_specs(input_shape_nhwc, dtype, arch, kernel_size=3, stride=2, p
         constexprs,
         num_warps=POOL_NUM_WARPS,
         num_stages=1,
-        name=f"maxpool{kernel_size}x{kernel_size}_s{stride}_{shape}_{str(dtype).replace('torch.', '')}",
+        name=f"maxpool{kernel_size}x{kernel_size}_s{stride}_{shape}_{str(out_dtype).replace('torch.', '')}",
         config=f"BP{block_p}_BC{block_c}_w{POOL_NUM_WARPS}",
         grid=grid,
         k_steps=0,  # the taps are unrolled (static_range): no loop

@@ -2,9 +2,10 @@
 
 A loop is a backward branch: `BRA target` at address a with target < a; its body is every instruction
 from target to a inclusive. The *main loop* is the innermost loop whose body holds a tensor-core MMA
-(HGMMA = wgmma on sm_90, HMMA = mma.sync on sm_80+); in a kernel with no MMA in any loop (fp32 dots on
-FMA units, pooling, the head) it is the innermost loop with the most instructions. Per main-loop
-iteration ("K-step") this module counts warp instructions, MMA instructions and their FLOPs, barriers,
+(HGMMA = wgmma on sm_90, HMMA = mma.sync on sm_80+; IGMMA and IMMA are their int8 forms); in a kernel
+with no MMA in any loop (fp32 dots on FMA units, pooling, the head) it is the innermost loop with the
+most instructions. Per main-loop iteration
+("K-step") this module counts warp instructions, MMA instructions and their FLOPs, barriers,
 and the bytes each thread asks of global memory (LDG / LDGSTS / STG widths); the same per iteration of
 the innermost loop around the main loop, if any (`enclosing`, main loop excluded); outside both, once.
 These are static counts: predicated-off instructions and masked lanes still count, a TMA load (UTMALDG)
@@ -23,9 +24,9 @@ from dataclasses import dataclass, field
 # "/*31d0*/    @!P4 HGMMA.64x64x16.F32 R24, gdesc[UR12].tnspB, R24 ;"
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
 _BRANCH_TARGET = re.compile(r"(0x[0-9a-f]+)")
-_HGMMA_SHAPE = re.compile(r"HGMMA\.(\d+)x(\d+)x(\d+)")
-# HMMA.16816 = m16n8k16, HMMA.1688 = m16n8k8, HMMA.1684 = m16n8k4 (tf32).
-_HMMA_SHAPE = re.compile(r"HMMA\.(16)(8)(16|8|4)\b")
+_HGMMA_SHAPE = re.compile(r"[HI]GMMA\.(\d+)x(\d+)x(\d+)")
+# HMMA.16816 = m16n8k16, HMMA.1688 = m16n8k8, HMMA.1684 = m16n8k4 (tf32), IMMA.16832 = int8 m16n8k32.
+_HMMA_SHAPE = re.compile(r"[HI]MMA\.(16)(8)(32|16|8|4)\b")
 _WIDTH = re.compile(r"\.(128|64|U16|S16|U8|S8)\b")
 _WIDTH_BYTES = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
 
@@ -44,7 +45,7 @@ class OpCounts:
     instructions: int = 0
     mma: int = 0  # HGMMA or HMMA instructions
     mma_flops: int = 0  # 2*M*N*K summed: per warpgroup for HGMMA, per warp for HMMA
-    mma_kind: str = ""  # "HGMMA", "HMMA" or "" (none); tf32 adds ".TF32"
+    mma_kind: str = ""  # "HGMMA", "HMMA", "IGMMA", "IMMA" or "" (none); tf32 adds ".TF32"
     barriers: int = 0  # BAR.SYNC / BAR.RED: the CTA's warps wait for each other
     load_bytes: int = 0  # global loads (LDG, LDGSTS) per thread
     store_bytes: int = 0  # global stores (STG) per thread
@@ -89,7 +90,7 @@ def parse_instructions(sass: str) -> list[Instruction]:
 
 
 def _is_mma(opcode: str) -> bool:
-    return opcode.startswith(("HGMMA", "HMMA"))
+    return opcode.startswith(("HGMMA", "HMMA", "IGMMA", "IMMA"))
 
 
 def _mma_flops(opcode: str) -> int:

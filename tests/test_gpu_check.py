@@ -8,8 +8,8 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
 GPU_STAGES = (
-    "smoke", "pytest-gpu", "bench-resnet50", "bench-resnet18", "layers-resnet50", "estimate-resnet50",
-    "tune-resnet50",
+    "smoke", "pytest-gpu", "bench-resnet50", "bench-resnet18", "int8-resnet18", "layers-resnet50",
+    "estimate-resnet50", "tune-resnet50",
 )  # fmt: skip
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..errors import ConfigError
 from .base import Backend, Observer
 from .reference_backend import ReferenceBackend
@@ -19,6 +21,10 @@ def create_backend(name: str, plan, device, dtype, **options) -> Backend:
         from .openvino_backend import OpenVinoBackend  # imports openvino: only when asked for
 
         return OpenVinoBackend(plan, device, dtype, **options)
+    if name == "triton" and dtype == torch.int8:
+        from .triton_int8 import TritonInt8Backend  # calibrated int8 convs (fastres/quantize.py)
+
+        return TritonInt8Backend(plan, device, dtype, **options)
     if name == "triton":
         from .triton_backend import TritonBackend  # imports triton: only when asked for
 

@@ -49,6 +49,16 @@ def add_calibration(p: argparse.ArgumentParser) -> None:
         help="for --dtype int8: a calibration file saved by `fastres calibrate` (.json), or a folder of "
         "representative images (about 300) to calibrate on now",
     )
+    add_calibration_method(p)
+
+
+def add_calibration_method(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--calibration-method",
+        choices=("percentile", "entropy", "mse", "max"),  # fastres.quantize.METHODS (no torch import here)
+        help="int8 activation ranges on the triton backend (default percentile, 99.99); OpenVINO "
+        "uses NNCF's own preset",
+    )
 
 
 def add_image_size(p: argparse.ArgumentParser) -> None:

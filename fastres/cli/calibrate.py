@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .args import BACKENDS, add_command, add_device, add_weights, examples
+from .args import BACKENDS, add_calibration_method, add_command, add_device, add_weights, examples
 
 
 def add_parser(subparsers) -> None:
@@ -26,7 +26,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="FILE.json", help="where to write the calibration")
     p.add_argument("--limit", type=int, default=300, metavar="N", help="use at most N images (default 300)")
     add_device(p)
-    p.add_argument("--backend", choices=BACKENDS, help="default: openvino on the CPU")
+    p.add_argument("--backend", choices=BACKENDS, help="default: openvino on the CPU, triton on a GPU")
+    add_calibration_method(p)
     p.set_defaults(run=run)
 
 
@@ -51,11 +52,13 @@ def run(args) -> int:
         dtype="int8",
         calibration=decode_files(files),
         save_calibration=args.out,
+        **({"calibration_method": args.calibration_method} if args.calibration_method else {}),
     )
     record = engine.backend.calibration
     print(
         f"calibrated {record.model} ({record.method}) on {record.images} "
         f"image{'s' if record.images != 1 else ''} "
-        f"in {time.perf_counter() - start:.1f} s; wrote {args.out} and {record.artifact}"
+        f"in {time.perf_counter() - start:.1f} s; wrote {args.out}"
+        + (f" and {record.artifact}" if record.artifact else " (scales for the triton backend)")
     )
     return 0

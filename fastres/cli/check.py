@@ -76,8 +76,9 @@ def _load_images(path: str) -> torch.Tensor:
     return data
 
 
-def format_layer_report(layers, width: int = 30) -> str:
-    """One line per op: its relative error and a log-scale bar; marks where drift starts."""
+def format_layer_report(layers, width: int = 30, sqnr: bool = False) -> str:
+    """One line per op: its relative error and a log-scale bar; marks where drift starts. sqnr: a column
+    with each op's signal-to-quantization-noise ratio (dB) against the float64 plan (int8 engines)."""
     errors = [e.relative_error for e in layers]
     positive = [e for e in errors if e > 0]
     if not positive:
@@ -90,6 +91,7 @@ def format_layer_report(layers, width: int = 30) -> str:
     out = [
         f"per-layer relative error vs the same plan in float64 (bar: log scale {min(positive):.1e} .. "
         f"{max(positive):.1e}; drift starts at the first op above {DRIFT_FACTOR}x the first op's error)"
+        + ("; SQNR in dB (signal over quantization noise: about 6 dB per bit)" if sqnr else "")
     ]
     for i, e in enumerate(layers):
         n = (
@@ -99,9 +101,9 @@ def format_layer_report(layers, width: int = 30) -> str:
         )
         mark = f"  <- drift starts ({e.relative_error / baseline:.0f}x {layers[0].op})" if i == start else ""
         bar = "#" * n
-        out.append(
-            f"  {e.op:<{name_w}}  {e.kind:<{kind_w}}  {e.relative_error:9.2e}  {bar:<{width}}{mark}".rstrip()
-        )
+        db = f"  SQNR {e.sqnr_db:5.1f} dB" if sqnr else ""
+        line = f"  {e.op:<{name_w}}  {e.kind:<{kind_w}}  {e.relative_error:9.2e}{db}  {bar:<{width}}{mark}"
+        out.append(line.rstrip())
     if start is None:
         out.append(f"  no op exceeds {DRIFT_FACTOR}x the first op's error: no drift")
     return "\n".join(out)
@@ -120,6 +122,8 @@ def run(args) -> int:
             "--dtype int8 needs --calibration (a file from `fastres calibrate`, or an image folder)"
         )
     options = {"calibration": args.calibration} if int8 else {}
+    if int8 and args.calibration_method:
+        options["calibration_method"] = args.calibration_method
     if args.weights is None and args.model in MODEL_SPECS:
         module = make_calibrated_model(args.model, seed=args.seed)
         engine = fastres.optimize(module, device=args.device, dtype=dtype, backend=args.backend, **options)
@@ -143,7 +147,12 @@ def run(args) -> int:
     result = engine.check(x)
     print(result)
     if engine.backend.observes_layers:
-        print(format_layer_report(engine.layer_errors(x)))
+        print(format_layer_report(engine.layer_errors(x), sqnr=int8))
+    elif int8:
+        print(
+            f"per-layer SQNR: not available on the {engine.backend_name} backend (it runs the quantized "
+            "model whole); the triton backend's int8 engine reports it per layer"
+        )
     else:
         print(f"per-layer report: not available on the {engine.backend_name} backend; --backend torch has it")
     min_top1 = args.min_top1 if args.min_top1 is not None else (0.99 if int8 else None)

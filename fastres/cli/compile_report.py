@@ -22,7 +22,9 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("model", help="a model name")
     p.add_argument("--arch", help="sm_90 or sm_80 (also sm_86, sm_89); with --estimate, the GPU's")
-    p.add_argument("--dtype", choices=DTYPES, help="compute dtype (required; fp16 with --estimate)")
+    p.add_argument(
+        "--dtype", choices=(*DTYPES, "int8"), help="compute dtype (required; fp16 with --estimate)"
+    )
     p.add_argument("--batch", type=int, default=8, metavar="N", help="batch size (default 8)")
     add_image_size(p)
     add_output_stride(p)

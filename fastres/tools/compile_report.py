@@ -90,7 +90,15 @@ def collect_specs(
     state_dict = build_resnet(spec, num_classes).state_dict()
     plan = plan_resnet(spec, num_classes, state_dict)
     # Built directly: fastres.load refuses triton on the CPU, but building specs touches no GPU.
-    backend = TritonBackend(plan, "cpu", dtype)
+    if dtype == torch.int8:  # scales from two random images: they change no kernel, only its arguments
+        from ..backends.triton_int8 import TritonInt8Backend
+        from ..testing import random_images
+
+        backend = TritonInt8Backend(
+            plan, "cpu", calibration=random_images(2, 64, 64), model_name=model, weights_sha256=""
+        )
+    else:
+        backend = TritonBackend(plan, "cpu", dtype)
     specs = backend.kernel_specs(batch, height, width, arch)
     distinct: dict[tuple, list] = {}
     for s in specs:

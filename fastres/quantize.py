@@ -1,0 +1,269 @@
+"""int8 post-training quantization for the Triton path: activation ranges from histograms, weight scales.
+
+Symmetric int8 everywhere (values in [-127, 127], zero point 0), so the integer GEMM needs no
+zero-point correction terms:
+* weights: one scale per output channel, max |w| / 127 (per-tensor weights lose ResNet-101, see
+  pytorch/vision#2648);
+* activations: one scale per tensor (per plan value), threshold / 127, the threshold chosen on a
+  histogram of |x| over the calibration images by one of `METHODS`:
+  - "percentile" (default, 99.99): the |x| below which that share of the values lies;
+  - "entropy": TensorRT's calibration: the threshold whose 128-level quantized distribution has the
+    least KL divergence from the clipped reference distribution;
+  - "mse": the threshold with the least expected squared quantization error (rounding + clipping);
+  - "max": the largest |x| seen (no clipping; an outlier then spends the whole range).
+
+The histogram has `BINS` bins over [0, range); a batch with a larger |x| doubles the range until it
+fits, merging bin pairs, which is exact (no re-binning error), so one pass over the images suffices.
+ResNet activations after a ReLU are non-negative, so symmetric int8 leaves the negative half unused
+(7 bits of magnitude); that is the price of zero-point-free GEMMs, which TensorRT pays as well.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+from .graph import ConvOp
+
+INT8_MAX = 127
+BINS = 2048
+QUANT_LEVELS = 128  # magnitude levels of symmetric int8 (0..127): the entropy method's target bins
+METHODS = ("percentile", "entropy", "mse", "max")
+DEFAULT_METHOD = "percentile"
+DEFAULT_PERCENTILE = 99.99
+
+
+class Histogram:
+    """Counts of |x| in BINS equal bins over [0, self.range), and the exact max |x| seen."""
+
+    def __init__(self, bins: int = BINS):
+        self.counts = np.zeros(bins, dtype=np.float64)
+        self.range = 0.0
+        self.amax = 0.0
+
+    def add(self, x: Tensor) -> None:
+        values = x.detach().abs().flatten().double().cpu()
+        if values.numel() == 0:
+            return
+        amax = float(values.max())
+        if not math.isfinite(amax):
+            raise ConfigError("calibration met a non-finite activation: check the calibration images")
+        self.amax = max(self.amax, amax)
+        if self.range == 0.0:
+            self.range = amax if amax > 0 else 1.0
+        while amax > self.range:  # double the range: bin pairs merge exactly, upper half empty
+            half = self.counts.reshape(-1, 2).sum(axis=1)
+            self.counts = np.concatenate([half, np.zeros_like(half)])
+            self.range *= 2
+        counts = torch.histc(values, bins=self.counts.size, min=0.0, max=self.range)
+        self.counts += counts.numpy()
+
+    @property
+    def edges(self) -> np.ndarray:
+        return np.linspace(0.0, self.range, self.counts.size + 1)
+
+
+def threshold(hist: Histogram, method: str = DEFAULT_METHOD, percentile: float = DEFAULT_PERCENTILE) -> float:
+    """The clipping threshold (the value int8's 127 stands for) the method picks from the histogram."""
+    if hist.counts.sum() == 0 or hist.amax == 0.0:
+        return 1.0  # an all-zero tensor: any scale represents it exactly
+    if method == "max":
+        return hist.amax
+    if method == "percentile":
+        if not 0 < percentile <= 100:
+            raise ConfigError(f"percentile must be in (0, 100], got {percentile}")
+        cdf = np.cumsum(hist.counts) / hist.counts.sum()
+        index = int(np.searchsorted(cdf, percentile / 100 * (1 - 1e-12)))  # first bin reaching it
+        return min(float(hist.edges[index + 1]), hist.amax)
+    if method == "mse":
+        return _mse_threshold(hist)
+    if method == "entropy":
+        return _entropy_threshold(hist)
+    raise ConfigError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}")
+
+
+def _mse_threshold(hist: Histogram) -> float:
+    """Candidates: every bin's upper edge. Each bin's values are taken at its centre; a value below the
+    threshold rounds to the nearest of the 128 levels, one above clips to the threshold."""
+    edges = hist.edges
+    centres = (edges[:-1] + edges[1:]) / 2
+    candidates = edges[1:]
+    errors = np.empty(candidates.size)
+    for start in range(0, candidates.size, 256):  # blocks of candidates bound the temporary's size
+        t = candidates[start : start + 256, None]
+        step = t / INT8_MAX
+        dequantized = np.minimum(np.round(centres[None, :] / step), INT8_MAX) * step
+        errors[start : start + 256] = ((centres[None, :] - dequantized) ** 2 * hist.counts[None, :]).sum(1)
+    return min(float(candidates[int(np.argmin(errors))]), hist.amax)
+
+
+def _entropy_threshold(hist: Histogram) -> float:
+    """TensorRT's entropy calibration: for each candidate i bins (i >= 128), the reference P is the
+    first i bins with everything above folded into the last; Q merges those i bins into 128 levels and
+    spreads each level's count evenly back over its non-empty bins; keep the i of least KL(P || Q)
+    (both smoothed, see `_smoothed`)."""
+    counts = hist.counts
+    last = int(np.nonzero(counts)[0][-1]) + 1
+    best, best_bins = math.inf, max(last, QUANT_LEVELS)
+    tail = np.cumsum(counts[::-1])[::-1]  # tail[i] = sum(counts[i:])
+    for i in range(QUANT_LEVELS, min(last, counts.size) + 1):
+        p = counts[:i].copy()
+        if i < counts.size:
+            p[i - 1] += tail[i]
+        merged = i // QUANT_LEVELS
+        starts = np.arange(QUANT_LEVELS) * merged  # the last level also takes the remainder bins
+        lengths = np.diff(np.append(starts, i))
+        nonzero = counts[:i] > 0
+        level_counts = np.add.reduceat(counts[:i], starts)
+        level_bins = np.add.reduceat(nonzero.astype(np.float64), starts)
+        per_bin = np.divide(level_counts, level_bins, out=np.zeros(QUANT_LEVELS), where=level_bins > 0)
+        q = np.repeat(per_bin, lengths) * nonzero
+        p_norm, q_norm = _smoothed(p / p.sum()), _smoothed(q / q.sum())
+        divergence = float(np.sum(p_norm * np.log(p_norm / q_norm)))
+        if divergence < best:
+            best, best_bins = divergence, i
+    return min(float(hist.edges[best_bins]), hist.amax)
+
+
+def _smoothed(distribution: np.ndarray, eps: float = 1e-4) -> np.ndarray:
+    """Every bin positive: empty bins get eps, taken evenly from the others (as MXNet's port of the
+    TensorRT method does). Without it, the clipped mass folded into an empty last bin makes every
+    threshold below an isolated outlier infinitely divergent, so the outlier would always win."""
+    empty = distribution == 0
+    n_empty = int(empty.sum())
+    if n_empty == 0:
+        return distribution
+    taken = eps * n_empty / (distribution.size - n_empty)
+    return np.where(empty, eps, distribution - taken).clip(min=eps * 1e-3)
+
+
+def scale_for(threshold_value: float) -> float:
+    return threshold_value / INT8_MAX
+
+
+def weight_scales(weight: Tensor) -> Tensor:
+    """Per-output-channel symmetric scales (float64, C_out) of a (C_out, ...) weight: max |w| / 127.
+    An all-zero channel gets scale 1 (its int8 weights are 0 either way)."""
+    amax = weight.detach().double().abs().reshape(weight.shape[0], -1).amax(dim=1)
+    return torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+
+
+def quantize_weight(weight: Tensor, scales: Tensor) -> Tensor:
+    """int8 weights: round half to even of w / scale (per output channel), within [-127, 127]."""
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    return torch.round(weight.double() / scales.view(shape)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+
+
+def quantize_conv_weights(op: ConvOp, scales: dict[str, float]) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(int8 weight, int8 projection-shortcut weight or None, per-channel dequantization factor f) of
+    a conv whose inputs have the given scales: conv(q_x, q_w) [+ conv(q_x2, q_wd)] times f is the real
+    pre-bias output. Main and projection share one int32 accumulator, so both are quantized against
+    f = max(s_w * s_x, s_wd * s_x2): the larger term keeps its full int8 range, the other is a little
+    coarser. Without a projection f = s_w * s_x (plain per-channel weights)."""
+    s_x = scales[op.inputs[0]]
+    factor = weight_scales(op.weight) * s_x
+    shortcut = None
+    if op.shortcut_input is not None:
+        s_x2 = scales[op.shortcut_input]
+        factor = torch.maximum(factor, weight_scales(op.shortcut_weight) * s_x2)
+        shortcut = quantize_weight(op.shortcut_weight, factor / s_x2)
+    return quantize_weight(op.weight, factor / s_x), shortcut, factor
+
+
+def fake_quantized_plan(plan, scales: dict[str, float]):
+    """The plan with every conv but the stem holding its int8 weights dequantized (float64), so that a
+    float run of it computes what the int8 path computes, up to the activations' rounding."""
+    import dataclasses
+
+    ops = [plan.ops[0]]
+    for op in plan.ops[1:]:
+        if isinstance(op, ConvOp):
+            q_w, q_wd, factor = quantize_conv_weights(op, scales)
+            view = lambda f: f.view(-1, 1, 1, 1)
+            changes = dict(weight=q_w.double() * view(factor / scales[op.inputs[0]]))
+            if q_wd is not None:
+                changes["shortcut_weight"] = q_wd.double() * view(factor / scales[op.shortcut_input])
+            op = dataclasses.replace(op, **changes)
+        ops.append(op)
+    return dataclasses.replace(plan, ops=ops)
+
+
+def simulate_int8(plan, scales: dict[str, float], images: Tensor, observer=None) -> Tensor:
+    """float32 logits of the int8 path's arithmetic simulated on the torch backend ("fake quant"):
+    int8 weights dequantized, and each int8 value rounded to its scale's grid (within [-127, 127]) as
+    soon as its op produced it, before any later op reads it. The Triton int8 engine differs from this
+    only by fp32 rounding in its epilogues (a code at most one step apart where a value meets a tie)."""
+    from .backends.torch_backend import TorchBackend
+
+    fake = fake_quantized_plan(plan, scales)
+    backend = TorchBackend(fake, "cpu", torch.float32)
+    producer = {op.name: op.output for op in fake.ops}
+
+    def quantize_in_place(name: str, out: Tensor) -> None:
+        # The torch backend hands the observer the very tensor the next ops read: rounding it here
+        # is rounding the activation itself.
+        scale = scales.get(producer[name])
+        if scale is not None:
+            out.div_(scale).round_().clamp_(-INT8_MAX, INT8_MAX).mul_(scale)
+        if observer is not None:
+            observer(name, out)
+
+    return backend.run(images.float(), None, observer=quantize_in_place)
+
+
+def quantized_values(plan) -> list[str]:
+    """The plan values that are int8 on the Triton path: every value a conv other than the stem reads
+    (main input, residual, projection-shortcut input). The stem reads the float images; the head reads
+    the last conv's output, which that conv writes in floating point (see backends/triton_int8.py)."""
+    values: list[str] = []
+    for op in plan.ops[1:]:
+        if isinstance(op, ConvOp):
+            values += [v for v in op.inputs if v not in values]
+    return values
+
+
+def collect_histograms(plan, images: Tensor, *, batch: int = 16) -> dict[str, Histogram]:
+    """Histograms of |x| of each quantized value, from the folded plan run in float32 on the torch
+    backend over the calibration images (normalised float32, N x 3 x H x W)."""
+    from .backends.torch_backend import TorchBackend
+
+    backend = TorchBackend(plan, "cpu", torch.float32)
+    wanted = set(quantized_values(plan))
+    producer = {op.name: op.output for op in plan.ops}
+    histograms = {value: Histogram() for value in wanted}
+
+    def observe(name: str, out: Tensor) -> None:
+        value = producer.get(name)
+        if value in wanted:
+            histograms[value].add(out)
+
+    for start in range(0, images.shape[0], batch):
+        backend.run(images[start : start + batch].float(), None, observer=observe)
+    return histograms
+
+
+def activation_scales(
+    plan, images: Tensor, method: str = DEFAULT_METHOD, percentile: float = DEFAULT_PERCENTILE
+) -> dict[str, float]:
+    """value -> per-tensor int8 scale, from the calibration images by `method`."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}")
+    histograms = collect_histograms(plan, images)
+    return {v: scale_for(threshold(h, method, percentile)) for v, h in histograms.items()}
+
+
+def method_name(method: str, percentile: float = DEFAULT_PERCENTILE) -> str:
+    """The method as the calibration record names it ("percentile-99.99", "entropy", ...)."""
+    return f"percentile-{percentile:g}" if method == "percentile" else method
+
+
+def parse_method(name: str) -> tuple[str, float]:
+    """(method, percentile) from `method_name`'s spelling."""
+    method, _, value = name.partition("-")
+    if method not in METHODS:
+        raise ConfigError(f"unknown calibration method {name!r}: use one of {', '.join(METHODS)}")
+    return method, float(value) if value else DEFAULT_PERCENTILE
