@@ -111,6 +111,8 @@ def _build_engine(
     check_tune_mode(tune)
     if backend != "triton" and (tune is True or self_check is True):
         raise ConfigError("tune=True and self_check=True apply to the triton backend (a CUDA GPU)")
+    if dtype == torch.int8 and (tune is True or self_check is True):
+        raise ConfigError("tune=True and self_check=True cover the float Triton kernels; int8 is not tuned")
     plan = plan_resnet(arch.spec, arch.num_classes, state_dict, mean=mean, std=std, dtype=dtype)
     calibration = engine_options.pop("calibration", None)
     save_calibration = engine_options.pop("save_calibration", None)
@@ -158,7 +160,7 @@ def _build_engine(
         options["module"] = build_resnet(arch.spec, arch.num_classes, state_dict)
     runner = create_backend(backend, plan, device, dtype, **options)
     tuner = None
-    if backend == "triton":  # the tuning cache's choices, first-use tuning, the first-use self-check
+    if backend == "triton" and dtype != torch.int8:  # tuned choices, first-use tuning and self-check
         from .tuning.use import prepare_backend
 
         runner, tuner = prepare_backend(runner, tune=tune, self_check=self_check, budget_s=tune_budget_s)

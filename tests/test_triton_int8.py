@@ -147,3 +147,11 @@ def test_layer_report_has_sqnr_for_every_int8_layer(digits, saved):
     # over depth: well above 15 dB, far from an exact (inf) result.
     assert convs[0].op == "conv1" and convs[0].sqnr_db > 50
     assert all(15 < e.sqnr_db < 50 for e in convs[1:]), [(e.op, round(e.sqnr_db, 1)) for e in convs]
+
+
+def test_int8_refuses_tuning_and_the_self_check_before_calibrating():
+    # The tuner's candidates and the self-check cover the float kernels only: asked for, a typed error
+    # (the default tune="cached" loads int8 untuned, as the tests above do).
+    for option in ({"tune": True}, {"self_check": True}):
+        with pytest.raises(fastres.ConfigError, match="int8 is not tuned"):
+            fastres.load("resnet18", device="cpu", backend="triton", dtype="int8", calibration="x", **option)
