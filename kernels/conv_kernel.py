@@ -193,7 +193,7 @@ def _conv_kernel(
                 mask=c_mask[:, None] & n_mask[None, :],
                 other=0.0,
             )
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     elif R == 1 and S == 1 and STRIDE == 1 and PAD == 0 and GATHER_CG == 0:
         # GEMM mode: output pixel m reads input pixel m.
         a_rows = x_ptr + offs_m * C_IN + g * CG
@@ -206,7 +206,7 @@ def _conv_kernel(
                 mask=c_mask[:, None] & n_mask[None, :],
                 other=0.0,
             )
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
         if HAS_SHORTCUT:
             # K-concatenated projection shortcut: a 1x1, stride-STRIDE2 conv of the block input,
             # whose packed weights follow the main ones in B (rows CG .. CG + C_IN2).
@@ -234,7 +234,7 @@ def _conv_kernel(
                     mask=c_mask[:, None] & n_mask[None, :],
                     other=0.0,
                 )
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     else:
         ow = offs_m % OW
         oh = (offs_m // OW) % OH
@@ -260,7 +260,7 @@ def _conv_kernel(
                     mask=k_mask[:, None] & n_mask[None, :],
                     other=0.0,
                 )
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
         else:
             # Channel-blocked: one flat loop over (tap, channel block) so Triton pipelines a single
             # loop; KC is constexpr, so `step // KC` is a shift (KC a power of two) or a multiply.
@@ -283,7 +283,7 @@ def _conv_kernel(
                     mask=c_mask[:, None] & n_mask[None, :],
                     other=0.0,
                 )
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
     out_offs = offs_m[:, None] * C_OUT + offs_co[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
