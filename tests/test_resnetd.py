@@ -260,7 +260,7 @@ def test_pooled_conv_contract():
 # --- end to end ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["resnet18d", "resnet50d"])
+@pytest.mark.parametrize("name", ["resnet18d", pytest.param("resnet50d", marks=pytest.mark.slow)])
 def test_torch_backend_matches_reference(name):
     model = calibrated(name, 10)
     engine = fastres.optimize(model, device="cpu", backend="torch")
@@ -274,6 +274,7 @@ def test_torch_backend_uint8_input():
     assert_parity(engine, model, random_pixels(seed=2), torch.float32)
 
 
+@pytest.mark.slow  # converting to OpenVINO and compiling takes ~30 s on 2 cores
 def test_openvino_backend_matches_reference():
     pytest.importorskip("openvino", reason="the openvino extra is not installed")
     model = calibrated("resnet18d", 10)
@@ -289,7 +290,9 @@ def test_deep_stem_feature_is_after_bn1_and_relu():
     assert_features_match(engine, model, random_images(2, *ODD, seed=9), torch.float32, names=names)
 
 
+# Under the interpreter on 2 shared cores even the one-block-per-stage models take 35-60 s each.
 @pytest.mark.interpreter
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block", list(TINY_D))
 def test_triton_backend_small_resnet_d(block, dtype):
@@ -304,6 +307,7 @@ def test_triton_backend_small_resnet_d(block, dtype):
 
 
 @pytest.mark.interpreter
+@pytest.mark.slow
 def test_triton_backend_uint8_deep_stem():
     model = make_calibrated_model(TINY_D["basic"], 7, calibration_images=4, image_size=48)
     engine = fastres.optimize(model, device=DEVICE, dtype=torch.float32, backend="triton")
