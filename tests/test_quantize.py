@@ -3,6 +3,7 @@ of a plan's activations, and the calibration record's scales."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from e2e import calibrated
@@ -71,6 +72,57 @@ def test_a_far_outlier_is_clipped_by_entropy_mse_and_percentile_but_not_by_max()
     for method in ("entropy", "mse", "percentile"):
         t = threshold(hist, method)
         assert 3.0 < t < 20.0, (method, t)  # below the outlier, above the bulk's core
+
+
+def brute_force_kl_bins(counts) -> int:
+    """The bin count i that TensorRT's entropy calibration picks (GTC 2017, "8-bit Inference with
+    TensorRT"), written out bin by bin in float64 from the talk's pseudocode. Only for histograms
+    without empty bins, where the smoothing of empty bins never applies."""
+    counts = np.asarray(counts, dtype=np.float64)
+    assert (counts > 0).all()
+    divergences = {}
+    for i in range(128, counts.size + 1):
+        p = counts[:i].copy()
+        p[i - 1] += counts[i:].sum()  # the clipped values saturate into the last bin
+        q = np.empty(i)
+        width = i // 128
+        for level in range(128):
+            lo, hi = level * width, (i if level == 127 else (level + 1) * width)
+            q[lo:hi] = counts[lo:hi].sum() / (hi - lo)  # every bin is non-empty here
+        p, q = p / p.sum(), q / q.sum()
+        divergences[i] = float(np.sum(p * np.log(p / q)))
+    return min(divergences, key=divergences.get)
+
+
+def laplace_histogram(zeros: float = 0.0) -> Histogram:
+    """Expected counts (no sampling noise) of |x| for a unit Laplacian over [0, 16), every bin
+    non-empty, with `zeros` exact zeros added as a ReLU adds them."""
+    hist = Histogram()
+    hist.range = hist.amax = 16.0
+    cdf = 1 - np.exp(-hist.edges)
+    hist.counts = 1e9 * np.diff(cdf)
+    hist.counts[0] += zeros
+    hist.zeros = zeros
+    return hist
+
+
+def test_entropy_picks_the_brute_force_kl_optimum_of_a_laplacian():
+    hist = laplace_histogram()
+    bins = brute_force_kl_bins(hist.counts)
+    assert threshold(hist, "entropy") == pytest.approx(hist.edges[bins], rel=1e-12)
+    # A clip of several scale parameters: the tail beyond it is worth less than the finer steps.
+    assert 4.0 < hist.edges[bins] < 14.0, hist.edges[bins]
+
+
+def test_entropy_ignores_a_relus_exact_zeros():
+    # Half the values exactly 0, as after a ReLU: int8 holds 0 exactly at any scale, so the choice
+    # must not move. (Counting them in bin 0 once clipped at 255 bins, under 2 of the 16 here.)
+    assert threshold(laplace_histogram(zeros=1e9), "entropy") == threshold(laplace_histogram(), "entropy")
+    x = torch.randn(400_000, generator=torch.Generator().manual_seed(9))
+    with_zeros, positives = histogram_of(x.relu()), histogram_of(x[x > 0])
+    assert with_zeros.zeros == (x <= 0).sum().item() and positives.zeros == 0
+    t = threshold(with_zeros, "entropy")
+    assert t == threshold(positives, "entropy") and 2.5 < t <= with_zeros.amax
 
 
 def test_mse_is_least_squared_error_among_thresholds():

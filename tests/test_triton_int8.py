@@ -48,20 +48,7 @@ def normalised(plan, pixels):
     return normalize(pixels, plan.mean, plan.std).float()
 
 
-METHOD_CASES = [
-    pytest.param(
-        m,
-        id=m,
-        marks=[pytest.mark.xfail(strict=True, reason="entropy clips the digits model's activations too hard "
-                                 "(measured 29.7% top-1 agreement): under investigation")]  # fmt: skip
-        if m == "entropy"
-        else [],
-    )
-    for m in METHODS
-]
-
-
-@pytest.mark.parametrize("method", METHOD_CASES)
+@pytest.mark.parametrize("method", METHODS)
 def test_every_method_keeps_top1(digits, method, record_property):
     """Each method's top-1 agreement with fp32, from the int8 arithmetic simulated on the torch backend
     (fast enough for all four methods and 64 images; the Triton engine itself is tested below)."""
