@@ -80,6 +80,9 @@ class SassSummary:
     # The innermost loop around the main loop, without the main loop's body (per iteration); None if none.
     enclosing: OpCounts | None = None
     reduction: ReductionSummary | None = None  # split-K's fused reduction, when the kernel has one
+    # PDL: ACQBULK is griddepcontrol.wait; CCTL.E.PF2 (prefetch.global.L2) issued before it, per thread.
+    gdc_wait: bool = False
+    l2_prefetches_before_wait: int = 0
 
 
 def parse_instructions(sass: str) -> list[Instruction]:
@@ -156,6 +159,12 @@ def summarize(sass: str) -> SassSummary:
     loops = find_loops(instructions)
     summary = _summarize(instructions, loops)
     summary.reduction = summarize_reduction(instructions, loops)
+    wait = next((i for i, ins in enumerate(instructions) if ins.opcode.startswith("ACQBULK")), None)
+    if wait is not None:
+        summary.gdc_wait = True
+        summary.l2_prefetches_before_wait = sum(
+            ins.opcode.startswith("CCTL") and ".PF2" in ins.opcode for ins in instructions[:wait]
+        )
     return summary
 
 
