@@ -35,14 +35,7 @@ def stem_aot_specs(
         f"_{str(input_dtype).replace('torch.', '')}to{str(layer.dtype).replace('torch.', '')}{pad}"
     )
     spec = make_spec(
-        kernel,
-        args,
-        constexprs,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        maxnreg=config.maxnreg,
-        name=name,
-        config=str(config),
+        kernel, args, constexprs, name=name, **config.spec_options(),
         # Launch facts for the estimator: one K-step per ROWS_PER_STEP filter rows; the input, the
         # packed weights and the output once each.
         grid=grid,
