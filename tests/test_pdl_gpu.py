@@ -6,9 +6,9 @@ import ctypes
 import pytest
 import torch
 from e2e import assert_parity, calibrated
+from fastres.kernels.pdl import PDL_ENV
 
 import fastres
-from fastres.kernels.pdl import PDL_ENV
 from fastres.testing import random_images
 
 pytestmark = pytest.mark.gpu
