@@ -90,6 +90,8 @@ class KernelSpec:
     * `min_bytes`: the least DRAM traffic the launch can do: every input, weight and output byte once.
     * `reduce_trips`: trips of the fused split-K reduction's loop in the one CTA per tile that runs it
       (`kernels.splitk.reduce_chunks`); None when the launch has no fused reduction.
+    * `prefetch_bytes`: weight bytes one CTA asks L2 for before its `gdc_wait` (whole 128-byte lines;
+      kernels/pdl.py), 0 when the kernel does not use PDL or prefetches nothing.
     * `l2_bytes`: optional; bytes the CTAs load from and store to L2 in all. None lets the estimator
       count them from the SASS (load/store widths per thread), which cannot see TMA loads: a launcher
       whose kernel uses TMA should give it.
@@ -112,6 +114,7 @@ class KernelSpec:
     min_bytes: int | None = None
     l2_bytes: int | None = None
     reduce_trips: int | None = None
+    prefetch_bytes: int = 0
 
     @property
     def ctas(self) -> int | None:
@@ -140,7 +143,14 @@ class KernelSpec:
         options = {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": True}
         if self.maxnreg is not None:
             options["maxnreg"] = self.maxnreg
+        if self.uses_pdl:
+            options["launch_pdl"] = True
         return options
+
+    @property
+    def uses_pdl(self) -> bool:
+        """Built with the USE_PDL constexpr on (what `pdl_for_arch` says for the spec's arch)."""
+        return bool(self.constexpr_dict().get("USE_PDL"))
 
     def attrs_dict(self) -> dict[tuple[int], list[list[Any]]]:
         return {(i,): [["tt.divisibility", 16]] for i in self.divisible_args}
@@ -156,12 +166,18 @@ class KernelStats:
     spill_bytes: int | None = None  # stack frame + local memory per thread (spills land there)
     shared_mem_bytes: int | None = None
     uses_wgmma: bool | None = None  # HGMMA in the SASS; None when arch < 90
+    griddepcontrol: tuple[str, ...] = ()  # griddepcontrol actions in the PTX: launch_dependents, wait (PDL)
     sass: SassSummary | None = None  # main loop and the rest, counted from the SASS
     num_warps: int | None = None
     num_stages: int | None = None
     compiled_ok: bool = False
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def uses_pdl(self) -> bool:
+        """The compiled kernel both lets its dependents launch early and waits for its predecessor."""
+        return {"launch_dependents", "wait"} <= set(self.griddepcontrol)
 
 
 def _param_names(fn) -> list[str]:
@@ -192,12 +208,13 @@ def make_spec(
     min_bytes: int | None = None,
     l2_bytes: int | None = None,
     reduce_trips: int | None = None,
+    prefetch_bytes: int = 0,
 ) -> KernelSpec:
     """Build the spec a launch `fn[grid](**args, **constexprs)` would compile.
 
     `args` values are tensors, `Pointer`s, ints, floats or bools; `constexprs` covers every constexpr param.
-    `grid`, `k_steps`, `outer_steps`, `flops`, `min_bytes`, `l2_bytes`, `reduce_trips`: the launch facts
-    (see `KernelSpec`).
+    `grid`, `k_steps`, `outer_steps`, `flops`, `min_bytes`, `l2_bytes`, `reduce_trips`, `prefetch_bytes`:
+    the launch facts (see `KernelSpec`).
     """
     names = _param_names(fn)
     missing = set(names) - set(args) - set(constexprs)
@@ -251,6 +268,7 @@ def make_spec(
         min_bytes=min_bytes,
         l2_bytes=l2_bytes,
         reduce_trips=reduce_trips,
+        prefetch_bytes=prefetch_bytes if constexprs.get("USE_PDL") else 0,
     )
 
 
@@ -264,6 +282,7 @@ def _cuda_tool(name: str) -> str:
     return found
 
 
+_GRIDDEPCONTROL = re.compile(r"griddepcontrol\.(\w+)")
 _RES_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
@@ -291,6 +310,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> KernelStats:
             options=spec.compile_options(),
         )
         cubin = kernel.asm["cubin"]
+        stats.griddepcontrol = tuple(sorted(set(_GRIDDEPCONTROL.findall(kernel.asm["ptx"]))))
         stats.shared_mem_bytes = int(kernel.metadata.shared)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "kernel.cubin")

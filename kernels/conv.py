@@ -36,6 +36,7 @@ from .launch import (
     check_launchable,
     check_tensor,
 )
+from .pdl import pdl_enabled
 from .splitk import splitk_reduce
 
 
@@ -279,6 +280,8 @@ class ConvLayer:
             BLOCK_M=config.block_m,
             BLOCK_N=config.block_n,
             BLOCK_K=config.block_k,
+            USE_PDL=False,  # set per launch (pdl_enabled) and per AOT arch (pdl_for_arch)
+            PREFETCH_STEPS=min(config.num_stages, steps_per_split(k_steps, config.split_k)),
         )
         return args, constexprs, (self.output_tiles(tuple(x.shape), config), config.split_k)
 
@@ -344,12 +347,13 @@ class ConvLayer:
         check_int32_indexing(limit, "ConvLayer")
         workspace = self._workspace(tuple(x.shape), out_shape, config, scratch)
         args, constexprs, grid = self._kernel_args(x, residual, out, config, shortcut_input, workspace)
-        _conv_kernel[grid](**args, **constexprs, **config.launch_options())
+        constexprs["USE_PDL"] = pdl = pdl_enabled(x.device)
+        _conv_kernel[grid](**args, **constexprs, **config.launch_options(pdl))
         if config.split_k > 1 and not config.fused_reduce:
             m = out_shape[0] * out_shape[1] * out_shape[2]
             splitk_reduce(
                 workspace[0], self.bias, residual, out, m=m, c_out=self.out_channels, split=config.split_k,
-                relu=self.relu,
+                relu=self.relu, pdl=pdl,
             )  # fmt: skip
         return out
 

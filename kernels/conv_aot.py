@@ -9,6 +9,7 @@ from .conv_configs import ConvConfig, fused_reduce_trips, steps_per_split
 from .conv_cost import flops, l2_bytes, min_bytes
 from .conv_kernel import _conv_kernel
 from .launch import pointers_for_placeholders
+from .pdl import pdl_for_arch, prefetch_bytes
 from .splitk import reduce_spec
 
 
@@ -32,6 +33,8 @@ def conv_aot_specs(layer, input_shape_nhwc, arch: int, config: ConvConfig | None
         ws = (ShapeOnly((config.split_k, 0, 0), layer.acc_dtype), ShapeOnly((0,), torch.int32))
     args, constexprs, grid = layer._kernel_args(x, residual, out, config, x2, ws)
     args = pointers_for_placeholders(args)
+    constexprs["USE_PDL"] = pdl = pdl_for_arch(arch)
+    weight_bytes = layer.weight_packed.element_size()
     r, s = layer.kernel_size
     dil = f"_d{layer.dilation}" if layer.dilation > 1 else ""
     name = (
@@ -56,6 +59,9 @@ def conv_aot_specs(layer, input_shape_nhwc, arch: int, config: ConvConfig | None
             min_bytes=min_bytes(layer, shape),
             l2_bytes=l2_bytes(layer, shape, config),
             reduce_trips=fused_reduce_trips(config, layer.dtype == torch.float32),
+            prefetch_bytes=prefetch_bytes(
+                constexprs["PREFETCH_STEPS"] * config.block_k, config.block_n, weight_bytes
+            ),
         )
     ]
     if config.split_k > 1 and not config.fused_reduce:
@@ -69,6 +75,7 @@ def conv_aot_specs(layer, input_shape_nhwc, arch: int, config: ConvConfig | None
                 split=config.split_k,
                 relu=layer.relu,
                 name=f"{name}_splitk_reduce",
+                pdl=pdl,
             )  # fmt: skip
         )
     return specs

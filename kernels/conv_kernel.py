@@ -55,12 +55,22 @@ dequantizes, adds the bias and the int8 residual, applies ReLU and requantizes (
 
 Limitations: int32 index arithmetic (tensors below 2**31 elements, checked); tiny super-groups get
 BLOCK_N = 16 tiles.
+
+PDL (USE_PDL, sm_90 only; kernels/pdl.py): every program calls `gdc_launch_dependents` first, so the
+next kernel of the plan may start while this one drains; then it does the index math and asks L2 for
+its first PREFETCH_STEPS weight tiles (K-steps lo.. of its slice) and its bias columns, and only then
+`gdc_wait`s for the previous kernel. Hazard rule: nothing before `gdc_wait` may read or write memory
+that an earlier kernel of the plan writes -- the activations (x, x2, the residual, `out`: ping-pong
+buffers of `assign_buffers`), the split-K workspace and its arrival counters; only constants (weights,
+bias, int8 scales) and index math. The prefetch holds no registers across the wait (a hint with no
+result). Without USE_PDL (sm_80, the interpreter) neither call is compiled in.
 """
 
 import triton
 import triton.language as tl
 
 from .int8_epilogue import epilogue_store_int8
+from .pdl import prefetch_l2_tile
 from .splitk import epilogue_store, reduce_tile, sum_partials
 
 
@@ -89,6 +99,43 @@ def _avg_pool_load(rows, c, mask, has_right, has_below, inv_count, W, C, dtype: 
     a += tl.load(ptrs + W * C, mask=below, other=0.0).to(tl.float32)
     a += tl.load(ptrs + (W + 1) * C, mask=right & below, other=0.0).to(tl.float32)
     return (a * inv_count[:, None]).to(dtype)
+
+
+@triton.jit
+def _prefetch_constants(
+    w_ptr, bias_ptr, scale_ptr, lo, hi, col0, col_end, CG, C_IN2, C_OUT,
+    R: tl.constexpr, S: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, GATHER_CG: tl.constexpr,
+    KC: tl.constexpr, KC1: tl.constexpr, HAS_SHORTCUT: tl.constexpr, AVG_POOL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INT8: tl.constexpr, STEPS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Before gdc_wait (USE_PDL): L2 prefetch of the B rows of K-steps [lo, lo + STEPS) (clipped to this
+    program's slice, [lo, hi)) x this tile's columns, and of its bias (and int8 scale) columns. Constants
+    only: B, bias and scales are never written by a kernel of the plan."""
+    for i in tl.static_range(STEPS):
+        kb = lo + i
+        if AVG_POOL and not HAS_SHORTCUT:
+            row0 = kb * BLOCK_K
+            row_end = CG
+        elif GATHER_CG > 0:
+            row0 = kb * BLOCK_K
+            row_end = R * S * GATHER_CG
+        elif R == 1 and S == 1 and STRIDE == 1 and PAD == 0:
+            row0 = kb * BLOCK_K
+            row_end = CG
+        else:  # channel-blocked: step = (tap, channel block), rows tap*CG + c
+            tap = kb // KC
+            row0 = tap * CG + (kb - tap * KC) * BLOCK_K
+            row_end = tap * CG + CG
+        # Steps from KC1 on read the K-concatenated shortcut's rows, CG .. CG + C_IN2.
+        row0 = tl.where(kb >= KC1, CG + (kb - KC1) * BLOCK_K, row0)
+        row_end = tl.where(kb >= KC1, CG + C_IN2, row_end)
+        row_end = tl.where(kb < hi, row_end, 0)
+        prefetch_l2_tile(w_ptr, row0, row_end, col0, col_end, C_OUT, BLOCK_K, BLOCK_N)
+    if HAS_BIAS:
+        prefetch_l2_tile(bias_ptr, 0, 1, col0, col_end, 0, 1, BLOCK_N)
+    if INT8:
+        prefetch_l2_tile(scale_ptr, 0, 1, col0, col_end, 0, 1, BLOCK_N)
 
 
 # Spatial sizes and the pixel count only bound masks and offsets (channel strides stay specialized
@@ -147,7 +194,11 @@ def _conv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,  # programmatic dependent launch (sm_90): see the module docstring's hazard rule
+    PREFETCH_STEPS: tl.constexpr,  # USE_PDL: weight tiles (K-steps) prefetched into L2 before gdc_wait
 ):
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may launch: it too waits before its reads
     # Grid (output tiles, K-slices), output-channel tiles fastest: the programs that read one BLOCK_M
     # slab of activations run back to back, so the slab comes from DRAM once and from L2 for every
     # other channel tile (a ResNet layer's packed weights, at most a few MiB, stay resident in L2).
@@ -178,6 +229,14 @@ def _conv_kernel(
         hi2 = tl.minimum(lo1 + STEPS_PER_SPLIT, KC1 + KC2)
         hi1 = tl.minimum(hi2, KC1)
         lo2 = tl.maximum(lo1, KC1)
+    if USE_PDL:
+        # Constants only until the wait; every activation / workspace / counter access comes after it.
+        col0 = g * NG + (pid_n % n_tiles_per_group) * BLOCK_N
+        _prefetch_constants(
+            w_ptr, bias_ptr, scale_ptr, lo1, hi2, col0, g * NG + NG, CG, C_IN2, C_OUT, R, S, STRIDE, PAD,
+            GATHER_CG, KC, KC1, HAS_SHORTCUT, AVG_POOL, HAS_BIAS, INT8, PREFETCH_STEPS, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        tl.extra.cuda.gdc_wait()
 
     if AVG_POOL and not HAS_SHORTCUT:
         # A pooled 1x1 stride-2 conv on its own (R = S = 1, STRIDE = 2, PAD = 0, groups 1).

@@ -34,6 +34,7 @@ import triton.language as tl
 
 from .aot import KernelSpec, Pointer, ShapeOnly, interpreting, make_spec
 from .launch import SUPPORTED_DTYPES, LaunchConfig, check_int32_indexing, check_launchable
+from .pdl import pdl_enabled, pdl_for_arch, prefetch_bytes, prefetch_l2_tile
 
 # The class axis of the packed weight is padded to this multiple: every fc class tile (BLOCK_J <= 64)
 # then lies inside the padded rows, and a row stride divisible by 16 elements lets loads vectorise.
@@ -101,13 +102,18 @@ def _head_pool_kernel(
     # compile-time
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    USE_PDL: tl.constexpr,  # programmatic dependent launch (kernels/pdl.py): no memory access before the wait
 ):
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     row = x_ptr + b * HW * C
     # A 2-d accumulator: one cross-thread reduction at the end instead of one per pixel block.
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # x is the last conv's output
     for p0 in range(0, HW, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask = (offs_p < HW)[:, None] & c_mask[None, :]
@@ -145,7 +151,22 @@ def _head_fc_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,  # kernels/pdl.py: only the weight and bias (constants) before gdc_wait
+    PREFETCH_STEPS: tl.constexpr,  # USE_PDL: K-steps of weight rows prefetched into L2 before the wait
 ):
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        # The SHARE class tiles of one 128-byte weight line each prefetch 1/SHARE of the first steps' rows
+        # (every line asked for once), and the bias; then wait for the pooled features.
+        LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # elements per line
+        SHARE: tl.constexpr = (LINE + BLOCK_J - 1) // BLOCK_J
+        j0 = tl.program_id(1) * BLOCK_J
+        for s in tl.static_range(PREFETCH_STEPS):
+            row0 = s * BLOCK_K + (tl.program_id(1) % SHARE) * (BLOCK_K // SHARE)
+            prefetch_l2_tile(w_ptr, row0, C, j0, J_PAD, J_PAD, BLOCK_K // SHARE, BLOCK_J)
+        if HAS_BIAS:
+            prefetch_l2_tile(bias_ptr, 0, 1, j0, J_PAD, 0, 1, BLOCK_J)
+        tl.extra.cuda.gdc_wait()
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     b_mask = offs_b < BATCH
@@ -231,14 +252,14 @@ class HeadLayer:
             self._pooled[batch] = buf
         return buf
 
-    def _launches(self, x, pooled, out, interpreter: bool):
+    def _launches(self, x, pooled, out, interpreter: bool, pdl: bool = False):
         """[(kernel, args, constexprs, grid, LaunchConfig, config string)], in launch order."""
         n, h, w, c = x.shape
         pool_config = POOL_INTERP_CONFIG if interpreter else POOL_CONFIG
         pool = (
             _head_pool_kernel,
             dict(x_ptr=x, pooled_ptr=pooled, BATCH=n, HW=h * w, C=c),
-            dict(BLOCK_P=pool_config.block_p, BLOCK_C=pool_config.block_c),
+            dict(BLOCK_P=pool_config.block_p, BLOCK_C=pool_config.block_c, USE_PDL=pdl),
             (n, triton.cdiv(c, pool_config.block_c)),
             pool_config,
             str(pool_config),
@@ -258,8 +279,9 @@ class HeadLayer:
         )
         split = _SPLIT_TERMS[self.dtype]
         fc_constexprs = dict(
-            HAS_BIAS=has_bias, SPLIT_TERMS=split, BLOCK_B=block_b, BLOCK_J=block_j, BLOCK_K=block_k
-        )
+            HAS_BIAS=has_bias, SPLIT_TERMS=split, BLOCK_B=block_b, BLOCK_J=block_j, BLOCK_K=block_k,
+            USE_PDL=pdl, PREFETCH_STEPS=min(fc_config_.num_stages, triton.cdiv(c, block_k)),
+        )  # fmt: skip
         fc = (
             _head_fc_kernel,
             fc_args,
@@ -316,8 +338,9 @@ class HeadLayer:
             pooled = self.pooled_buffer(x.shape[0])
         elif pooled.dtype != torch.float32 or tuple(pooled.shape) != (x.shape[0], self.in_channels):
             raise ValueError(f"HeadLayer: pooled must be fp32 ({x.shape[0]}, {self.in_channels})")
-        for kernel, args, constexprs, grid, config, _ in self._launches(x, pooled, out, interpreting()):
-            kernel[grid](**args, **constexprs, **config.launch_options())
+        pdl = pdl_enabled(x.device)
+        for kernel, args, constexprs, grid, config, _ in self._launches(x, pooled, out, interpreting(), pdl):
+            kernel[grid](**args, **constexprs, **config.launch_options(pdl))
         return out
 
     def aot_specs(self, input_shape_nhwc, arch: int) -> list[KernelSpec]:
@@ -341,17 +364,21 @@ class HeadLayer:
         pool_bytes = elem * n * h * w * c + 4 * n * c
         bias_bytes = 0 if self.bias is None else 4 * self.num_classes
         fc_bytes = 4 * n * c + elem * self.weight_packed.numel() + bias_bytes + 4 * n * self.num_classes
-        launches = self._launches(x, pooled, out, False)
+        launches = self._launches(x, pooled, out, False, pdl_for_arch(arch))
         block_p, block_k = launches[0][2]["BLOCK_P"], launches[1][2]["BLOCK_K"]
-        facts = (  # (k_steps, flops, min_bytes) per launch, for the estimator
-            (triton.cdiv(h * w, block_p), n * h * w * c, pool_bytes),
-            (triton.cdiv(c, block_k), 2 * n * c * self.num_classes, fc_bytes),
+        fc = launches[1][2]
+        share = max(1, 128 // (elem * fc["BLOCK_J"]))  # the class tiles that split one line's rows
+        fc_prefetch = prefetch_bytes(min(fc["PREFETCH_STEPS"] * block_k, c) // share, fc["BLOCK_J"], elem)
+        facts = (  # per launch, for the estimator: k_steps, flops, min_bytes, prefetch bytes per CTA
+            (triton.cdiv(h * w, block_p), n * h * w * c, pool_bytes, 0),
+            (triton.cdiv(c, block_k), 2 * n * c * self.num_classes, fc_bytes, fc_prefetch),
         )
         specs = []
         for name, (kernel, args, constexprs, grid, launch_config, config), (
             k_steps,
             flops,
             nbytes,
+            prefetched,
         ) in zip(names, launches, facts):
             args = {k: pointers.get(k, v) for k, v in args.items()}
             specs.append(
@@ -367,6 +394,7 @@ class HeadLayer:
                     k_steps=k_steps,
                     flops=flops,
                     min_bytes=nbytes,
+                    prefetch_bytes=prefetched,
                 )
             )
         return specs
@@ -389,7 +417,9 @@ def global_avg_pool_nhwc(x: torch.Tensor, out: torch.Tensor | None = None) -> to
     elif out.dtype != torch.float32 or tuple(out.shape) != (n, c) or not out.is_contiguous():
         raise ValueError(f"global_avg_pool_nhwc: out must be a contiguous fp32 ({n}, {c}) tensor")
     config = POOL_INTERP_CONFIG if interpreting() else POOL_CONFIG
+    pdl = pdl_enabled(x.device)
     _head_pool_kernel[(n, triton.cdiv(c, config.block_c))](
-        x, out, n, h * w, c, BLOCK_P=config.block_p, BLOCK_C=config.block_c, **config.launch_options()
-    )
+        x, out, n, h * w, c, BLOCK_P=config.block_p, BLOCK_C=config.block_c, USE_PDL=pdl,
+        **config.launch_options(pdl),
+    )  # fmt: skip
     return out

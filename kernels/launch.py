@@ -32,7 +32,14 @@ class LaunchConfig:
         cap = f"_r{self.maxnreg}" if self.maxnreg else ""
         return f"{self.tile_name()}_w{self.num_warps}_s{self.num_stages}{cap}"
 
-    def launch_options(self) -> dict[str, int | bool]:
+    def spec_options(self) -> dict:
+        """The `aot.make_spec` keywords this config fixes: warps, stages, register cap, its name."""
+        warps_stages = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        return dict(**warps_stages, maxnreg=self.maxnreg, config=str(self))
+
+    def launch_options(self, pdl: bool = False) -> dict[str, int | bool]:
+        """pdl: launch with programmatic dependent launch (kernels/pdl.py; the kernel's USE_PDL must
+        be on too, so that it waits before reading what its predecessor writes)."""
         # FMA contraction stated, not defaulted: Triton 3.9 warns that its default turns to off in 3.10,
         # and the kernels' speed and their measured rounding both assume fused multiply-adds.
         options: dict[str, int | bool] = {
@@ -42,6 +49,8 @@ class LaunchConfig:
         }
         if self.maxnreg is not None:
             options["maxnreg"] = self.maxnreg
+        if pdl:
+            options["launch_pdl"] = True
         return options
 
 

@@ -8,6 +8,16 @@ a coalesced (BLOCK_P, BLOCK_C) load. NaN propagates, as in torch.nn.functional.m
 With an int8 `out` (the int8 engine: the first int8 conv reads the pool's output), the max is
 quantized in the store with `out_scale` (kernels/int8_epilogue.py): quantization is monotone, so this
 equals pooling quantized values, and no separate quantize kernel runs between the stem and the convs.
+
+Why this pool is not fused into the stem (kernels/stem.py): a pooled row needs three stem rows, one
+shared with each neighbouring pooled row, so a fused tile either recomputes a third of its stem rows
+(the stem is the costliest conv per output value: 147 MACs each) or exchanges halos between programs,
+and the kernel would need 2-D output tiles instead of flat pixel ranges. What fusion would save: one read of
+the stem output and one write of a quarter of it, about 2 MB per 224x224 image in fp16, ~0.6 us per
+image at 3.35 TB/s (estimate; ~2% of the batch-256 goal), plus one launch. Left separate.
+
+PDL (USE_PDL, sm_90; kernels/pdl.py): the pool has no constants to prefetch, so it lets its dependents
+launch, does its index math and waits before its first load of x.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import triton.language as tl
 from .aot import KernelSpec, Pointer, ShapeOnly, interpreting, make_spec
 from .int8_epilogue import quantize_int8
 from .launch import SUPPORTED_DTYPES, check_int32_indexing, check_launchable
+from .pdl import pdl_enabled, pdl_for_arch
 
 # One config: the op is a pure bandwidth-bound gather; 32 pixels x 64 channels over 4 warps keeps the
 # nine taps' loads in flight without spilling (64x64 spilled on sm_90) and gives 98 pixel tiles per
@@ -49,7 +60,10 @@ def _max_pool_kernel(
     PAD: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    USE_PDL: tl.constexpr,  # programmatic dependent launch (kernels/pdl.py): no memory access before the wait
 ):
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     p_mask = offs_p < P
@@ -62,6 +76,8 @@ def _max_pool_kernel(
     rows = x_ptr + batch * (H * W * C)
     # max is exact in any float dtype: keep the running max in the input dtype (half the registers).
     best = tl.full((BLOCK_P, BLOCK_C), float("-inf"), dtype=x_ptr.dtype.element_ty)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
     for r in tl.static_range(KERNEL):
         for s in tl.static_range(KERNEL):
             ih = ih0 + r
@@ -101,12 +117,13 @@ def _check_geometry(kernel_size: int, stride: int, padding: int) -> None:
         )
 
 
-def _pool_args(x, out, kernel_size, stride, padding, block_p, block_c, out_scale=None):
+def _pool_args(x, out, kernel_size, stride, padding, block_p, block_c, out_scale=None, pdl=False):
     n, h, w, c = x.shape
     _, oh, ow, _ = out.shape
     inv_scale = 1.0 / out_scale if out_scale else 1.0
     args = dict(x_ptr=x, out_ptr=out, P=n * oh * ow, H=h, W=w, OH=oh, OW=ow, C=c, OUT_INV_SCALE=inv_scale)
     constexprs = dict(KERNEL=kernel_size, STRIDE=stride, PAD=padding, BLOCK_P=block_p, BLOCK_C=block_c)
+    constexprs["USE_PDL"] = pdl
     grid = (triton.cdiv(n * oh * ow, block_p), triton.cdiv(c, block_c))
     return args, constexprs, grid
 
@@ -152,8 +169,12 @@ def max_pool2d_nhwc(
             )
     check_int32_indexing(x.numel(), "max_pool2d_nhwc")
     block_p, block_c = _blocks(interpreting())
-    args, constexprs, grid = _pool_args(x, out, kernel_size, stride, padding, block_p, block_c, out_scale)
+    pdl = pdl_enabled(x.device)
+    geometry = (kernel_size, stride, padding, block_p, block_c)
+    args, constexprs, grid = _pool_args(x, out, *geometry, out_scale, pdl)
     launch = dict(num_warps=POOL_NUM_WARPS, num_stages=1, enable_fp_fusion=True)
+    if pdl:
+        launch["launch_pdl"] = True
     _max_pool_kernel[grid](**args, **constexprs, **launch)
     return out
 
@@ -168,7 +189,8 @@ def max_pool_aot_specs(
     out_shape = pool_output_shape(tuple(input_shape_nhwc), kernel_size, stride, padding)
     block_p, block_c = _blocks(False)
     shaped = ShapeOnly(tuple(input_shape_nhwc), dtype), ShapeOnly(out_shape, out_dtype)
-    args, constexprs, grid = _pool_args(*shaped, kernel_size, stride, padding, block_p, block_c)
+    pdl = pdl_for_arch(arch)
+    args, constexprs, grid = _pool_args(*shaped, kernel_size, stride, padding, block_p, block_c, pdl=pdl)
     args.update(x_ptr=Pointer(dtype), out_ptr=Pointer(out_dtype))
     shape = "x".join(map(str, input_shape_nhwc))
     spec = make_spec(

@@ -80,6 +80,11 @@ class SassSummary:
     # The innermost loop around the main loop, without the main loop's body (per iteration); None if none.
     enclosing: OpCounts | None = None
     reduction: ReductionSummary | None = None  # split-K's fused reduction, when the kernel has one
+    # PDL: ACQBULK is griddepcontrol.wait; CCTL.E.PF2 (prefetch.global.L2) issued before it, per thread.
+    gdc_wait: bool = False
+    l2_prefetches_before_wait: int = 0
+    # Global loads, stores and atomics issued before that wait (PDL's hazard rule allows only constants).
+    memory_ops_before_wait: tuple[str, ...] = ()
 
 
 def parse_instructions(sass: str) -> list[Instruction]:
@@ -156,6 +161,15 @@ def summarize(sass: str) -> SassSummary:
     loops = find_loops(instructions)
     summary = _summarize(instructions, loops)
     summary.reduction = summarize_reduction(instructions, loops)
+    wait = next((i for i, ins in enumerate(instructions) if ins.opcode.startswith("ACQBULK")), None)
+    if wait is not None:
+        summary.gdc_wait = True
+        summary.l2_prefetches_before_wait = sum(
+            ins.opcode.startswith("CCTL") and ".PF2" in ins.opcode for ins in instructions[:wait]
+        )
+        summary.memory_ops_before_wait = tuple(
+            ins.opcode for ins in instructions[:wait] if ins.opcode.startswith(_GLOBAL_MEMORY_OPS)
+        )
     return summary
 
 
@@ -216,6 +230,8 @@ def _summarize(instructions: list[Instruction], loops: list[tuple[int, int]]) ->
 
 
 _REGISTER = re.compile(r"\bR(\d+)\b")
+# Global memory: loads (incl. cp.async), stores, atomics and reductions, TMA; LDGDEPBAR is a fence.
+_GLOBAL_MEMORY_OPS = ("LDG.", "LDGSTS", "STG", "ATOMG", "ATOM.", "RED.", "UTMALDG", "UTMASTG", "LD.", "ST.")
 
 
 def _is_global_load(opcode: str) -> bool:

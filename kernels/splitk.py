@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .aot import KernelSpec, Pointer, make_spec
+from .pdl import prefetch_l2_tile
 
 # Memory-bound and launched for small layers (batch 1: M = 49..784): 16x64 fp32 tiles on 2 warps (16
 # values, four 16-byte loads per thread per slice) give 32-128 programs on ResNet-50's batch-1 layers,
@@ -119,10 +120,17 @@ def _splitk_reduce_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,
+    USE_PDL: tl.constexpr,  # kernels/pdl.py: only the bias (a constant) is touched before gdc_wait
 ):
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     n_tiles = tl.cdiv(C_OUT, BLOCK_N)
     pid = tl.program_id(0)
     offs_n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if USE_PDL:
+        if HAS_BIAS:
+            prefetch_l2_tile(bias_ptr, 0, 1, (pid % n_tiles) * BLOCK_N, C_OUT, 0, 1, BLOCK_N)
+        tl.extra.cuda.gdc_wait()  # the partials in ws are the conv kernel's: read only after it
     reduce_tile(
         ws_ptr, bias_ptr, res_ptr, out_ptr, (pid // n_tiles) * BLOCK_M, M, C_OUT, offs_n, offs_n < C_OUT,
         SPLIT, BLOCK_M, ROWS, HAS_BIAS, HAS_RESIDUAL, APPLY_RELU,
@@ -133,7 +141,7 @@ def _reduce_block_n(c_out: int) -> int:
     return min(REDUCE_BLOCK_N, max(16, triton.next_power_of_2(c_out)))
 
 
-def reduce_args(ws, bias, residual, out, *, m: int, c_out: int, split: int, relu: bool):
+def reduce_args(ws, bias, residual, out, *, m: int, c_out: int, split: int, relu: bool, pdl: bool = False):
     """Arguments, constexprs and grid of one reduce launch (tensors or aot.Pointer placeholders)."""
     block_n = _reduce_block_n(c_out)
     args = dict(
@@ -152,20 +160,27 @@ def reduce_args(ws, bias, residual, out, *, m: int, c_out: int, split: int, relu
         BLOCK_M=REDUCE_BLOCK_M,
         BLOCK_N=block_n,
         ROWS=reduce_rows(REDUCE_BLOCK_M, block_n, split, REDUCE_WARPS),
+        USE_PDL=pdl,
     )
     grid = (triton.cdiv(m, REDUCE_BLOCK_M) * triton.cdiv(c_out, block_n),)
     return args, constexprs, grid
 
 
-def splitk_reduce(ws, bias, residual, out, *, m: int, c_out: int, split: int, relu: bool) -> None:
-    """Launch the reduction of `ws[:split]` (fp32, (split, m, c_out)) into `out` (NHWC, m * c_out)."""
-    args, constexprs, grid = reduce_args(ws, bias, residual, out, m=m, c_out=c_out, split=split, relu=relu)
+def splitk_reduce(ws, bias, residual, out, *, m: int, c_out: int, split: int, relu: bool,
+                  pdl: bool = False) -> None:  # fmt: skip
+    """Launch the reduction of `ws[:split]` (fp32, (split, m, c_out)) into `out` (NHWC, m * c_out);
+    pdl: with programmatic dependent launch (kernels/pdl.py)."""
+    args, constexprs, grid = reduce_args(
+        ws, bias, residual, out, m=m, c_out=c_out, split=split, relu=relu, pdl=pdl
+    )
     launch = dict(num_warps=REDUCE_WARPS, num_stages=1, enable_fp_fusion=True)
+    if pdl:
+        launch["launch_pdl"] = True
     _splitk_reduce_kernel[grid](**args, **constexprs, **launch)
 
 
 def reduce_spec(out_dtype, *, has_bias: bool, has_residual: bool, m: int, c_out: int, split: int,
-                relu: bool, name: str) -> KernelSpec:  # fmt: skip
+                relu: bool, name: str, pdl: bool = False) -> KernelSpec:  # fmt: skip
     """The AOT spec of the reduce launch `splitk_reduce` would make for these sizes."""
     out = Pointer(out_dtype)
     args, constexprs, _ = reduce_args(
@@ -177,6 +192,7 @@ def reduce_spec(out_dtype, *, has_bias: bool, has_residual: bool, m: int, c_out:
         c_out=c_out,
         split=split,
         relu=relu,
+        pdl=pdl,
     )
     return make_spec(
         _splitk_reduce_kernel,

@@ -28,26 +28,21 @@ The A loads are scalar (a filter row of a stride-2 conv is neither contiguous no
 input, whatever its layout), so Triton cannot turn them into cp.async; they are issued one K-step
 ahead by hand, to overlap the previous step's MMA.
 
-Why the 3x3/2 max-pool is not fused: a pooled row needs three stem rows, one shared with each
-neighbouring pooled row, so a fused tile either recomputes a third of its stem rows (the stem is
-the costliest conv per output value: 147 MACs each) or exchanges halos between programs, and the
-kernel would need 2-D output tiles instead of flat pixel ranges. What fusion would save: one read of
-the stem output and one write of a quarter of it, about 2 MB per 224x224 image in fp16, ~0.6 us per
-image at 3.35 TB/s (estimate; ~2% of the batch-256 goal), plus one launch. Left separate.
+Why the max-pool after it is not fused: see kernels/pool.py. PDL (USE_PDL, sm_90): kernels/pdl.py;
+before its gdc_wait the stem touches only its weights, bias and pad values, never the input x.
 
 Limitations: int32 offsets (the input's addressed span and the output below 2**31 elements).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .aot import KernelSpec, ShapeOnly, make_spec
+from .aot import KernelSpec
 from .conv_configs import device_arch
 from .launch import (
     INT32_LIMIT,
@@ -55,8 +50,9 @@ from .launch import (
     LaunchConfig,
     check_int32_indexing,
     check_launchable,
-    pointers_for_placeholders,
 )
+from .pdl import pdl_enabled, prefetch_then_wait
+from .stem_aot import stem_aot_specs
 
 STEM_IN_CHANNELS = 3
 
@@ -126,7 +122,11 @@ def _stem_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,  # programmatic dependent launch (kernels/pdl.py's hazard rule)
+    PREFETCH_STEPS: tl.constexpr,  # USE_PDL: weight K-steps prefetched into L2 before gdc_wait
 ):
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     # Output-channel tiles fastest, as in the conv kernel: programs sharing an input slab run together.
     n_tiles = tl.cdiv(C_OUT, BLOCK_N)
     pid = tl.program_id(0)
@@ -163,6 +163,10 @@ def _stem_kernel(
     # A is loaded one step ahead, by hand: the loads are scalar (no cp.async), so Triton's pipeliner
     # would leave their latency exposed; here it overlaps the previous step's MMA. The extra load after
     # the last step reads rows past the filter (in bounds by the mask) and is discarded.
+    if USE_PDL:  # constants until here; x (the previous node may write it) only after the wait
+        steps_k = tl.cdiv(R, ROWS_PER_STEP) * BLOCK_K
+        prefetch_then_wait(w_ptr, steps_k, (pid % n_tiles) * BLOCK_N, C_OUT, C_OUT, bias_ptr, HAS_BIAS,
+                           PREFETCH_STEPS, BLOCK_K, BLOCK_N)  # fmt: skip
     a_mask = ih.to(tl.uint32) < row_limit
     a_next = tl.load(a_ptrs, mask=a_mask, other=0)
     for step in range(0, tl.cdiv(R, ROWS_PER_STEP)):
@@ -299,7 +303,7 @@ class StemLayer:
         block_n = min(base.block_n, max(16, triton.next_power_of_2(self.out_channels)))
         return StemConfig(base.block_m, block_n, rows, base.num_warps, base.num_stages, base.maxnreg)
 
-    def _kernel_args(self, x, x_strides, out, config: StemConfig):
+    def _kernel_args(self, x, x_strides, out, config: StemConfig, pdl: bool = False):
         n, _, h, w = x.shape
         _, oh, ow, _ = out.shape
         packed = self.packed_weight(config.rows_per_step)
@@ -336,6 +340,8 @@ class StemLayer:
             BLOCK_M=config.block_m,
             BLOCK_N=config.block_n,
             BLOCK_K=_block_k(config.rows_per_step, s, self.in_channels),
+            USE_PDL=pdl,
+            PREFETCH_STEPS=min(config.num_stages, triton.cdiv(r, config.rows_per_step)),
         )
         grid = (triton.cdiv(n * oh * ow, config.block_m) * triton.cdiv(self.out_channels, config.block_n),)
         return args, constexprs, grid
@@ -394,8 +400,9 @@ class StemLayer:
         check_int32_indexing(out.numel(), "StemLayer", "outputs")
         if out.numel() == 0:
             return out
-        args, constexprs, grid = self._kernel_args(x, x.stride(), out, config)
-        _stem_kernel[grid](**args, **constexprs, **config.launch_options())
+        pdl = pdl_enabled(x.device)
+        args, constexprs, grid = self._kernel_args(x, x.stride(), out, config, pdl)
+        _stem_kernel[grid](**args, **constexprs, **config.launch_options(pdl))
         return out
 
     def aot_specs(
@@ -405,46 +412,11 @@ class StemLayer:
         input_dtype: torch.dtype | None = None,
         config: StemConfig | None = None,
     ) -> list[KernelSpec]:
-        """What `__call__` compiles for this input shape on `arch`, without launching.
+        """What `__call__` compiles for this input shape on `arch`, without launching (kernels/stem_aot.py).
 
         Strides and sizes are not specialized, so one binary serves every layout and image size.
         """
-        shape = tuple(input_shape_nchw)
-        input_dtype = input_dtype or self.dtype
-        config = config or self.config_for(arch)
-        out_shape = self.output_shape(shape)
-        n, c, h, w = shape
-        x = ShapeOnly(shape, input_dtype)
-        out = ShapeOnly(out_shape, self.dtype)
-        args, constexprs, grid = self._kernel_args(x, (c * h * w, h * w, w, 1), out, config)
-        args = pointers_for_placeholders(args)
-        r, s = self.kernel_size
-        pad = "_padval" if self.pad_value is not None else ""
-        name = (
-            f"stem{r}x{s}_s{self.stride}_{self.in_channels}to{self.out_channels}_{'x'.join(map(str, shape))}"
-            f"_{str(input_dtype).replace('torch.', '')}to{str(self.dtype).replace('torch.', '')}{pad}"
-        )
-        spec = make_spec(
-            _stem_kernel,
-            args,
-            constexprs,
-            num_warps=config.num_warps,
-            num_stages=config.num_stages,
-            maxnreg=config.maxnreg,
-            name=name,
-            config=str(config),
-            # Launch facts for the estimator: one K-step per ROWS_PER_STEP filter rows; the input, the
-            # packed weights and the output once each.
-            grid=grid,
-            k_steps=triton.cdiv(r, config.rows_per_step),
-            flops=2 * math.prod(out_shape) * r * s * c,
-            min_bytes=(
-                math.prod(shape) * torch.empty((), dtype=input_dtype).element_size()
-                + (self.packed_weight(config.rows_per_step).numel() + math.prod(out_shape))
-                * torch.empty((), dtype=self.dtype).element_size()
-            ),
-        )
-        return [spec]
+        return stem_aot_specs(self, _stem_kernel, input_shape_nchw, arch, input_dtype, config)
 
 
 __all__ = ["STEM_CONFIGS", "StemConfig", "StemLayer"]

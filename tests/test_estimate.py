@@ -185,7 +185,7 @@ class _Spec:
 
     def __init__(self, grid, k_steps, flops, min_bytes, num_warps=4, l2_bytes=None):
         self.name, self.grid, self.k_steps, self.flops = "synthetic", grid, k_steps, flops
-        self.outer_steps, self.reduce_trips = None, None
+        self.outer_steps, self.reduce_trips, self.prefetch_bytes = None, None, 0
         self.min_bytes, self.num_warps, self.l2_bytes = min_bytes, num_warps, l2_bytes
         self.ctas = grid[0]
 
@@ -254,9 +254,8 @@ def test_split_k_reduction_is_charged_from_the_sass():
     )
 
 
-def test_cold_weights_and_pdl():
-    """Weights beyond the usable L2 make a one-wave launch's loads DRAM loads; PDL hides the prologue and
-    shrinks the node gap (an assumption switch)."""
+def test_cold_weights():
+    """Weights beyond the usable L2 make a one-wave launch's loads DRAM loads."""
     gpu = GPUS["h100"]
     assert weights_are_cold(51_000_000, gpu) and not weights_are_cold(51_000_000, apply_assumptions(
         gpu, ["l2_usable_fraction=1"]))  # fmt: skip
@@ -264,9 +263,39 @@ def test_cold_weights_and_pdl():
     warm, cold = estimate_launch(spec, stats, gpu), estimate_launch(spec, stats, gpu, weights_cold=True)
     assert cold.latency_cycles_per_step > warm.latency_cycles_per_step
     assert cold.terms_us["latency"] > warm.terms_us["latency"]
-    pdl = estimate_launch(spec, stats, apply_assumptions(gpu, ["pdl=1"]), weights_cold=True)
-    assert pdl.time_us < cold.time_us
-    assert pdl.time_us - pdl.terms_us["compute"] == pytest.approx(gpu.pdl_gap_us)
+
+
+def test_pdl_hides_part_of_the_first_waves_prologue_of_kernels_compiled_with_it():
+    """A launch whose PTX has griddepcontrol hides pdl_overlap_fraction of its first wave's setup (and,
+    when it prefetches weights before the wait, of their cold first load), never more than its
+    predecessor's busy time; later waves pay in full; the node gap is pdl_gap_us. Without griddepcontrol,
+    or with pdl=0, nothing changes."""
+    gpu, cycle_us = GPUS["h100"], 1e-3 / GPUS["h100"].sustained_clock_ghz
+    spec, plain = _Spec((64,), 16, 10**8, 10**6), _stats(100, 2 * 64 * 64 * 16)
+    pdl_stats = _stats(100, 2 * 64 * 64 * 16)
+    pdl_stats.griddepcontrol = ("launch_dependents", "wait")
+    without = estimate_launch(spec, plain, gpu, weights_cold=True)
+    assert without.pdl_hidden_us == 0 and without.time_us - without.terms_us["compute"] == pytest.approx(
+        gpu.node_gap_us)  # fmt: skip
+    setup_only = estimate_launch(spec, pdl_stats, gpu, weights_cold=True)
+    setup = gpu.cta_overhead_cycles * cycle_us
+    assert setup_only.pdl_hidden_us == pytest.approx(gpu.pdl_overlap_fraction * setup)
+    spec.prefetch_bytes = 32768
+    prefetched = estimate_launch(spec, pdl_stats, gpu, weights_cold=True)
+    pre_wait = gpu.cta_overhead_cycles + gpu.dram_latency_cycles
+    assert prefetched.pdl_hidden_us == pytest.approx(gpu.pdl_overlap_fraction * pre_wait * cycle_us)
+    saved = without.terms_us["compute"] - prefetched.terms_us["compute"]
+    assert saved == pytest.approx(prefetched.pdl_hidden_us)
+    assert prefetched.time_us - prefetched.terms_us["compute"] == pytest.approx(gpu.pdl_gap_us)
+    capped = estimate_launch(spec, pdl_stats, gpu, weights_cold=True, overlap_window_us=0.1)
+    assert capped.pdl_hidden_us == pytest.approx(0.1)
+    off = estimate_launch(spec, pdl_stats, apply_assumptions(gpu, ["pdl=0"]), weights_cold=True)
+    assert off.pdl_hidden_us == 0 and off.time_us == pytest.approx(without.time_us)
+    # Three waves on the busiest SM: only the first one's prologue overlaps the predecessor.
+    many = _Spec((132 * 3 * 8,), 16, 10**8, 10**6)
+    many.prefetch_bytes = 32768
+    waves = estimate_launch(many, pdl_stats, gpu, weights_cold=True)
+    assert waves.waves > 1 and waves.pdl_hidden_us == pytest.approx(prefetched.pdl_hidden_us)
 
 
 def test_band_orders_its_sets_and_ranks_the_drivers():
@@ -333,13 +362,16 @@ def test_estimate_command_prints_assumptions_rows_and_total(tmp_path):
     record = json.loads(next(tmp_path.glob("estimate_resnet18_h100_float16_b2.json")).read_text())
     assert record["kind"].startswith("ESTIMATE") and len(record["launches"]) == nodes + 1
     assert record["band_ms"]["optimistic"] < record["band_ms"]["pessimistic"]
+    # Every kernel is compiled with PDL for sm_90, so every graph node's gap is the PDL one.
+    pdl_line = r"^PDL: (\d+) of \1 distinct kernels use it \(griddepcontrol in the PTX\)"
+    assert re.search(pdl_line, out, re.M), out
     # --assume changes the result: 10 us more per graph node, nothing else.
-    slower = _estimate("--assume", f"node_gap_us={GPUS['h100'].node_gap_us + 10}")
+    slower = _estimate("--assume", f"pdl_gap_us={GPUS['h100'].pdl_gap_us + 10}")
     assert slower.returncode == 0, slower.stderr
-    assert "node_gap_us = 11.5" in slower.stdout
+    assert "pdl_gap_us = 10.5" in slower.stdout
     assert _total_ms(slower.stdout)[0] == pytest.approx(total + nodes * 10e-3, abs=2e-3)
     # A key fixed with --assume is the same in every set of the band, and drives none of its spread.
-    assert "node_gap_us=" not in slower.stdout.split("ESTIMATE band")[1]
+    assert "pdl_gap_us=" not in slower.stdout.split("ESTIMATE band")[1]
 
 
 @pytest.mark.parametrize(

@@ -137,6 +137,7 @@ class _Recorder:
 def test_aot_specs_match_launches(gpu_configs, monkeypatch, batch):
     """One spec per launch, in launch order, with the launch's kernel, constexprs and launch options."""
     layer, _, _, x = _make((batch, 2, 2, 48), 20, True, torch.float16, seed=7)
+    monkeypatch.setenv("FASTRES_PDL", "0")  # the interpreted launch below never uses PDL (tests/test_pdl.py)
     specs = layer.aot_specs(tuple(x.shape), 90)
     log = []
     for name in ("_head_pool_kernel", "_head_fc_kernel"):

@@ -5,7 +5,10 @@ the kernel specializations one input size launches (`TritonBackend.kernel_specs`
 merged, and each distinct one is compiled ahead of time for the requested compute capability with
 `fastres.kernels.compile_spec` (ptxas ships with Triton, so no GPU and no CUDA toolkit are needed). The
 report gives per kernel its registers, spill (stack + local) bytes, shared memory and, on sm_90, whether
-the SASS uses wgmma; a kernel that fails to compile or spills makes the exit status non-zero.
+the SASS uses wgmma, whether the kernel uses programmatic dependent launch (griddepcontrol.wait and
+.launch_dependents in its PTX) and how many weight bytes one CTA prefetches into L2 before that wait
+(the launch fact, shown where the SASS has L2 prefetches ahead of the wait); a kernel that fails to
+compile or spills makes the exit status non-zero.
 
 With `--estimate` the same compiled kernels feed the performance model instead (fastres.estimate,
 fastres.estimate_report): an estimated time per launch on a modelled GPU, never a measurement.
@@ -56,6 +59,8 @@ class KernelReport:
     compile_s: float
     compiled_ok: bool
     error: str | None
+    uses_pdl: bool | None = None  # griddepcontrol.wait and .launch_dependents in the PTX
+    prefetch_bytes: int | None = None  # weight bytes per CTA prefetched into L2 before the wait
 
     @property
     def spills(self) -> bool:
@@ -140,6 +145,8 @@ def compile_all(specs: list[tuple[Any, int]], arch: int, progress: bool = True) 
                     time.perf_counter() - start,
                     st.compiled_ok,
                     st.error,
+                    st.uses_pdl if st.compiled_ok else None,
+                    _prefetched(spec, st),
                 )
             )
             bar.update()
@@ -148,9 +155,17 @@ def compile_all(specs: list[tuple[Any, int]], arch: int, progress: bool = True) 
     return reports
 
 
+def _prefetched(spec, stats) -> int | None:
+    """The spec's prefetch bytes where the compiled code prefetches before its gdc_wait, else 0."""
+    if not stats.compiled_ok or stats.sass is None:
+        return None
+    return spec.prefetch_bytes if stats.sass.gdc_wait and stats.sass.l2_prefetches_before_wait else 0
+
+
 def format_report(reports: list[KernelReport], arch: int, launches: int, total_s: float) -> str:
     show_wgmma = arch >= 90
     header = ["kernel", "config", "uses", "regs", "spill B", "smem KiB"] + (["wgmma"] if show_wgmma else [])
+    header += ["PDL", "pf KiB/CTA"]
     header += ["compile s", "status"]
     rows = []
     for r in reports:
@@ -167,6 +182,8 @@ def format_report(reports: list[KernelReport], arch: int, launches: int, total_s
         ]
         if show_wgmma:
             row.append("-" if r.uses_wgmma is None else ("yes" if r.uses_wgmma else "no"))
+        row.append("-" if r.uses_pdl is None else ("yes" if r.uses_pdl else "no"))
+        row.append("-" if r.prefetch_bytes is None else f"{r.prefetch_bytes / 1024:.1f}")
         rows.append(row + [f"{r.compile_s:.2f}", status])
     widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header) - 1)]
     line = lambda x: "  ".join(
@@ -176,6 +193,8 @@ def format_report(reports: list[KernelReport], arch: int, launches: int, total_s
     failed = sum(not r.compiled_ok for r in reports)
     spilled = sum(r.compiled_ok and r.spills for r in reports)
     out = [line(header), line(["-" * w for w in widths] + [""]), *map(line, rows), ""]
+    pdl = sum(bool(r.uses_pdl) for r in reports)
+    out.append(f"programmatic dependent launch (griddepcontrol in the PTX): {pdl} of {len(reports)} kernels")
     out.append(
         f"distinct kernels compiled: {len(reports) - failed} of {len(reports)} "
         f"({launches} launches per forward pass); failed: {failed}; spilling: {spilled}"

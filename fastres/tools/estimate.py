@@ -28,9 +28,16 @@ Per launch, on the busiest SM (it receives c = ceil(CTAs / SMs) CTAs, `resident`
 Cycles convert to time at the sustained clock under tensor load (`sustained_clock_ghz`, ~1.7 GHz on an
 H100 SXM), not the boost clock the tensor peak is quoted at. Weights are cold (read from DRAM at batch 1)
 when the model's weights exceed the usable part of L2 (`l2_usable_fraction`): the first loads of every
-launch and, in a single-wave launch, every K-step's load then take DRAM latency. With `pdl=1`
-(programmatic dependent launch, an assumption switch: the kernels must launch with it) a launch's
-prologue overlaps its predecessor's tail and the node gap shrinks to `pdl_gap_us`.
+launch and, in a single-wave launch, every K-step's load then take DRAM latency.
+
+PDL (programmatic dependent launch), for a launch whose compiled code uses it (`KernelStats.uses_pdl`:
+griddepcontrol in the PTX) while `pdl=1`: its first wave's pre-wait prologue -- CTA launch and setup
+(`cta_overhead_cycles`) and, when it prefetches weights before the wait (`KernelSpec.prefetch_bytes`),
+their first load (`first latency`) -- overlaps its predecessor's drain. The part hidden is
+`pdl_overlap_fraction` of that prologue, never more than the predecessor's own busy time (the window it
+can hide behind); later waves and the first activation load (after the wait, from L2) are paid in full,
+and the node gap shrinks to `pdl_gap_us`. `pdl=0` models the same kernels launched without PDL
+(FASTRES_PDL=0).
 
 The forward pass adds the engine's copy of the input into the CUDA graph's static input (a launch
 outside the graph), one graph launch, and the backend's non-Triton graph nodes (the NCHW -> NHWC copy).
@@ -48,8 +55,10 @@ Known blind spots (why this is a rough guide, not a prediction):
   L2 partition crossings, clock throttling under load and DRAM page effects are not modelled.
 * The prologue/epilogue (CTA overhead) is paid once per wave and never hidden behind co-resident CTAs:
   pessimistic for launches of many waves (the stem at batch 256).
-* Inter-kernel overlap is the `pdl` switch alone (all of a prologue hidden, or none); whether weights stay
-  in L2 across forwards is all-or-nothing per model; the per-node gap is a constant.
+* Inter-kernel overlap (PDL) is one fraction of the first wave's prologue for every launch, capped by the
+  predecessor's busy time: whether the dependent's CTAs find room beside the predecessor's on each SM is
+  not modelled; whether weights stay in L2 across forwards is all-or-nothing per model; the per-node gap
+  is a constant.
 * One number is an illusion: `fastres.tools.estimate_band` reruns the model under an optimistic and a
   pessimistic assumption set and says which assumptions dominate the spread.
 * TMA loads carry no byte count in the SASS: a launcher using TMA must give `l2_bytes`.
@@ -93,8 +102,11 @@ class Gpu:
     sustained_clock_ghz: float  # the clock cycles run at under sustained tensor load (below the boost)
     warp_issue_interval_cycles: float = 2.0  # one warp's average cycles between issues (dependencies)
     l2_usable_fraction: float = 0.5  # of L2, what keeps weights from one forward to the next
-    pdl: int = 0  # 1: kernels launch with programmatic dependent launch (prologue overlaps predecessor)
-    pdl_gap_us: float = 0.5  # the node gap left under PDL
+    pdl: int = 1  # 1: kernels whose compiled code uses PDL overlap their predecessor (0: launched without)
+    pdl_gap_us: float = 0.5  # the node gap left under PDL (the wait's release after the predecessor ends)
+    # Of a PDL launch's first-wave prologue (setup + prefetched first weight load), the part hidden behind
+    # its predecessor's drain: less than 1 where the predecessor's CTAs leave no room on an SM.
+    pdl_overlap_fraction: float = 0.75
     regs_per_sm: int = 65536
     smem_per_sm_kib: float = 228.0
     smem_reserved_per_cta_bytes: int = 1024  # the driver keeps 1 KiB per resident CTA
@@ -159,7 +171,9 @@ def get_gpu(name: str, assume: list[str] | tuple[str, ...] = ()) -> Gpu:
     return apply_assumptions(gpu, assume)
 
 
-_MAY_BE_ZERO = ("node_gap_us", "forward_overhead_us", "pdl", "pdl_gap_us", "cta_overhead_cycles")
+_MAY_BE_ZERO = (
+    "node_gap_us", "forward_overhead_us", "pdl", "pdl_gap_us", "pdl_overlap_fraction", "cta_overhead_cycles"
+)  # fmt: skip
 
 
 def apply_assumptions(gpu: Gpu, assume: list[str] | tuple[str, ...]) -> Gpu:
@@ -218,6 +232,8 @@ class LaunchEstimate:
     time_us: float  # max(compute, L2, DRAM) + the node gap
     bound: str
     notes: list[str] = dataclasses.field(default_factory=list)
+    pdl_hidden_us: float = 0.0  # prologue time hidden behind the predecessor (PDL), already taken off
+    gap_us: float = 0.0  # the node gap included in time_us (pdl_gap_us for a PDL launch)
 
 
 def resident_ctas(gpu: Gpu, registers: int, smem_bytes: int, num_warps: int) -> int:
@@ -231,16 +247,19 @@ def resident_ctas(gpu: Gpu, registers: int, smem_bytes: int, num_warps: int) -> 
     return max(0, min(gpu.max_ctas_per_sm, by_warps, by_regs, by_smem))
 
 
-def estimate_launch(spec, stats, gpu: Gpu, weights_cold: bool = False) -> LaunchEstimate:
+def estimate_launch(spec, stats, gpu: Gpu, weights_cold: bool = False,
+                    overlap_window_us: float = math.inf) -> LaunchEstimate:  # fmt: skip
     """The model above for one launch; `stats` is its `KernelStats` (compiled for `gpu.arch`);
-    `weights_cold`: the model's weights do not stay in L2 between forwards (`weights_are_cold`)."""
+    `weights_cold`: the model's weights do not stay in L2 between forwards (`weights_are_cold`);
+    `overlap_window_us`: the predecessor's busy time, the most a PDL prologue can hide behind."""
     notes: list[str] = []
     cycle_us = 1e-3 / gpu.sustained_clock_ghz
-    gap = gpu.pdl_gap_us if gpu.pdl else gpu.node_gap_us
+    pdl = bool(gpu.pdl) and stats.compiled_ok and bool(getattr(stats, "uses_pdl", False))
+    gap = gpu.pdl_gap_us if pdl else gpu.node_gap_us
     if not stats.compiled_ok or stats.sass is None:
         return LaunchEstimate(spec.name, spec.ctas, None, None, spec.k_steps, None, None, None, None,
                               None, spec.flops, spec.min_bytes, None, {}, gap, "?",
-                              [f"not compiled: {stats.error}"])  # fmt: skip
+                              [f"not compiled: {stats.error}"], gap_us=gap)  # fmt: skip
     warps = spec.num_warps
     resident = resident_ctas(gpu, stats.registers or 0, stats.shared_mem_bytes or 0, warps)
     if resident == 0:
@@ -285,9 +304,13 @@ def estimate_launch(spec, stats, gpu: Gpu, weights_cold: bool = False) -> Launch
                 latency if pipelined is not None else 0,
             )
         )
-    # First loads in, last stores out; under PDL the prologue overlaps the previous launch's tail.
-    overhead = 0.0 if gpu.pdl else gpu.cta_overhead_cycles + first_latency
-    overhead += mem_latency
+    # First loads in, last stores out. Under PDL the first wave's pre-wait part (setup, and the first
+    # weight load when it is prefetched before the wait) overlaps the predecessor's drain.
+    overhead = gpu.cta_overhead_cycles + first_latency + mem_latency
+    hidden = 0.0
+    if pdl:
+        pre_wait = gpu.cta_overhead_cycles + (first_latency if spec.prefetch_bytes else 0.0)
+        hidden = min(gpu.pdl_overlap_fraction * pre_wait, overlap_window_us / cycle_us)
 
     def issue(instructions: float, r: int) -> float:
         # r CTAs share the SM's schedulers; one warp issues at best once per interval (dependencies).
@@ -297,9 +320,11 @@ def estimate_launch(spec, stats, gpu: Gpu, weights_cold: bool = False) -> Launch
     # slowest of the tensor cores, the issue slots and the load latency, then the CTAs drain.
     pure = {"tensor": 0.0, "issue": 0.0, "latency": 0.0, "reduction": reduction_cycles(spec, stats, gpu)}
     compute = pure["reduction"]
-    for r in [resident] * (per_sm // resident) + ([per_sm % resident] if per_sm % resident else []):
-        compute += overhead
-        pure["latency"] += overhead
+    wave_sizes = [resident] * (per_sm // resident) + ([per_sm % resident] if per_sm % resident else [])
+    for wave, r in enumerate(wave_sizes):
+        paid = overhead - (hidden if wave == 0 else 0.0)
+        compute += paid
+        pure["latency"] += paid
         for trips, tensor, instructions, latency in segments:
             t, i = r * tensor, issue(instructions, r)
             compute += trips * max(t, i, latency)
@@ -342,6 +367,8 @@ def estimate_launch(spec, stats, gpu: Gpu, weights_cold: bool = False) -> Launch
         time_us=terms[winner] + gap,
         bound=bound,
         notes=notes,
+        pdl_hidden_us=hidden * cycle_us,
+        gap_us=gap,
     )
 
 
@@ -385,7 +412,7 @@ def estimate_copy(name: str, nbytes: int, gpu: Gpu, gap_us: float) -> LaunchEsti
     bound = max(terms, key=terms.get)
     note = "torch copy, modelled as DRAM traffic"
     return LaunchEstimate(name, None, None, None, None, None, None, None, None, None, 0, nbytes, None,
-                          terms, terms[bound] + gap_us, bound, [note])  # fmt: skip
+                          terms, terms[bound] + gap_us, bound, [note], gap_us=gap_us)  # fmt: skip
 
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 One number from an analytical model hides how much it rests on guesses (the clock under load, L2 and DRAM
 latency and bandwidth, how often one warp can issue, the gap between graph nodes, whether weights stay in
-L2). The band
+L2, how much of a PDL launch's prologue hides behind its predecessor). The band
 reruns the same compiled launches (fastres.tools.estimate_report.ModelLaunches) under a set of optimistic
 and a set of pessimistic values, and then moves one assumption at a time from its optimistic to its
 pessimistic value with the rest central: the assumptions that move the total most dominate the spread.
@@ -32,6 +32,12 @@ BAND: dict[str, tuple[Callable[[Gpu], float], Callable[[Gpu], float]]] = {
     "dram_efficiency": (lambda g: min(0.95, 1.1 * g.dram_efficiency), lambda g: 0.85 * g.dram_efficiency),
     # Optimistic: all of L2 keeps the weights between forwards; pessimistic: a third of it.
     "l2_usable_fraction": (lambda g: 1.0, lambda g: 0.33),
+    # PDL (for the launches compiled with it): optimistic, every first-wave prologue (setup and the
+    # prefetched first weight load) hides behind its predecessor and the wait releases fast; pessimistic,
+    # a quarter of it hides (the predecessor's CTAs leave little room on the SMs) and the node gap is
+    # what it is without PDL.
+    "pdl_overlap_fraction": (lambda g: 1.0, lambda g: 0.25),
+    "pdl_gap_us": (lambda g: 0.6 * g.pdl_gap_us, lambda g: g.node_gap_us),
 }
 
 

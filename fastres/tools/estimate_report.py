@@ -49,12 +49,19 @@ def compile_stats(specs: list, arch: int, progress: bool = False) -> dict[tuple,
 def estimate_specs(
     specs: list, gpu: Gpu, stats: dict | None = None, weights_cold: bool = False
 ) -> list[LaunchEstimate]:
-    """One estimate per spec, in order (compiling what `stats` does not hold yet)."""
+    """One estimate per spec, in order (compiling what `stats` does not hold yet). Under PDL each launch's
+    prologue may hide behind its predecessor's busy time; the first has no kernel before it (the
+    split-K counters' memset and the input copy are not kernels that let it start early)."""
     stats = stats if stats is not None else compile_stats(specs, gpu.arch)
     missing = [s for s in specs if s.compile_key() not in stats]
     if missing:
         stats.update(compile_stats(missing, gpu.arch))
-    return [estimate_launch(s, stats[s.compile_key()], gpu, weights_cold) for s in specs]
+    rows, window = [], 0.0
+    for s in specs:
+        row = estimate_launch(s, stats[s.compile_key()], gpu, weights_cold, overlap_window_us=window)
+        rows.append(row)
+        window = row.time_us - row.gap_us
+    return rows
 
 
 def plan_weight_bytes(plan, dtype: torch.dtype) -> int:
@@ -87,9 +94,9 @@ class ModelLaunches:
 
     def estimate(self, gpu: Gpu) -> tuple[list[LaunchEstimate], int]:
         """Every node of one forward pass, in order, and how many of them are CUDA-graph nodes."""
-        gap = gpu.pdl_gap_us if gpu.pdl else gpu.node_gap_us
         launches = estimate_specs(self.specs, gpu, self.stats, weights_are_cold(self.weight_bytes, gpu))
-        copies = [estimate_copy(name, nbytes, gpu, gap) for name, nbytes in self.copy_nodes]
+        # Graph nodes that are not Triton kernels launch without PDL: the full node gap.
+        copies = [estimate_copy(name, nbytes, gpu, gpu.node_gap_us) for name, nbytes in self.copy_nodes]
         elem = torch.empty((), dtype=self.dtype).element_size()
         # The engine copies each call's input into the graph's static input: a launch before the replay.
         static = estimate_copy(
@@ -103,6 +110,18 @@ def estimate_model(
 ) -> tuple[list[LaunchEstimate], int]:
     """Every node of one forward pass, in order, and how many of them are CUDA-graph nodes."""
     return ModelLaunches(model, dtype, batch, image_size, gpu.arch, progress).estimate(gpu)
+
+
+def pdl_line(rows: list[LaunchEstimate], stats: dict, gpu: Gpu) -> str:
+    """How many launches use PDL (from their compiled code) and what the model hides behind predecessors."""
+    uses = sum(st.uses_pdl for st in stats.values())
+    hidden = sum(r.pdl_hidden_us for r in rows)
+    compiled = f"{uses} of {len(stats)} distinct kernels use it (griddepcontrol in the PTX)"
+    if not gpu.pdl:
+        return f"PDL: modelled off (pdl=0, as launched with FASTRES_PDL=0); {compiled}"
+    return (f"PDL: {compiled}; estimated {hidden:.1f} us of prologue hidden behind predecessors "
+            f"(pdl_overlap_fraction={gpu.pdl_overlap_fraction}), node gap {gpu.pdl_gap_us} us; "
+            "--assume pdl=0 for without")  # fmt: skip
 
 
 def _short(name: str) -> str:
@@ -185,8 +204,8 @@ def run_estimate(
                         gpu, fixed)  # fmt: skip
     cold = weights_are_cold(launches.weight_bytes, gpu)
     text += (f"\nweights: {launches.weight_bytes / 1e6:.1f} MB, {'cold (DRAM)' if cold else 'warm (L2)'} "
-             f"at l2_usable_fraction={gpu.l2_usable_fraction}; PDL {'on' if gpu.pdl else 'off'} "
-             "(PDL is an assumption switch: --assume pdl=1)")  # fmt: skip
+             f"at l2_usable_fraction={gpu.l2_usable_fraction}")  # fmt: skip
+    text += "\n" + pdl_line(rows, launches.stats, gpu)
     text += "\n" + "\n".join(format_band(band, batch))
     if out_dir is not None:
         from .environment import environment
