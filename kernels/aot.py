@@ -45,6 +45,7 @@ _TRITON_PTR_TYPES = {
     torch.float32: "*fp32",
     torch.uint8: "*u8",  # the stem reads uint8 images directly
     torch.int8: "*i8",  # int8 activations and weights (kernels/conv_int8.py)
+    torch.float8_e4m3fn: "*fp8e4nv",  # fp8 activations and weights (kernels/conv_fp8.py)
     torch.int32: "*i32",  # split-K arrival counters
 }
 _INT32_MAX = 2**31 - 1
