@@ -311,7 +311,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> KernelStats:
                 [_cuda_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True
             ).stdout
             if arch >= 90:
-                stats.uses_wgmma = "HGMMA" in sass or "IGMMA" in sass  # fp16/bf16/tf32 or int8 wgmma
+                stats.uses_wgmma = any(op in sass for op in ("HGMMA", "IGMMA", "QGMMA"))  # float, int8, fp8
             stats.sass = summarize(sass)
         stats.compiled_ok = True
     except Exception as exc:  # a report, not a crash: the caller decides what a failure means

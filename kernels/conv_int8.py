@@ -57,12 +57,13 @@ class Int8ConvLayer(ConvLayer):
         bias: torch.Tensor | None,
         *,
         residual_scale: float | None = None,
-        out_dtype: torch.dtype = torch.int8,
+        out_dtype: torch.dtype | None = None,  # default: the operand dtype (requantized)
         output_scale: float | None = None,
         shortcut_weight: torch.Tensor | None = None,
         **conv_options,  # ConvLayer's geometry and epilogue: stride, padding, groups, relu, has_residual, ...
     ):
         who = type(self).__name__
+        out_dtype = out_dtype or self.operand_dtype
         self._check_weight(weight, "weight")
         if shortcut_weight is not None:
             self._check_weight(shortcut_weight, "shortcut_weight")
