@@ -45,6 +45,7 @@ _TRITON_PTR_TYPES = {
     torch.float32: "*fp32",
     torch.uint8: "*u8",  # the stem reads uint8 images directly
     torch.int8: "*i8",  # int8 activations and weights (kernels/conv_int8.py)
+    torch.float8_e4m3fn: "*fp8e4nv",  # fp8 activations and weights (kernels/conv_fp8.py)
     torch.int32: "*i32",  # split-K arrival counters
 }
 _INT32_MAX = 2**31 - 1
@@ -330,7 +331,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> KernelStats:
                 [_cuda_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True
             ).stdout
             if arch >= 90:
-                stats.uses_wgmma = "HGMMA" in sass or "IGMMA" in sass  # fp16/bf16/tf32 or int8 wgmma
+                stats.uses_wgmma = any(op in sass for op in ("HGMMA", "IGMMA", "QGMMA"))  # float, int8, fp8
             stats.sass = summarize(sass)
         stats.compiled_ok = True
     except Exception as exc:  # a report, not a crash: the caller decides what a failure means

@@ -276,7 +276,7 @@ class ConvLayer:
             HAS_RESIDUAL=self.has_residual,
             APPLY_RELU=self.relu,
             INPUT_PRECISION=self.input_precision,
-            INT8=False,
+            QUANTIZED=False,
             BLOCK_M=config.block_m,
             BLOCK_N=config.block_n,
             BLOCK_K=config.block_k,

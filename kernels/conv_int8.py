@@ -1,7 +1,7 @@
 """`Int8ConvLayer`: the implicit-GEMM conv (kernels/conv_kernel.py) on int8 activations and weights.
 
 The same kernel, loop modes and configs as `ConvLayer` (GEMM, channel-blocked, gather, K-concatenated
-shortcut, split-K), switched by the INT8 constexpr: operands are int8, `tl.dot` accumulates exactly in
+shortcut, split-K), switched by the QUANTIZED constexpr: operands are int8, `tl.dot` accumulates exactly in
 int32 (IMMA on sm_80, integer wgmma or IMMA on sm_90), split-K partials are int32 (so the fixed-order
 reduction is exact, not merely deterministic), and kernels/int8_epilogue.py turns the accumulator into
 the next layer's int8 (or, for a network's last conv, fp16/fp32; or the raw int32 for tests).
@@ -38,6 +38,12 @@ def _check_int8_weight(weight, what: str) -> None:
 
 
 class Int8ConvLayer(ConvLayer):
+    operand_dtype = torch.int8  # activations and packed weights (Fp8ConvLayer: float8_e4m3fn)
+    out_dtypes = INT8_OUT_DTYPES
+
+    def _check_weight(self, weight, what: str) -> None:
+        _check_int8_weight(weight, what)
+
     """A conv on int8 NHWC activations with int8 weights packed once; see the module docstring.
 
     out_dtype: torch.int8 (requantized with `output_scale`), a float dtype (dequantized; the network's
@@ -51,30 +57,32 @@ class Int8ConvLayer(ConvLayer):
         bias: torch.Tensor | None,
         *,
         residual_scale: float | None = None,
-        out_dtype: torch.dtype = torch.int8,
+        out_dtype: torch.dtype | None = None,  # default: the operand dtype (requantized)
         output_scale: float | None = None,
         shortcut_weight: torch.Tensor | None = None,
         **conv_options,  # ConvLayer's geometry and epilogue: stride, padding, groups, relu, has_residual, ...
     ):
-        _check_int8_weight(weight, "weight")
+        who = type(self).__name__
+        out_dtype = out_dtype or self.operand_dtype
+        self._check_weight(weight, "weight")
         if shortcut_weight is not None:
-            _check_int8_weight(shortcut_weight, "shortcut_weight")
-        if out_dtype not in INT8_OUT_DTYPES:
-            raise TypeError(f"Int8ConvLayer: out_dtype must be one of {INT8_OUT_DTYPES}, got {out_dtype}")
-        if out_dtype == torch.int8 and not (output_scale and output_scale > 0):
+            self._check_weight(shortcut_weight, "shortcut_weight")
+        if out_dtype not in self.out_dtypes:
+            raise TypeError(f"{who}: out_dtype must be one of {self.out_dtypes}, got {out_dtype}")
+        if out_dtype == self.operand_dtype and not (output_scale and output_scale > 0):
             raise ValueError("Int8ConvLayer: an int8 output needs output_scale > 0")
         if conv_options.get("has_residual") and not (residual_scale and residual_scale > 0):
             raise ValueError("Int8ConvLayer: has_residual=True needs residual_scale > 0")
         c_out = weight.shape[0]
         if tuple(dequant_scale.shape) != (c_out,) or not bool((dequant_scale > 0).all()):
             raise ValueError(f"Int8ConvLayer: dequant_scale must be ({c_out},) positive scales")
-        # int8 values are exact in every float dtype: packed by ConvLayer in fp32, then cast.
+        # int8 and e4m3 values are exact in every float dtype: packed by ConvLayer in fp32, then cast.
         shortcut = None if shortcut_weight is None else shortcut_weight.double()
         super().__init__(weight.double(), bias, dtype=torch.float32, shortcut_weight=shortcut, **conv_options)
-        self.weight_packed = self.weight_packed.to(torch.int8)
-        self.dtype = torch.int8
+        self.weight_packed = self.weight_packed.to(self.operand_dtype)
+        self.dtype = self.operand_dtype
         self.out_dtype = out_dtype
-        self.acc_dtype = torch.int32
+        self.acc_dtype = torch.int32 if self.operand_dtype == torch.int8 else torch.float32
         self.dequant_scale = dequant_scale.detach().to(self.device, torch.float32).contiguous()
         self.residual_scale = float(residual_scale or 1.0)
         self.output_scale = output_scale
@@ -101,7 +109,7 @@ class Int8ConvLayer(ConvLayer):
         args, constexprs, grid = super()._kernel_args(x, residual, out, config, shortcut_input, workspace)
         args.update(scale_ptr=self.dequant_scale, RES_SCALE=self.residual_scale)
         args.update(OUT_INV_SCALE=self.out_inv_scale)
-        constexprs["INT8"] = True
+        constexprs["QUANTIZED"] = True
         return args, constexprs, grid
 
 

@@ -49,9 +49,11 @@ concatenated K loop and stores its raw fp32 accumulator into a workspace slice; 
 the slices in a fixed order and runs the epilogue once (in chunks of REDUCE_ROWS rows, every slice of a
 chunk loaded before any is added).
 
-INT8 (kernels/conv_int8.py): int8 activations and packed int8 weights, `tl.dot` int8 x int8 with an
-exact int32 accumulator (split-K partials are int32 too, summed exactly), and an epilogue that
-dequantizes, adds the bias and the int8 residual, applies ReLU and requantizes (kernels/int8_epilogue.py).
+QUANTIZED (kernels/conv_int8.py, kernels/conv_fp8.py): int8 or fp8 (e4m3) activations and packed
+weights of the same type, with per-channel scales. int8: `tl.dot` int8 x int8 with an exact int32
+accumulator (split-K partials are int32 too, summed exactly); fp8: e4m3 x e4m3 into fp32 (fp32
+partials, summed in slice order). Either way the epilogue dequantizes, adds the bias and the quantized
+residual, applies ReLU and requantizes to the operand type (kernels/int8_epilogue.py).
 
 Limitations: int32 index arithmetic (tensors below 2**31 elements, checked); tiny super-groups get
 BLOCK_N = 16 tiles.
@@ -151,9 +153,9 @@ def _conv_kernel(
     res_ptr,
     out_ptr,
     x2_ptr,  # shortcut input (K-concatenated projection), when HAS_SHORTCUT
-    ws_ptr,  # fp32 (int32 when INT8) split-K partials (SPLIT, M, C_OUT), when SPLIT > 1
+    ws_ptr,  # fp32 (int32 for int8 operands) split-K partials (SPLIT, M, C_OUT), when SPLIT > 1
     lock_ptr,  # int32 arrival counters, one per output tile, zero between launches (FUSED_REDUCE)
-    scale_ptr,  # INT8: fp32 per-output-channel dequantization scale (weight scale x input scale)
+    scale_ptr,  # QUANTIZED: fp32 per-output-channel dequantization scale (weight scale x input scale)
     # sizes
     M,
     H,
@@ -167,8 +169,8 @@ def _conv_kernel(
     H2,
     W2,
     C_IN2,
-    RES_SCALE,  # INT8: the int8 residual's scale
-    OUT_INV_SCALE,  # INT8 with an int8 output: 1 / the output's scale
+    RES_SCALE,  # QUANTIZED: the quantized residual's scale
+    OUT_INV_SCALE,  # QUANTIZED with an int8 / fp8 output: 1 / the output's scale
     # compile-time: layer geometry, loop mode, K-steps, epilogue, tiles
     R: tl.constexpr,
     S: tl.constexpr,
@@ -190,7 +192,7 @@ def _conv_kernel(
     HAS_RESIDUAL: tl.constexpr,
     APPLY_RELU: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    INT8: tl.constexpr,  # int8 operands, an exact int32 accumulator, kernels/int8_epilogue.py's epilogue
+    QUANTIZED: tl.constexpr,  # int8 or fp8 operands with scales: kernels/int8_epilogue.py's epilogue
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -214,7 +216,7 @@ def _conv_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if INT8 else tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if w_ptr.dtype.element_ty == tl.int8 else tl.float32)
 
     # K-steps [lo, hi) of this program: main-input steps [0, KC1), then shortcut steps [KC1, KC1 + KC2).
     KC1: tl.constexpr = KC if GATHER_CG > 0 else R * S * KC
@@ -346,7 +348,7 @@ def _conv_kernel(
 
     out_offs = offs_m[:, None] * C_OUT + offs_co[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT == 1 and INT8:
+    if SPLIT == 1 and QUANTIZED:
         epilogue_store_int8(
             acc, scale_ptr, bias_ptr, res_ptr, out_ptr, offs_co, n_mask, out_offs, out_mask,
             RES_SCALE, OUT_INV_SCALE, HAS_BIAS, HAS_RESIDUAL, APPLY_RELU,
@@ -369,7 +371,7 @@ def _conv_kernel(
             arrived = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel", scope="gpu")
             if arrived == SPLIT - 1:
                 tl.store(lock_ptr + pid, 0)  # re-armed for the next launch (and CUDA-graph replay)
-                if INT8:  # int32 partials: their sum is exact in any order
+                if QUANTIZED:  # int32 partials sum exactly; fp32 (fp8) ones in slice order
                     acc = sum_partials(ws_ptr + out_offs, M * C_OUT, out_mask, SPLIT)
                     epilogue_store_int8(
                         acc, scale_ptr, bias_ptr, res_ptr, out_ptr, offs_co, n_mask, out_offs, out_mask,

@@ -2,7 +2,8 @@
 
 A loop is a backward branch: `BRA target` at address a with target < a; its body is every instruction
 from target to a inclusive. The *main loop* is the innermost loop whose body holds a tensor-core MMA
-(HGMMA = wgmma on sm_90, HMMA = mma.sync on sm_80+; IGMMA and IMMA are their int8 forms); in a kernel
+(HGMMA = wgmma on sm_90, HMMA = mma.sync on sm_80+; IGMMA and IMMA are their int8 forms, QGMMA and
+QMMA their fp8 forms on sm_90 and sm_89); in a kernel
 with no MMA in any loop (fp32 dots on FMA units, pooling, the head) it is the innermost loop with the
 most instructions. Per main-loop iteration
 ("K-step") this module counts warp instructions, MMA instructions and their FLOPs, barriers,
@@ -24,9 +25,9 @@ from dataclasses import dataclass, field
 # "/*31d0*/    @!P4 HGMMA.64x64x16.F32 R24, gdesc[UR12].tnspB, R24 ;"
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
 _BRANCH_TARGET = re.compile(r"(0x[0-9a-f]+)")
-_HGMMA_SHAPE = re.compile(r"[HI]GMMA\.(\d+)x(\d+)x(\d+)")
+_HGMMA_SHAPE = re.compile(r"[HIQ]GMMA\.(\d+)x(\d+)x(\d+)")
 # HMMA.16816 = m16n8k16, HMMA.1688 = m16n8k8, HMMA.1684 = m16n8k4 (tf32), IMMA.16832 = int8 m16n8k32.
-_HMMA_SHAPE = re.compile(r"[HI]MMA\.(16)(8)(32|16|8|4)\b")
+_HMMA_SHAPE = re.compile(r"[HIQ]MMA\.(16)(8)(32|16|8|4)\b")
 _WIDTH = re.compile(r"\.(128|64|U16|S16|U8|S8)\b")
 _WIDTH_BYTES = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
 
@@ -95,7 +96,7 @@ def parse_instructions(sass: str) -> list[Instruction]:
 
 
 def _is_mma(opcode: str) -> bool:
-    return opcode.startswith(("HGMMA", "HMMA", "IGMMA", "IMMA"))
+    return opcode.startswith(("HGMMA", "HMMA", "IGMMA", "IMMA", "QGMMA", "QMMA"))
 
 
 def _mma_flops(opcode: str) -> int:
