@@ -108,11 +108,11 @@ def _prefetch_constants(
     w_ptr, bias_ptr, scale_ptr, lo, hi, col0, col_end, CG, C_IN2, C_OUT,
     R: tl.constexpr, S: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, GATHER_CG: tl.constexpr,
     KC: tl.constexpr, KC1: tl.constexpr, HAS_SHORTCUT: tl.constexpr, AVG_POOL: tl.constexpr,
-    HAS_BIAS: tl.constexpr, INT8: tl.constexpr, STEPS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, QUANTIZED: tl.constexpr, STEPS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Before gdc_wait (USE_PDL): L2 prefetch of the B rows of K-steps [lo, lo + STEPS) (clipped to this
-    program's slice, [lo, hi)) x this tile's columns, and of its bias (and int8 scale) columns. Constants
+    program's slice, [lo, hi)) x this tile's columns, and of its bias (and quantized scale) columns. Constants
     only: B, bias and scales are never written by a kernel of the plan."""
     for i in tl.static_range(STEPS):
         kb = lo + i
@@ -136,7 +136,7 @@ def _prefetch_constants(
         prefetch_l2_tile(w_ptr, row0, row_end, col0, col_end, C_OUT, BLOCK_K, BLOCK_N)
     if HAS_BIAS:
         prefetch_l2_tile(bias_ptr, 0, 1, col0, col_end, 0, 1, BLOCK_N)
-    if INT8:
+    if QUANTIZED:
         prefetch_l2_tile(scale_ptr, 0, 1, col0, col_end, 0, 1, BLOCK_N)
 
 
@@ -236,7 +236,7 @@ def _conv_kernel(
         col0 = g * NG + (pid_n % n_tiles_per_group) * BLOCK_N
         _prefetch_constants(
             w_ptr, bias_ptr, scale_ptr, lo1, hi2, col0, g * NG + NG, CG, C_IN2, C_OUT, R, S, STRIDE, PAD,
-            GATHER_CG, KC, KC1, HAS_SHORTCUT, AVG_POOL, HAS_BIAS, INT8, PREFETCH_STEPS, BLOCK_N, BLOCK_K,
+            GATHER_CG, KC, KC1, HAS_SHORTCUT, AVG_POOL, HAS_BIAS, QUANTIZED, PREFETCH_STEPS, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         tl.extra.cuda.gdc_wait()
 
