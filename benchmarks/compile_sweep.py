@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "int8": "int8"}
 
 
 def ten_models() -> list[str]:
