@@ -108,6 +108,23 @@ def test_budget_spent_keeps_the_rule_config_for_the_rest(backend):
 
 
 @pytest.mark.interpreter
+def test_an_end_to_end_revert_changes_only_the_layers_it_reverted(backend):
+    """The first layer's variant wins alone but the network is slower with it: that layer reverts to
+    the rules with the end-to-end reason, and the layer the budget never reached keeps its own."""
+    winner = _labels(backend, LAYERS[0])[1]
+    times = {winner: 0.5, "tuned": 2.0}  # "network@b1 tuned" loses to "network@b1 rules"
+    timer = lambda fn, what: times.get(_label(what), 1.0)
+    readings = itertools.count()
+    report = tuner.tune_backend(
+        backend, [1], SIZE, SIZE, budget_s=4, timer=timer, clock=readings.__next__, max_candidates=2
+    )
+    first, second = report.layers
+    assert first.tuned and first.chosen == first.rule and "slower end to end" in first.reason
+    assert not second.tuned and second.chosen == second.rule and second.reason.startswith("budget spent")
+    assert [n.kept for n in report.networks] == [False] and backend.tuned == {}
+
+
+@pytest.mark.interpreter
 def test_a_wrong_candidate_is_discarded_never_chosen(backend, monkeypatch):
     wrong = _labels(backend, LAYERS[0])[1]
     run = tuner._LayerContext.run

@@ -291,7 +291,7 @@ def tune_backend(
             bar.close()
     for net in networks:
         if not net.kept:  # reverted end to end: what the report and the cache record is the rules
-            for r in layers:
-                if r.batch == net.batch:
+            for r in layers:  # only the layers it changed: a budget-spent layer keeps its own reason
+                if r.batch == net.batch and r.chosen != r.rule:
                     r.chosen, r.chosen_s, r.reason = r.rule, r.rule_s, net.note
     return TuneReport(layers, networks, interpreting(), clock() - start, budget_s, network_s)
