@@ -198,7 +198,8 @@ class ConvLayer:
         """The config for this input shape on compute capability `arch` (0 = interpreter): the table
         entry, clipped to the layer, split by `choose_split` (never under the interpreter)."""
         kind = self.kind(input_shape_nhwc, sm_count)
-        config = self.clip_config(table_config(arch, self.dtype == torch.float32, kind, self.avg_pool))
+        fp32, eight_bit = self.dtype == torch.float32, self.dtype.itemsize == 1
+        config = self.clip_config(table_config(arch, fp32, kind, self.avg_pool, eight_bit))
         if arch == 0:
             return config
         k_steps = self.total_k_steps(config.block_k)

@@ -47,8 +47,10 @@ class ConvConfig(LaunchConfig):
 # num_stages to the K-steps a program runs, and split_k is set by `choose_split`.
 # Kinds: "large" = enough 128x128 tiles to fill the GPU; "small_m" = too few of them (batch 1, late
 #        stages), so 64x64 tiles for more programs; "gather" = the flattened-K (stem) loop.
-# All configs keep num_warps = 4: Inductor's non-1x1 conv template miscompiled with num_warps = 8
-# (pytorch issue 173068) and 4 warps already form the one warpgroup that a 64/128-row wgmma needs.
+# The 16-bit and fp32 configs keep num_warps = 4: Inductor's non-1x1 conv template miscompiled with
+# num_warps = 8 (pytorch issue 173068) and 4 warps already form the one warpgroup that a 64/128-row wgmma
+# needs. The sm_90 8-bit entry is the exception (it spills on one warpgroup); gpu_check.sh's int8 stage
+# is its parity check on the device.
 CONV_CONFIGS: dict[tuple[str, str, str], ConvConfig] = {
     # Hopper: wgmma with a 128x128 fp32 accumulator; 64-wide K steps, 3 stages = 96 KiB of smem (fp16).
     ("sm90", "16bit", "large"): ConvConfig(128, 128, 64, 4, 3),
@@ -56,6 +58,10 @@ CONV_CONFIGS: dict[tuple[str, str, str], ConvConfig] = {
     # The stem's per-element (r, s, c) decode costs registers: 128-row tiles sat at 255 (and spilled
     # on sm_80), 64-row tiles take about 165 with no spills.
     ("sm90", "16bit", "gather"): ConvConfig(64, 64, 32, 4, 3),
+    # 8-bit operands (int8, fp8): the same 128x128 tile, but on two warpgroups. On one, the int32
+    # accumulator (128 registers a thread) plus the dequantize / int8-residual / requantize epilogue
+    # reached 255 registers and spilled 168-200 B in every 3x3 residual+ReLU conv at batch 256.
+    ("sm90", "8bit", "large"): ConvConfig(128, 128, 64, 8, 3),
     # Ampere: mma.sync keeps operands in registers; 128x64 tiles stay near 160 registers (128x128 took
     # 251), K steps of 32 with 4 cp.async stages.
     ("sm80", "16bit", "large"): ConvConfig(128, 64, 32, 4, 4),
@@ -108,16 +114,20 @@ def device_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def table_config(arch: int, fp32: bool, kind: str, pooled_read: bool = False) -> ConvConfig:
+def table_config(
+    arch: int, fp32: bool, kind: str, pooled_read: bool = False, eight_bit: bool = False
+) -> ConvConfig:
     """The table entry for compute capability `arch` (0 = interpreter) and layer kind; `pooled_read`: the
-    layer averages 2x2 windows while loading A (ResNet-D), see `pooled_read_config`."""
+    layer averages 2x2 windows while loading A (ResNet-D), see `pooled_read_config`; `eight_bit`: int8
+    or fp8 operands, whose own entries (where there are any) replace the 16-bit ones."""
     if arch == 0:
         return CONV_CONFIGS[("interp", "any", "any")]
     family = "sm90" if arch >= 90 else "sm80"
     if fp32:
         config = CONV_CONFIGS[(family, "fp32", "gather" if kind == "gather" else "any")]
     else:
-        config = CONV_CONFIGS[(family, "16bit", kind)]
+        config = CONV_CONFIGS.get((family, "8bit", kind)) if eight_bit else None
+        config = config or CONV_CONFIGS[(family, "16bit", kind)]
     return pooled_read_config(config) if pooled_read else config
 
 
