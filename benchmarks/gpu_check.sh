@@ -46,12 +46,13 @@ STAGES=(
   "versions 15 0"
   "smoke 100 1"
   "pytest-gpu 90 1"
-  "bench-resnet50 75 1"
+  "bench-resnet50 60 1"
   "bench-resnet18 15 1"
   "int8-resnet18 25 1"
+  "fp8-resnet18 20 1"
   "layers-resnet50 20 1"
   "estimate-resnet50 20 1"
-  "tune-resnet50 55 1"
+  "tune-resnet50 45 1"
 )
 total=0
 for s in "${STAGES[@]}"; do set -- $s; total=$((total + $2 + GRACE)); done
@@ -80,13 +81,16 @@ tail -n 12 '$OUT_DIR'/pytest-gpu-*.log; exit \$rc" ;;
     # batch 64 only, a few repeats: a first speed point and a check that every int8 kernel builds and runs.
     int8-resnet18) echo "$PY -m fastres bench resnet18 --batch 64 --dtype int8 --repeats 10 --no-progress \
 --out '$OUT_DIR/bench-int8'" ;;
+    # The same for fp8 (e4m3, sm_89+): the kernels' first run on fp8 tensor cores.
+    fp8-resnet18) echo "$PY -m fastres bench resnet18 --batch 64 --dtype fp8 --repeats 10 --no-progress \
+--out '$OUT_DIR/bench-fp8'" ;;
     layers-resnet50) echo "$PY benchmarks/bench_layers.py --model resnet50 --batch 64 --dtype fp16 --out '$OUT_DIR/layers'" ;;
     # The model's estimate for the bench stage's batches, this card's name and SM count (kernels come
     # from Triton's cache by now). An estimate, written beside the measurements to calibrate the model.
     # Per-layer tactic selection on this card (issue 14): rule config vs the chosen one per layer, times
     # measured, in the log; the cache it writes (rule_ms, tuned_ms per layer and batch) lands in $OUT.
     tune-resnet50) echo "FASTRES_CACHE='$OUT_DIR/tune-cache' $PY -m fastres tune resnet50 --batch 1 256 --dtype fp16 \
---budget-s 25 --no-progress" ;;
+--budget-s 20 --no-progress" ;;
     estimate-resnet50) echo "set -- \$($PY -c 'import torch; from fastres.tools.estimate import gpu_for_device_name as g; \
 p = torch.cuda.get_device_properties(0); print(g(p.name) or (\"h100\" if p.major >= 9 else \"a100\"), p.multi_processor_count)'); \
 rc=0; for b in 1 256; do $PY -m fastres compile-report resnet50 --estimate --batch \$b --gpu \$1 --assume sms=\$2 \

@@ -25,6 +25,7 @@ from .engine import Engine, as_nchw
 from .errors import ArchitectureMismatchError, BackendUnavailableError, ConfigError, InputError
 from .graph import ConvOp, build_eager_graph
 from .planner import plan_resnet, resolve_features, select_outputs
+from .quantize import QUANTIZED_DTYPES
 from .reference import build_resnet
 from .specs import IMAGENET_MEAN, IMAGENET_STD
 from .tuning.use import DEFAULT_BUDGET_S, check_tune_mode
@@ -39,20 +40,30 @@ _DTYPE_NAMES = {
     "float32": torch.float32,
     "float": torch.float32,
     "int8": torch.int8,
+    "fp8": torch.float8_e4m3fn,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "e4m3": torch.float8_e4m3fn,
 }
+# Calibrated 8-bit dtypes (fastres/quantize.py's QUANTIZED_DTYPES): int8 on the triton and openvino
+# backends, fp8 (e4m3) on the triton backend on sm_89+ GPUs.
 # The kernels' dtypes (fastres.kernels.launch.SUPPORTED_DTYPES), restated: importing fastres.kernels
 # needs Triton, which the torch backend on a machine without it must not (test_structure checks they agree).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name a calibration record and the command line use ("int8", "fp8", "float16")."""
+    return "fp8" if dtype == torch.float8_e4m3fn else str(dtype).replace("torch.", "")
+
+
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in (*SUPPORTED_DTYPES, torch.int8):
+    if isinstance(dtype, torch.dtype) and dtype in (*SUPPORTED_DTYPES, *QUANTIZED_DTYPES):
         return dtype
     if isinstance(dtype, str) and dtype.lower() in _DTYPE_NAMES:
         return _DTYPE_NAMES[dtype.lower()]
     raise ConfigError(
-        f"unsupported dtype {dtype!r}; use float16 (fp16), bfloat16 (bf16), float32 (fp32) or int8 "
-        "(with calibration=)"
+        f"unsupported dtype {dtype!r}; use float16 (fp16), bfloat16 (bf16), float32 (fp32), or int8 or "
+        "fp8 (with calibration=)"
     )
 
 
@@ -83,6 +94,11 @@ def _resolve_device_dtype_backend(device, dtype, backend) -> tuple[torch.device,
             f"int8 runs on the openvino backend (the CPU; pip install 'fastres[openvino]') or the triton "
             f"backend (CUDA GPUs), not on {backend}"
         )
+    if dtype == torch.float8_e4m3fn and backend != "triton":
+        raise ConfigError(
+            f"fp8 runs on the triton backend (CUDA GPUs, sm_89+), not on {backend}; on the CPU use "
+            "dtype='int8' with the openvino backend (pip install 'fastres[openvino]')"
+        )
     if backend == "triton":
         if device.type not in ("cuda", "cpu"):
             raise BackendUnavailableError(f"the triton backend runs on CUDA GPUs, not on {device}")
@@ -111,18 +127,19 @@ def _build_engine(
     check_tune_mode(tune)
     if backend != "triton" and (tune is True or self_check is True):
         raise ConfigError("tune=True and self_check=True apply to the triton backend (a CUDA GPU)")
-    if dtype == torch.int8 and (tune is True or self_check is True):
-        raise ConfigError("tune=True and self_check=True cover the float Triton kernels; int8 is not tuned")
+    quantized = dtype in QUANTIZED_DTYPES
+    if quantized and (tune is True or self_check is True):
+        raise ConfigError("tune=True and self_check=True cover the float kernels; int8/fp8 are not tuned")
     plan = plan_resnet(arch.spec, arch.num_classes, state_dict, mean=mean, std=std, dtype=dtype)
     calibration = engine_options.pop("calibration", None)
     save_calibration = engine_options.pop("save_calibration", None)
     calibration_method = engine_options.pop("calibration_method", None)
     options = {}
-    if dtype == torch.int8:
+    if quantized:
         if calibration is None:
             raise ConfigError(
-                "dtype='int8' needs calibration=: about 300 representative images (a tensor, or a folder "
-                "of image files), or a calibration file saved earlier with save_calibration="
+                f"dtype='{dtype_name(dtype)}' needs calibration=: about 300 representative images (a "
+                "tensor, or a folder of image files), or a calibration file saved with save_calibration="
             )
         if not is_saved_calibration(calibration):
             if isinstance(calibration, (str, os.PathLike, list, tuple)):
@@ -144,7 +161,9 @@ def _build_engine(
                 raise ConfigError("calibration_method= applies to the triton backend; OpenVINO uses NNCF's")
             options["calibration_method"] = calibration_method
     elif calibration is not None or save_calibration is not None or calibration_method is not None:
-        raise ConfigError("calibration=, save_calibration= and calibration_method= apply to dtype='int8'")
+        raise ConfigError(
+            "calibration=, save_calibration= and calibration_method= apply to dtype='int8' or 'fp8'"
+        )
     allow_tf32 = bool(engine_options.pop("allow_tf32", False))
     if allow_tf32:
         if dtype != torch.float32 or backend == "reference":
@@ -160,7 +179,7 @@ def _build_engine(
         options["module"] = build_resnet(arch.spec, arch.num_classes, state_dict)
     runner = create_backend(backend, plan, device, dtype, **options)
     tuner = None
-    if backend == "triton" and dtype != torch.int8:  # tuned choices, first-use tuning and self-check
+    if backend == "triton" and not quantized:  # tuned choices, first-use tuning and self-check
         from .tuning.use import prepare_backend
 
         runner, tuner = prepare_backend(runner, tune=tune, self_check=self_check, budget_s=tune_budget_s)

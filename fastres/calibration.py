@@ -43,6 +43,9 @@ class CalibrationRecord:
     # The Triton path's artefact: plan value -> per-tensor int8 activation scale (weights' per-channel
     # scales follow from the weights, whose hash the record names). None for OpenVINO's record.
     scales: dict[str, float] | None = None
+    # The quantized format the scales map onto ("int8": x / 127 steps; "fp8": e4m3, threshold / 448).
+    # Files written before fp8 have no such field: they are int8.
+    dtype: str = "int8"
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -78,8 +81,11 @@ def read_record(path: str | os.PathLike) -> CalibrationRecord:
         ) from None
 
 
-def check_record(record: CalibrationRecord, path, *, model: str, weights_sha256: str, backend: str) -> None:
-    """Refuse a calibration made for other weights, another model or another backend's artefact."""
+def check_record(
+    record: CalibrationRecord, path, *, model: str, weights_sha256: str, backend: str, dtype: str = "int8"
+) -> None:
+    """Refuse a calibration made for other weights, another model, another backend's artefact or another
+    quantized format (int8 scales are not fp8 scales)."""
     problems = []
     if record.model != model:
         problems.append(f"model {record.model}, not {model}")
@@ -89,6 +95,8 @@ def check_record(record: CalibrationRecord, path, *, model: str, weights_sha256:
         )
     if record.backend != backend:
         problems.append(f"the {record.backend} backend, not {backend}")
+    if record.dtype != dtype:
+        problems.append(f"dtype {record.dtype}, not {dtype}")
     if problems:
         raise CalibrationMismatchError(
             f"calibration {path} was made for {'; '.join(problems)}: recalibrate with "

@@ -261,8 +261,8 @@ class Engine:
                 plan = select_outputs(self.backend.packed_plan, ("pool",))
                 if self.backend.runs_cut_plans:
                     backend = self.backend.for_plan(plan)
-                else:  # int8 OpenVINO quantized the whole plan: the torch backend packs its own weights once
-                    dtype = self.dtype if self.dtype.is_floating_point else torch.float32  # int8: fp32
+                else:  # a quantized plan (int8, fp8) is not cut: the torch backend packs its own weights once
+                    dtype = self.dtype if self.dtype.itemsize > 1 else torch.float32  # int8 / fp8: fp32
                     backend = create_backend("torch", self.backend.packed_plan, self.device, dtype)
                     backend = backend.for_plan(plan)
                 self._embedder = Engine(
@@ -378,8 +378,8 @@ class Engine:
             ref = model.double()(x)
             # Eager in the backend's layout: channels-last kernels round differently from NCHW ones.
             memory_format = getattr(self.backend, "memory_format", torch.contiguous_format)
-            # Eager PyTorch has no int8 convolution: an int8 engine is shown beside eager float32.
-            eager_dtype = torch.float32 if self.dtype == torch.int8 else self.dtype
+            # Eager PyTorch has no int8 or fp8 convolution: such an engine is shown beside eager float32.
+            eager_dtype = torch.float32 if self.dtype.itemsize == 1 else self.dtype
             eager_model = model.to(self.device, eager_dtype, memory_format=memory_format)
             eager_input = x.to(self.device, eager_dtype).contiguous(memory_format=memory_format)
             eager = eager_model(eager_input).double().cpu()

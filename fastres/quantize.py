@@ -1,4 +1,6 @@
-"""int8 post-training quantization for the Triton path: activation ranges from histograms, weight scales.
+"""int8 and fp8 post-training quantization for the Triton path: activation ranges from histograms,
+weight scales. A `QuantFormat` says which: INT8 (values in [-127, 127]) or FP8 (e4m3, [-448, 448]); the
+scales, histograms and methods are the same, only the grid a scale maps onto differs.
 
 Symmetric int8 everywhere (values in [-127, 127], zero point 0), so the integer GEMM needs no
 zero-point correction terms:
@@ -30,11 +32,46 @@ from .errors import ConfigError
 from .graph import ConvOp
 
 INT8_MAX = 127
+FP8_MAX = 448.0  # e4m3's largest finite value (float8_e4m3fn has no infinity)
 BINS = 2048
 QUANT_LEVELS = 128  # magnitude levels of symmetric int8 (0..127): the entropy method's target bins
 METHODS = ("percentile", "entropy", "mse", "max")
 DEFAULT_METHOD = "percentile"
 DEFAULT_PERCENTILE = 99.99
+
+
+class QuantFormat:
+    """A symmetric 8-bit format: its torch dtype and largest magnitude, and its grid (`round`)."""
+
+    def __init__(self, name: str, dtype: torch.dtype, max_value: float):
+        self.name, self.dtype, self.max = name, dtype, float(max_value)
+
+    def __repr__(self) -> str:
+        return f"QuantFormat({self.name})"
+
+    def round(self, v: Tensor) -> Tensor:
+        """v (in units of the scale) saturated to [-max, max] and rounded to the format's nearest value,
+        ties to even, in v's float dtype: what the kernels' epilogues store, as a float."""
+        v = v.clamp(-self.max, self.max)
+        if self.dtype == torch.int8:
+            return torch.round(v)
+        return v.to(self.dtype).to(v.dtype)  # torch's e4m3 cast rounds to nearest even; NaN stays NaN
+
+    def cast(self, v: Tensor) -> Tensor:
+        """`round` stored in the format's dtype."""
+        return self.round(v.double()).to(self.dtype)
+
+
+INT8 = QuantFormat("int8", torch.int8, INT8_MAX)
+FP8 = QuantFormat("fp8", torch.float8_e4m3fn, FP8_MAX)
+FORMATS = {torch.int8: INT8, torch.float8_e4m3fn: FP8}
+QUANTIZED_DTYPES = tuple(FORMATS)  # the calibrated engine dtypes
+
+
+def quant_format(dtype: torch.dtype) -> QuantFormat:
+    if dtype not in FORMATS:
+        raise ConfigError(f"no quantized format for {dtype}: use torch.int8 or torch.float8_e4m3fn")
+    return FORMATS[dtype]
 
 
 class Histogram:
@@ -70,8 +107,12 @@ class Histogram:
         return np.linspace(0.0, self.range, self.counts.size + 1)
 
 
-def threshold(hist: Histogram, method: str = DEFAULT_METHOD, percentile: float = DEFAULT_PERCENTILE) -> float:
-    """The clipping threshold (the value int8's 127 stands for) the method picks from the histogram."""
+def threshold(
+    hist: Histogram, method: str = DEFAULT_METHOD, percentile: float = DEFAULT_PERCENTILE, fmt=INT8
+) -> float:
+    """The clipping threshold (the value the format's largest code stands for) the method picks from the
+    histogram. Only "mse" depends on the format (its error is measured on the format's grid); "entropy"
+    keeps TensorRT's 128 levels for both."""
     if hist.counts.sum() == 0 or hist.amax == 0.0:
         return 1.0  # an all-zero tensor: any scale represents it exactly
     if method == "max":
@@ -83,23 +124,23 @@ def threshold(hist: Histogram, method: str = DEFAULT_METHOD, percentile: float =
         index = int(np.searchsorted(cdf, percentile / 100 * (1 - 1e-12)))  # first bin reaching it
         return min(float(hist.edges[index + 1]), hist.amax)
     if method == "mse":
-        return _mse_threshold(hist)
+        return _mse_threshold(hist, fmt)
     if method == "entropy":
         return _entropy_threshold(hist)
     raise ConfigError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}")
 
 
-def _mse_threshold(hist: Histogram) -> float:
+def _mse_threshold(hist: Histogram, fmt=INT8) -> float:
     """Candidates: every bin's upper edge. Each bin's values are taken at its centre; a value below the
-    threshold rounds to the nearest of the 128 levels, one above clips to the threshold."""
+    threshold rounds to the nearest value of the format's grid, one above clips to the threshold."""
     edges = hist.edges
     centres = (edges[:-1] + edges[1:]) / 2
     candidates = edges[1:]
     errors = np.empty(candidates.size)
     for start in range(0, candidates.size, 256):  # blocks of candidates bound the temporary's size
         t = candidates[start : start + 256, None]
-        step = t / INT8_MAX
-        dequantized = np.minimum(np.round(centres[None, :] / step), INT8_MAX) * step
+        step = t / fmt.max
+        dequantized = fmt.round(torch.from_numpy(centres[None, :] / step)).numpy() * step
         errors[start : start + 256] = ((centres[None, :] - dequantized) ** 2 * hist.counts[None, :]).sum(1)
     return min(float(candidates[int(np.argmin(errors))]), hist.amax)
 
@@ -151,48 +192,50 @@ def _smoothed(distribution: np.ndarray, eps: float = 1e-4) -> np.ndarray:
     return np.where(empty, eps, distribution - taken).clip(min=eps * 1e-3)
 
 
-def scale_for(threshold_value: float) -> float:
-    return threshold_value / INT8_MAX
+def scale_for(threshold_value: float, fmt=INT8) -> float:
+    return threshold_value / fmt.max
 
 
-def weight_scales(weight: Tensor) -> Tensor:
-    """Per-output-channel symmetric scales (float64, C_out) of a (C_out, ...) weight: max |w| / 127.
-    An all-zero channel gets scale 1 (its int8 weights are 0 either way)."""
+def weight_scales(weight: Tensor, fmt=INT8) -> Tensor:
+    """Per-output-channel symmetric scales (float64, C_out) of a (C_out, ...) weight: max |w| / the
+    format's max. An all-zero channel gets scale 1 (its weights are 0 either way)."""
     amax = weight.detach().double().abs().reshape(weight.shape[0], -1).amax(dim=1)
-    return torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    return torch.where(amax > 0, amax / fmt.max, torch.ones_like(amax))
 
 
-def quantize_weight(weight: Tensor, scales: Tensor) -> Tensor:
-    """int8 weights: round half to even of w / scale (per output channel), within [-127, 127]."""
+def quantize_weight(weight: Tensor, scales: Tensor, fmt=INT8) -> Tensor:
+    """Weights in the format: w / scale (per output channel) saturated and rounded to nearest even."""
     shape = (-1,) + (1,) * (weight.dim() - 1)
-    return torch.round(weight.double() / scales.view(shape)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return fmt.cast(weight.double() / scales.view(shape))
 
 
-def quantize_conv_weights(op: ConvOp, scales: dict[str, float]) -> tuple[Tensor, Tensor | None, Tensor]:
-    """(int8 weight, int8 projection-shortcut weight or None, per-channel dequantization factor f) of
+def quantize_conv_weights(
+    op: ConvOp, scales: dict[str, float], fmt=INT8
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(8-bit weight, 8-bit projection-shortcut weight or None, per-channel dequantization factor f) of
     a conv whose inputs have the given scales: conv(q_x, q_w) [+ conv(q_x2, q_wd)] times f is the real
     pre-bias output. Main and projection share one int32 accumulator, so both are quantized against
     f = max(s_w * s_x, s_wd * s_x2): the larger term keeps its full int8 range, the other is a little
     coarser. Without a projection f = s_w * s_x (plain per-channel weights)."""
     s_x = scales[op.inputs[0]]
-    factor = weight_scales(op.weight) * s_x
+    factor = weight_scales(op.weight, fmt) * s_x
     shortcut = None
     if op.shortcut_input is not None:
         s_x2 = scales[op.shortcut_input]
-        factor = torch.maximum(factor, weight_scales(op.shortcut_weight) * s_x2)
-        shortcut = quantize_weight(op.shortcut_weight, factor / s_x2)
-    return quantize_weight(op.weight, factor / s_x), shortcut, factor
+        factor = torch.maximum(factor, weight_scales(op.shortcut_weight, fmt) * s_x2)
+        shortcut = quantize_weight(op.shortcut_weight, factor / s_x2, fmt)
+    return quantize_weight(op.weight, factor / s_x, fmt), shortcut, factor
 
 
-def fake_quantized_plan(plan, scales: dict[str, float]):
-    """The plan with every conv but the stem holding its int8 weights dequantized (float64), so that a
-    float run of it computes what the int8 path computes, up to the activations' rounding."""
+def fake_quantized_plan(plan, scales: dict[str, float], fmt=INT8):
+    """The plan with every conv but the stem holding its 8-bit weights dequantized (float64), so that a
+    float run of it computes what the quantized path computes, up to the activations' rounding."""
     import dataclasses
 
     ops = [plan.ops[0]]
     for op in plan.ops[1:]:
         if isinstance(op, ConvOp):
-            q_w, q_wd, factor = quantize_conv_weights(op, scales)
+            q_w, q_wd, factor = quantize_conv_weights(op, scales, fmt)
             view = lambda f: f.view(-1, 1, 1, 1)
             changes = dict(weight=q_w.double() * view(factor / scales[op.inputs[0]]))
             if q_wd is not None:
@@ -202,14 +245,14 @@ def fake_quantized_plan(plan, scales: dict[str, float]):
     return dataclasses.replace(plan, ops=ops)
 
 
-def simulate_int8(plan, scales: dict[str, float], images: Tensor, observer=None) -> Tensor:
-    """float32 logits of the int8 path's arithmetic simulated on the torch backend ("fake quant"):
-    int8 weights dequantized, and each int8 value rounded to its scale's grid (within [-127, 127]) as
-    soon as its op produced it, before any later op reads it. The Triton int8 engine differs from this
-    only by fp32 rounding in its epilogues (a code at most one step apart where a value meets a tie)."""
+def simulate_int8(plan, scales: dict[str, float], images: Tensor, observer=None, fmt=INT8) -> Tensor:
+    """float32 logits of the quantized path's arithmetic simulated on the torch backend ("fake quant"):
+    8-bit weights dequantized, and each quantized value rounded to its scale's grid (the format's) as
+    soon as its op produced it, before any later op reads it. The Triton engine differs from this only
+    by fp32 rounding in its epilogues (a code at most one step apart where a value meets a tie)."""
     from .backends.torch_backend import TorchBackend
 
-    fake = fake_quantized_plan(plan, scales)
+    fake = fake_quantized_plan(plan, scales, fmt)
     backend = TorchBackend(fake, "cpu", torch.float32)
     producer = {op.name: op.output for op in fake.ops}
 
@@ -218,7 +261,7 @@ def simulate_int8(plan, scales: dict[str, float], images: Tensor, observer=None)
         # is rounding the activation itself.
         scale = scales.get(producer[name])
         if scale is not None:
-            out.div_(scale).round_().clamp_(-INT8_MAX, INT8_MAX).mul_(scale)
+            out.copy_(fmt.round(out / scale) * scale)
         if observer is not None:
             observer(name, out)
 
@@ -257,13 +300,13 @@ def collect_histograms(plan, images: Tensor, *, batch: int = 16) -> dict[str, Hi
 
 
 def activation_scales(
-    plan, images: Tensor, method: str = DEFAULT_METHOD, percentile: float = DEFAULT_PERCENTILE
+    plan, images: Tensor, method: str = DEFAULT_METHOD, percentile: float = DEFAULT_PERCENTILE, fmt=INT8
 ) -> dict[str, float]:
-    """value -> per-tensor int8 scale, from the calibration images by `method`."""
+    """value -> per-tensor scale in the format, from the calibration images by `method`."""
     if method not in METHODS:
         raise ConfigError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}")
     histograms = collect_histograms(plan, images)
-    return {v: scale_for(threshold(h, method, percentile)) for v, h in histograms.items()}
+    return {v: scale_for(threshold(h, method, percentile, fmt), fmt) for v, h in histograms.items()}
 
 
 def method_name(method: str, percentile: float = DEFAULT_PERCENTILE) -> str:

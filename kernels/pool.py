@@ -5,7 +5,7 @@ acts as -inf (it never wins; pad <= kernel_size // 2 guarantees every window hol
 program owns BLOCK_P output pixels x BLOCK_C channels; channels are the contiguous axis, so every tap is
 a coalesced (BLOCK_P, BLOCK_C) load. NaN propagates, as in torch.nn.functional.max_pool2d.
 
-With an int8 `out` (the int8 engine: the first int8 conv reads the pool's output), the max is
+With an int8 or fp8 `out` (the quantized engine: its first conv reads the pool's output), the max is
 quantized in the store with `out_scale` (kernels/int8_epilogue.py): quantization is monotone, so this
 equals pooling quantized values, and no separate quantize kernel runs between the stem and the convs.
 
@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .aot import KernelSpec, Pointer, ShapeOnly, interpreting, make_spec
-from .int8_epilogue import quantize_int8
+from .int8_epilogue import quantize_fp8, quantize_int8
 from .launch import SUPPORTED_DTYPES, check_int32_indexing, check_launchable
 from .pdl import pdl_enabled, pdl_for_arch
 
@@ -53,7 +53,7 @@ def _max_pool_kernel(
     OH,
     OW,
     C,
-    OUT_INV_SCALE,  # an int8 out: 1 / its scale
+    OUT_INV_SCALE,  # an int8 or fp8 out: 1 / its scale
     # compile-time
     KERNEL: tl.constexpr,
     STRIDE: tl.constexpr,
@@ -92,7 +92,12 @@ def _max_pool_kernel(
     out_offs = offs_p[:, None] * C + offs_c[None, :]
     if out_ptr.dtype.element_ty == tl.int8:
         best = quantize_int8(best.to(tl.float32), OUT_INV_SCALE)
+    elif out_ptr.dtype.element_ty == tl.float8e4nv:
+        best = quantize_fp8(best.to(tl.float32), OUT_INV_SCALE)
     tl.store(out_ptr + out_offs, best, mask=p_mask[:, None] & c_mask[None, :])
+
+
+QUANTIZED_OUT_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
 
 def pool_output_shape(input_shape_nhwc, kernel_size=3, stride=2, padding=1) -> tuple[int, int, int, int]:
@@ -136,9 +141,11 @@ def max_pool2d_nhwc(
     padding: int = 1,
     out: torch.Tensor | None = None,
     out_scale: float | None = None,
+    out_dtype: torch.dtype = torch.int8,
 ) -> torch.Tensor:
     """Max pool a contiguous NHWC tensor; returns (N, OH, OW, C) in x's dtype (into `out` if given),
-    or with `out_scale` in int8, quantized with that scale (symmetric, round half to even)."""
+    or with `out_scale` in `out_dtype` (int8 or float8_e4m3fn), quantized with that scale (symmetric,
+    saturating, round to nearest even)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"max_pool2d_nhwc: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -154,7 +161,9 @@ def max_pool2d_nhwc(
         raise ValueError(f"max_pool2d_nhwc: input {tuple(x.shape)} is smaller than the {kernel_size}x window")
     if out_scale is not None and not out_scale > 0:
         raise ValueError(f"max_pool2d_nhwc: out_scale must be positive, got {out_scale}")
-    out_dtype = x.dtype if out_scale is None else torch.int8
+    if out_scale is not None and out_dtype not in QUANTIZED_OUT_DTYPES:
+        raise TypeError(f"max_pool2d_nhwc: quantized out_dtype must be one of {QUANTIZED_OUT_DTYPES}")
+    out_dtype = x.dtype if out_scale is None else out_dtype
     if out is None:
         out = torch.empty(out_shape, dtype=out_dtype, device=x.device)
     else:
@@ -183,7 +192,7 @@ def max_pool_aot_specs(
     input_shape_nhwc, dtype, arch, kernel_size=3, stride=2, padding=1, out_dtype=None
 ) -> list[KernelSpec]:
     """What max_pool2d_nhwc compiles for this shape and dtype on compute capability `arch` (out_dtype
-    torch.int8: the int8 engine's quantizing pool)."""
+    torch.int8 or torch.float8_e4m3fn: the quantized engine's quantizing pool)."""
     out_dtype = out_dtype or dtype
     _check_geometry(kernel_size, stride, padding)
     out_shape = pool_output_shape(tuple(input_shape_nhwc), kernel_size, stride, padding)

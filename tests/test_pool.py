@@ -93,3 +93,27 @@ def test_rejects_bad_inputs():
 @pytest.mark.parametrize("dtype", DTYPES + [pytest.param(torch.bfloat16, id="bf16")])
 def test_resnet_stem_pool_gpu(batch, dtype):
     _check((batch, 112, 112, 64), dtype, (3, 2, 1))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("out_dtype", [torch.int8, torch.float8_e4m3fn], ids=["int8", "fp8"])
+def test_quantizing_pool_stores_the_max_rounded_to_the_format(out_dtype):
+    """The quantized engines' pool: the fp16 max times 1/scale (in fp32, as the kernel computes it),
+    saturated and rounded to nearest even in int8 or e4m3, bit for bit; scale chosen so that both the
+    saturation and (for e4m3) the subnormal range are reached."""
+    from fastres.quantize import quant_format
+
+    fmt = quant_format(out_dtype)
+    shape, geometry = (2, 17, 19, 72), (3, 2, 1)  # the function's defaults
+    x = (torch.randn(shape) * 3).to(DEVICE, torch.float16)
+    scale = 2.5 / fmt.max  # |x| beyond 2.5 saturates
+    out = torch.empty(pool_output_shape(shape, *geometry), dtype=out_dtype, device=DEVICE)
+    out.view(torch.uint8).fill_(0x7F)  # poison: int8 127, e4m3 NaN
+    result = max_pool2d_nhwc(x, out=out, out_scale=scale, out_dtype=out_dtype)
+    assert result is out and out.dtype == out_dtype
+    expected = fmt.round(_reference(x, *geometry).float() * torch.tensor(1.0 / scale, dtype=torch.float32))
+    got = out.cpu().float()
+    assert torch.equal(got, expected), (got - expected).abs().max()
+    assert (got.abs() == fmt.max).any() and (got.abs() < 1).any()  # saturated and small values occur
+    with pytest.raises(TypeError, match="quantized out_dtype"):
+        max_pool2d_nhwc(x, out_scale=scale, out_dtype=torch.float16)

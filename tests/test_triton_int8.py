@@ -140,5 +140,5 @@ def test_int8_refuses_tuning_and_the_self_check_before_calibrating():
     # The tuner's candidates and the self-check cover the float kernels only: asked for, a typed error
     # (the default tune="cached" loads int8 untuned, as the tests above do).
     for option in ({"tune": True}, {"self_check": True}):
-        with pytest.raises(fastres.ConfigError, match="int8 is not tuned"):
+        with pytest.raises(fastres.ConfigError, match="int8/fp8 are not tuned"):
             fastres.load("resnet18", device="cpu", backend="triton", dtype="int8", calibration="x", **option)

@@ -21,8 +21,8 @@ def create_backend(name: str, plan, device, dtype, **options) -> Backend:
         from .openvino_backend import OpenVinoBackend  # imports openvino: only when asked for
 
         return OpenVinoBackend(plan, device, dtype, **options)
-    if name == "triton" and dtype == torch.int8:
-        from .triton_int8 import TritonInt8Backend  # calibrated int8 convs (fastres/quantize.py)
+    if name == "triton" and dtype in (torch.int8, torch.float8_e4m3fn):
+        from .triton_int8 import TritonInt8Backend  # calibrated int8 / fp8 convs (fastres/quantize.py)
 
         return TritonInt8Backend(plan, device, dtype, **options)
     if name == "triton":

@@ -1,4 +1,6 @@
-"""int8 on the Triton path: every conv after the stem reads and writes int8 with calibrated scales.
+"""int8 (and fp8) on the Triton path: every conv after the stem reads and writes int8 with calibrated
+scales. dtype=torch.float8_e4m3fn runs the same plan in e4m3 (sm_89+; `Fp8ConvLayer`, the same kernel):
+every "int8" below is then "fp8", with fp32 accumulation and split-K partials instead of int32.
 
 What runs in which precision, and why:
 * the stem (7x7, 3 input channels) is fp16: its K per tap is 3 channels, which int8 MMA (32 per step)
@@ -30,12 +32,16 @@ from ..calibration import CalibrationRecord, write_record
 from ..errors import ConfigError
 from ..graph import ConvOp, HeadOp, MaxPoolOp
 from ..kernels import HeadLayer, max_pool2d_nhwc
+from ..kernels.conv_fp8 import Fp8ConvLayer
 from ..kernels.conv_int8 import Int8ConvLayer
 from ..quantize import (
     DEFAULT_METHOD,
+    INT8,
+    QuantFormat,
     activation_scales,
     method_name,
     parse_method,
+    quant_format,
     quantize_conv_weights,
     quantized_values,
 )
@@ -45,11 +51,13 @@ from .triton_backend import _stem_layer
 FLOAT_DTYPE = torch.float16  # the stem, the last conv's output and the head
 
 
-def triton_calibration(plan, calibration, *, model_name: str, weights_sha256: str, method: str):
+def triton_calibration(
+    plan, calibration, *, model_name: str, weights_sha256: str, method: str, fmt: QuantFormat = INT8
+):
     """The CalibrationRecord (with per-value scales) from a saved file, or calibrated now on images."""
     if records.is_saved_calibration(calibration):
         record = records.read_record(calibration)
-        expected = dict(model=model_name, weights_sha256=weights_sha256, backend="triton")
+        expected = dict(model=model_name, weights_sha256=weights_sha256, backend="triton", dtype=fmt.name)
         records.check_record(record, calibration, **expected)
         missing = [v for v in quantized_values(plan) if v not in (record.scales or {})]
         if missing:
@@ -57,21 +65,23 @@ def triton_calibration(plan, calibration, *, model_name: str, weights_sha256: st
         return record
     method, percentile = parse_method(method)
     images = records.calibration_images(calibration, plan.mean, plan.std)
-    scales = activation_scales(plan, images, method, percentile)
+    scales = activation_scales(plan, images, method, percentile, fmt)
     return CalibrationRecord(
         model=model_name, weights_sha256=weights_sha256, method=method_name(method, percentile),
         images=int(images.shape[0]), backend="triton", artifact="", fastres=__version__, scales=scales,
+        dtype=fmt.name,
     )  # fmt: skip
 
 
-def _conv_layer(op: ConvOp, scales: dict[str, float], device) -> Int8ConvLayer:
-    """op as an int8 conv (weights and a merged projection quantized by `quantize_conv_weights`)."""
-    q_w, q_wd, factor = quantize_conv_weights(op, scales)
+def _conv_layer(op: ConvOp, scales: dict[str, float], device, fmt: QuantFormat) -> Int8ConvLayer:
+    """op as an 8-bit conv (weights and a merged projection quantized by `quantize_conv_weights`)."""
+    q_w, q_wd, factor = quantize_conv_weights(op, scales, fmt)
     shortcut = {}
     if q_wd is not None:
         shortcut = dict(shortcut_weight=q_wd.to(device), shortcut_stride=op.shortcut_stride)
     out_int8 = op.output in scales
-    return Int8ConvLayer(
+    layer_class = Fp8ConvLayer if fmt.dtype == torch.float8_e4m3fn else Int8ConvLayer
+    return layer_class(
         q_w.to(device),
         factor.to(device),
         None if op.bias is None else op.bias.to(device),
@@ -81,7 +91,7 @@ def _conv_layer(op: ConvOp, scales: dict[str, float], device) -> Int8ConvLayer:
         relu=op.relu,
         has_residual=op.residual is not None,
         residual_scale=scales[op.residual] if op.residual else None,
-        out_dtype=torch.int8 if out_int8 else FLOAT_DTYPE,
+        out_dtype=fmt.dtype if out_int8 else FLOAT_DTYPE,
         output_scale=scales[op.output] if out_int8 else None,
         **shortcut,
     )
@@ -92,7 +102,7 @@ class Int8Workspace:
     values: dict[str, Tensor]  # NHWC views (int8 or fp16) into the byte slot buffers
     logits: Tensor
     pooled: Tensor
-    split_scratch: tuple[Tensor, Tensor]  # int32 split-K partials and counters, shared by all convs
+    split_scratch: tuple[Tensor, Tensor]  # split-K partials (int32; fp8: fp32), counters: shared by all convs
     buffers: list[Tensor]
 
 
@@ -102,10 +112,19 @@ class TritonInt8Backend(Backend):
 
     def __init__(self, plan, device, dtype=torch.int8, *, calibration, model_name: str, weights_sha256: str,
                  save_calibration=None, calibration_method: str = DEFAULT_METHOD):  # fmt: skip
-        super().__init__(plan, device, torch.int8)
+        super().__init__(plan, device, dtype)
+        self.format = quant_format(dtype)
+        if dtype == torch.float8_e4m3fn and self.device.type == "cuda":
+            capability = torch.cuda.get_device_capability(self.device)
+            if capability < (8, 9):
+                raise ConfigError(
+                    f"fp8 needs an sm_89+ GPU (Ada, Hopper or later), this one is sm_{capability[0]}"
+                    f"{capability[1]}: use dtype='int8' (sm_80+) or fp16"
+                )
         self.calibration = triton_calibration(
-            plan, calibration, model_name=model_name, weights_sha256=weights_sha256, method=calibration_method
-        )
+            plan, calibration, model_name=model_name, weights_sha256=weights_sha256,
+            method=calibration_method, fmt=self.format,
+        )  # fmt: skip
         if save_calibration is not None:
             write_record(save_calibration, self.calibration)
         self.scales = dict(self.calibration.scales)
@@ -117,18 +136,18 @@ class TritonInt8Backend(Backend):
         self.layers: dict[str, Int8ConvLayer | HeadLayer] = {}
         for op in plan.ops[1:]:
             if isinstance(op, ConvOp):
-                self.layers[op.name] = _conv_layer(op, self.scales, self.device)
+                self.layers[op.name] = _conv_layer(op, self.scales, self.device, self.format)
             elif isinstance(op, HeadOp):
                 weight, bias = op.weight.to(self.device), None if op.bias is None else op.bias.to(self.device)
                 self.layers[op.name] = HeadLayer(weight, bias, dtype=FLOAT_DTYPE)
             elif not isinstance(op, MaxPoolOp):
-                raise ConfigError(f"int8 on the triton backend cannot run op kind {op.kind!r} ({op.name})")
+                raise ConfigError(f"{self.format.name} on triton cannot run op kind {op.kind!r} ({op.name})")
         self.value_dtypes = {op.output: self._dtype_of(op) for op in plan.ops}
 
     def _dtype_of(self, op) -> torch.dtype:
         if isinstance(op, HeadOp):
             return torch.float32
-        return torch.int8 if op.output in self.scales else FLOAT_DTYPE
+        return self.format.dtype if op.output in self.scales else FLOAT_DTYPE
 
     def save_calibration(self, path) -> CalibrationRecord:
         write_record(path, self.calibration)
@@ -155,8 +174,9 @@ class TritonInt8Backend(Backend):
         pooled = torch.empty(batch, self.plan.spec.feature_channels, device=self.device, dtype=torch.float32)
         convs = [op for op in self.plan.ops[1:] if isinstance(op, ConvOp)]
         sizes = [self.layers[op.name].scratch_size(nhwc[op.inputs[0]]) for op in convs]
+        partial_dtype = torch.int32 if self.format.dtype == torch.int8 else torch.float32
         split_scratch = (
-            torch.empty(max((p for p, _ in sizes), default=1), device=self.device, dtype=torch.int32),
+            torch.empty(max((p for p, _ in sizes), default=1), device=self.device, dtype=partial_dtype),
             torch.zeros(max((c for _, c in sizes), default=1), device=self.device, dtype=torch.int32),
         )
         all_buffers = [*buffers.values(), logits, pooled, *split_scratch]
@@ -184,7 +204,7 @@ class TritonInt8Backend(Backend):
             elif isinstance(op, MaxPoolOp):
                 out = max_pool2d_nhwc(
                     src, kernel_size=op.kernel_size, stride=op.stride, padding=op.padding,
-                    out=values[op.output], out_scale=self.scales.get(op.output),
+                    out=values[op.output], out_scale=self.scales.get(op.output), out_dtype=self.format.dtype,
                 )  # fmt: skip
             else:  # HeadOp (the constructor refused anything else)
                 out = self.layers[op.name](src, out=workspace.logits, pooled=workspace.pooled)
@@ -212,10 +232,10 @@ class TritonInt8Backend(Backend):
         return specs
 
     def _observe(self, observer: Observer | None, op, out: Tensor) -> None:
-        """An observer sees every op's output as the real values it stands for (int8 dequantized)."""
+        """An observer sees every op's output as the real values it stands for (int8/fp8 dequantized)."""
         if observer is None:
             return
-        if out.dtype == torch.int8:
+        if out.dtype == self.format.dtype:
             out = out.float() * self.scales[op.output]
         observer(op.name, out.permute(0, 3, 1, 2) if out.dim() == 4 else out)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 DTYPES = ("fp16", "bf16", "fp32")
-ENGINE_DTYPES = (*DTYPES, "int8")  # int8: the openvino backend, with --calibration
+ENGINE_DTYPES = (*DTYPES, "int8", "fp8")  # with --calibration; fp8: the triton backend on sm_89+
 BACKENDS = ("triton", "torch", "openvino", "reference")
 DEVICES = ("cuda", "cpu")
 

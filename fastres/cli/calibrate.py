@@ -9,9 +9,10 @@ def add_parser(subparsers) -> None:
     p = add_command(
         subparsers,
         "calibrate",
-        help="calibrate int8 on representative images and save the result",
-        description="Quantize MODEL to int8 with calibration images (decoded and preprocessed as\n"
-        "`fastres classify` does; about 300 is the usual budget) and save the calibration, so that\n"
+        help="calibrate int8 (or fp8) on representative images and save the result",
+        description="Quantize MODEL to int8 (--dtype fp8: e4m3, triton on sm_89+) with calibration\n"
+        "images (decoded and preprocessed as `fastres classify` does; about 300 is the usual budget)\n"
+        "and save the calibration, so that\n"
         "`fastres.load(..., dtype='int8', calibration=OUT)`, `fastres serve --dtype int8 --calibration OUT`\n"
         "and `fastres check` reuse it instead of calibrating again. The file names the model, the\n"
         "weights' hash, the method and the image count; it is refused for other weights.",
@@ -27,6 +28,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--limit", type=int, default=300, metavar="N", help="use at most N images (default 300)")
     add_device(p)
     p.add_argument("--backend", choices=BACKENDS, help="default: openvino on the CPU, triton on a GPU")
+    p.add_argument("--dtype", choices=("int8", "fp8"), default="int8", help="quantized format (default int8)")
     add_calibration_method(p)
     p.set_defaults(run=run)
 
@@ -49,14 +51,14 @@ def run(args) -> int:
         args.weights,
         device=args.device,
         backend=args.backend,
-        dtype="int8",
+        dtype=args.dtype,
         calibration=decode_files(files),
         save_calibration=args.out,
         **({"calibration_method": args.calibration_method} if args.calibration_method else {}),
     )
     record = engine.backend.calibration
     print(
-        f"calibrated {record.model} ({record.method}) on {record.images} "
+        f"calibrated {record.model} {record.dtype} ({record.method}) on {record.images} "
         f"image{'s' if record.images != 1 else ''} "
         f"in {time.perf_counter() - start:.1f} s; wrote {args.out}"
         + (f" and {record.artifact}" if record.artifact else " (scales for the triton backend)")

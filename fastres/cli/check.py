@@ -116,10 +116,10 @@ def run(args) -> int:
     from ..testing import make_calibrated_model, random_images
 
     dtype = parse_dtype(args.dtype)
-    int8 = dtype == torch.int8
+    int8 = dtype.itemsize == 1  # int8 or fp8: a calibrated engine, judged by agreement and SQNR
     if int8 and args.calibration is None:
         raise ConfigError(
-            "--dtype int8 needs --calibration (a file from `fastres calibrate`, or an image folder)"
+            f"--dtype {args.dtype} needs --calibration (a file from `fastres calibrate`, or an image folder)"
         )
     options = {"calibration": args.calibration} if int8 else {}
     if int8 and args.calibration_method:

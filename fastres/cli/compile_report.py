@@ -23,7 +23,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("model", help="a model name")
     p.add_argument("--arch", help="sm_90 or sm_80 (also sm_86, sm_89); with --estimate, the GPU's")
     p.add_argument(
-        "--dtype", choices=(*DTYPES, "int8"), help="compute dtype (required; fp16 with --estimate)"
+        "--dtype", choices=(*DTYPES, "int8", "fp8"), help="compute dtype (required; fp16 with --estimate)"
     )
     p.add_argument("--batch", type=int, default=8, metavar="N", help="batch size (default 8)")
     add_image_size(p)

@@ -23,11 +23,10 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
-import torch
-
-from ..api import load, parse_dtype
+from ..api import dtype_name, load, parse_dtype
 from ..calibration import check_record, is_saved_calibration, read_record, weights_hash
 from ..errors import BackendUnavailableError, ConfigError
+from ..quantize import QUANTIZED_DTYPES
 from .config import ServeConfig
 
 # -- the driver: start Ray (or join a cluster), deploy, wait until HTTP answers, shut down ----------
@@ -233,9 +232,9 @@ def _preflight(config: ServeConfig) -> None:
     """Load the model once on this machine's CPU, so that a bad checkpoint, labels file or option
     fails here in one line before Ray starts, not as three replica tracebacks after it."""
     dtype = parse_dtype(config.dtype) if config.dtype is not None else None  # the replicas' dtype
-    if (dtype == torch.int8) != bool(config.calibration):
+    if (dtype in QUANTIZED_DTYPES) != bool(config.calibration):
         raise ConfigError(
-            "--dtype int8 and --calibration go together (make the file with `fastres calibrate`)"
+            "--dtype int8 (or fp8) and --calibration go together (make the file with `fastres calibrate`)"
         )
     if config.calibration and not is_saved_calibration(config.calibration):
         raise ConfigError(
@@ -256,12 +255,16 @@ def _preflight(config: ServeConfig) -> None:
     )
     if config.calibration:
         record = read_record(config.calibration)
+        # The replicas' backend where the options say it (a GPU runs triton), else the record's own.
+        by_device = {"cuda": "triton", "cpu": "openvino"}
+        replica_backend = config.backend or by_device.get(config.device or "", record.backend)
         check_record(
             record,
             config.calibration,
             model=engine.architecture.name,
             weights_sha256=weights_hash(engine.state_dict()),
-            backend="openvino",
+            backend=replica_backend,
+            dtype=dtype_name(dtype),
         )
 
 

@@ -254,7 +254,7 @@ def other_backend_candidates(config: BenchConfig, engine, module, device, dtype)
         device.type != "cpu"
         or config.backend is not None
         or engine.backend_name == "torch"
-        or dtype == torch.int8
+        or dtype.itemsize == 1  # int8 / fp8
     ):
         return []
     try:
@@ -270,7 +270,7 @@ def tuned_candidates(config: BenchConfig, engine, module, device, dtype) -> list
     import fastres
 
     backend = engine.backend
-    if engine.backend_name != "triton" or not backend.tuned:
+    if engine.backend_name != "triton" or not getattr(backend, "tuned", None):  # int8 / fp8: never tuned
         return []
     from ..tuning.keys import batch_bucket
 
@@ -305,11 +305,11 @@ def run_benchmark(config: BenchConfig, on_rows: Callable[[list[dict]], None] | N
     size, batches = config.image_size, list(config.batches)
     gen = torch.Generator().manual_seed(config.seed)
     # int8 engines take float input, and the float anchors then run in float32 (eager has no int8).
-    input_dtype = torch.float32 if dtype == torch.int8 else dtype
+    input_dtype = torch.float32 if dtype.itemsize == 1 else dtype
     first_x = torch.randn(batches[0], 3, size, size, generator=gen).to(device, input_dtype)
 
     # int8: calibrated on random images (the load time includes it); timing does not depend on them.
-    calibration = int8_calibration_images(first_x) if dtype == torch.int8 else None
+    calibration = int8_calibration_images(first_x) if dtype.itemsize == 1 else None
     engine, module, load_times = load_timed(config, device, dtype, first_x, calibration)
     candidates = [
         Candidate("fastres", engine),

@@ -123,14 +123,16 @@ def anchor_candidates(
     compare: Sequence[str],
     calibration: torch.Tensor | None = None,
 ) -> list[Candidate]:
-    """int8 runs: eager and torch.compile in float32 (PyTorch has no int8 conv to time), OpenVINO in
-    int8 quantized by NNCF on the same calibration images as fastres."""
-    float_dtype = torch.float32 if dtype == torch.int8 else dtype
+    """int8 and fp8 runs: eager and torch.compile in float32 (PyTorch has no int8 or fp8 conv to time);
+    OpenVINO in int8 quantized by NNCF on the same calibration images as fastres (it has no fp8 path)."""
+    float_dtype = torch.float32 if dtype.itemsize == 1 else dtype
     out = []
     if "eager" in compare:
         out += eager_candidates(module, device, float_dtype)
     if "compile" in compare:
         out += compile_candidates(module, device, float_dtype)
-    if "openvino" in compare:
+    if "openvino" in compare and dtype == torch.float8_e4m3fn:
+        out.append(Candidate("openvino", _never, error="OpenVINO has no fp8 conv: compare with --dtype int8"))
+    elif "openvino" in compare:
         out += openvino_candidates(module, device, dtype, calibration)
     return out

@@ -90,6 +90,8 @@ def describe_run(rows: list[dict[str, Any]]) -> str:
         + (
             "\nint8: eager and torch.compile run float32 (PyTorch has no int8 conv); openvino is NNCF int8"
             if r["dtype"] == "int8"
+            else "\nfp8: eager and torch.compile run float32 (PyTorch has no fp8 conv)"
+            if r["dtype"] in ("fp8", "float8_e4m3fn")
             else ""
         )
     )

@@ -95,12 +95,15 @@ def collect_specs(
     state_dict = build_resnet(spec, num_classes).state_dict()
     plan = plan_resnet(spec, num_classes, state_dict)
     # Built directly: fastres.load refuses triton on the CPU, but building specs touches no GPU.
-    if dtype == torch.int8:  # scales from two random images: they change no kernel, only its arguments
+    # int8 / fp8: scales from two random images; they change no kernel, only its arguments.
+    if dtype.itemsize == 1:
         from ..backends.triton_int8 import TritonInt8Backend
         from ..testing import random_images
 
+        if dtype == torch.float8_e4m3fn and arch < 89:
+            raise ConfigError(f"fp8 compiles for sm_89 and later (e4m3 tensor cores), not sm_{arch}")
         backend = TritonInt8Backend(
-            plan, "cpu", calibration=random_images(2, 64, 64), model_name=model, weights_sha256=""
+            plan, "cpu", dtype, calibration=random_images(2, 64, 64), model_name=model, weights_sha256=""
         )
     else:
         backend = TritonBackend(plan, "cpu", dtype)
