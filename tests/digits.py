@@ -71,3 +71,23 @@ def accuracy(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor) -> fl
     with torch.inference_mode():
         logits = model(normalize(pixels, IMAGENET_MEAN, IMAGENET_STD).float())
     return (logits.argmax(1) == labels).double().mean().item()
+
+
+@functools.cache
+def quantization_case(calibration_images: int = 48, test_images: int = 64):
+    """What the int8 and fp8 engine tests share: (model, calibration pixels, test pixels, the fp32 top-1
+    of the test pixels, the folded plan)."""
+    import fastres
+
+    model = trained_digits_model()
+    calibration, _ = digit_images(calibration_images, seed=21)
+    test, _ = digit_images(test_images, seed=22)
+    reference = fastres.optimize(model, device="cpu", dtype="fp32", backend="torch")
+    with torch.inference_mode():
+        fp32_top1 = reference(test).argmax(1)
+    return model, calibration, test, fp32_top1, reference.plan
+
+
+def normalised(plan, pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels as the plan's float32 input (its mean and std)."""
+    return normalize(pixels, plan.mean, plan.std).float()

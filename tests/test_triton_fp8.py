@@ -10,13 +10,12 @@ import json
 
 import pytest
 import torch
-from digits import digit_images, trained_digits_model
+from digits import normalised, quantization_case
 from test_quantize import histogram_of
 
 import fastres
 from fastres.calibration import CalibrationMismatchError
 from fastres.errors import ConfigError
-from fastres.graph import normalize
 from fastres.quantize import FP8, INT8, METHODS, activation_scales, quantize_weight, simulate_int8, threshold
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,22 +35,13 @@ ENGINE_MAX_DEVIATION_FROM_SIMULATION = 0.05
 
 @pytest.fixture(scope="module")
 def digits():
-    model = trained_digits_model()
-    calibration, _ = digit_images(CALIBRATION_IMAGES, seed=21)
-    test, _ = digit_images(TEST_IMAGES, seed=22)
-    reference = fastres.optimize(model, device="cpu", dtype="fp32", backend="torch")
-    with torch.inference_mode():
-        fp32_top1 = reference(test).argmax(1)
-    return model, calibration, test, fp32_top1, reference.plan
+    """(model, calibration pixels, test pixels, fp32 top-1 of the test pixels, the folded plan)."""
+    return quantization_case(CALIBRATION_IMAGES, TEST_IMAGES)
 
 
 def fp8_engine(model, calibration, **options):
     options.update(device=DEVICE, dtype="fp8", backend="triton", calibration=calibration)
     return fastres.optimize(model, **options)
-
-
-def normalised(plan, pixels):
-    return normalize(pixels, plan.mean, plan.std).float()
 
 
 def test_the_e4m3_grid_saturates_and_rounds_to_nearest_even():

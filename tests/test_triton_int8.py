@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from digits import digit_images, trained_digits_model
+from digits import normalised, quantization_case, trained_digits_model
 
 import fastres
 from fastres.calibration import CalibrationMismatchError
@@ -30,22 +30,12 @@ ANY_METHOD_MIN_TOP1_AGREEMENT = 0.80
 @pytest.fixture(scope="module")
 def digits():
     """(model, calibration pixels, test pixels, fp32 top-1 of the test pixels, the folded plan)."""
-    model = trained_digits_model()
-    calibration, _ = digit_images(CALIBRATION_IMAGES, seed=21)
-    test, _ = digit_images(TEST_IMAGES, seed=22)
-    reference = fastres.optimize(model, device="cpu", dtype="fp32", backend="torch")
-    with torch.inference_mode():
-        fp32_top1 = reference(test).argmax(1)
-    return model, calibration, test, fp32_top1, reference.plan
+    return quantization_case(CALIBRATION_IMAGES, TEST_IMAGES)
 
 
 def int8_engine(model, calibration, **options):
     options.update(device=DEVICE, dtype="int8", backend="triton", calibration=calibration)
     return fastres.optimize(model, **options)
-
-
-def normalised(plan, pixels):
-    return normalize(pixels, plan.mean, plan.std).float()
 
 
 @pytest.mark.parametrize("method", METHODS)

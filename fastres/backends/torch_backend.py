@@ -40,7 +40,7 @@ _ONEDNN_FUSION: bool | None = None
 
 
 @contextmanager
-def _tf32(allowed: bool):
+def tf32_during(allowed: bool):
     """TF32 for cuDNN convs and cuBLAS matmuls during one call only (PyTorch's switches are global)."""
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     saved = cudnn.allow_tf32, matmul.allow_tf32
@@ -182,7 +182,7 @@ class TorchBackend(Backend):
         # Outside inference mode, no_grad: the results (fresh per call, no workspace) are then ordinary
         # tensors the caller may update in place, e.g. features fed to a decoder.
         no_grad = torch.inference_mode() if torch.is_inference_mode_enabled() else torch.no_grad()
-        with no_grad, _tf32(self.allow_tf32):
+        with no_grad, tf32_during(self.allow_tf32):
             for index, op in enumerate(self.plan.ops):
                 src = values[op.inputs[0]]
                 if index == 0 and pixels:

@@ -15,13 +15,13 @@ is the persistent cache's key.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..backends.torch_backend import tf32_during
 from ..graph import ConvOp
 from ..kernels import ConvConfig
 from .keys import batch_bucket  # noqa: F401  (re-exported: a tactic is chosen per batch bucket)
@@ -86,18 +86,6 @@ def layer_signature(op: ConvOp, input_hw: tuple[int, int], dtype: torch.dtype) -
     return "_".join(parts + epilogue)
 
 
-@contextmanager
-def _tf32(allowed: bool):
-    """PyTorch's TF32 switches (global) set for one call: fp32 means IEEE fp32 unless allow_tf32."""
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    saved = cudnn.allow_tf32, matmul.allow_tf32
-    cudnn.allow_tf32 = matmul.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        cudnn.allow_tf32, matmul.allow_tf32 = saved
-
-
 class CudnnConv:
     """One plan conv run by F.conv2d on NHWC buffers (channels-last views), epilogue as torch ops."""
 
@@ -117,7 +105,7 @@ class CudnnConv:
     def __call__(self, x: Tensor, residual: Tensor | None, out: Tensor, shortcut_input: Tensor | None = None):
         """x, residual, shortcut_input, out: NHWC tensors; writes `out` and returns it."""
         nchw = lambda t: t.permute(0, 3, 1, 2)  # the same memory as a channels-last tensor
-        with torch.no_grad(), _tf32(self.allow_tf32):
+        with torch.no_grad(), tf32_during(self.allow_tf32):
             y = F.conv2d(nchw(x), self.weight, self.bias, self.stride, self.padding, 1, self.groups)
             if self.shortcut_weight is not None:
                 y += F.conv2d(nchw(shortcut_input), self.shortcut_weight, None, self.shortcut_stride)
