@@ -77,6 +77,14 @@ def add_output_stride(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_batches(p: argparse.ArgumentParser) -> None:
+    """--batch N [N ...]: the batch sizes a timing command runs (bench, tune)."""
+    p.add_argument(
+        "--batch", type=int, nargs="+", default=[1, 8, 64, 256], metavar="N",
+        help="batch sizes (default 1 8 64 256)",
+    )  # fmt: skip
+
+
 def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=DEVICES, help="default cuda when available, else cpu")
 

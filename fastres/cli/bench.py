@@ -7,6 +7,7 @@ import sys
 from .args import (
     BACKENDS,
     ENGINE_DTYPES,
+    add_batches,
     add_command,
     add_device,
     add_model_args,
@@ -33,14 +34,7 @@ def add_parser(subparsers) -> None:
         ),
     )
     add_model_args(p, "compute dtype (default fp16 on CUDA, fp32 on the CPU)", ENGINE_DTYPES)
-    p.add_argument(
-        "--batch",
-        type=int,
-        nargs="+",
-        default=[1, 8, 64, 256],
-        metavar="N",
-        help="batch sizes (default 1 8 64 256)",
-    )
+    add_batches(p)
     add_device(p)
     p.add_argument(
         "--compare",

@@ -5,7 +5,16 @@ from __future__ import annotations
 import os
 
 from ..errors import ConfigError
-from .args import DTYPES, UsageError, add_command, add_device, add_image_size, examples, parse_dtype
+from .args import (
+    DTYPES,
+    UsageError,
+    add_batches,
+    add_command,
+    add_device,
+    add_image_size,
+    examples,
+    parse_dtype,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -31,14 +40,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default fp16 on CUDA, fp32 on the CPU)")
     add_image_size(p)
-    p.add_argument(
-        "--batch",
-        type=int,
-        nargs="+",
-        default=[1, 8, 64, 256],
-        metavar="N",
-        help="batch sizes (default 1 8 64 256)",
-    )
+    add_batches(p)
     add_device(p)
     p.add_argument(
         "--budget-s",
