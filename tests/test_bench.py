@@ -170,3 +170,19 @@ def test_a_disturbed_run_is_flagged_under_the_table():
     assert "WARNING: this run was disturbed" in table and "1 row(s)" in table
     loaded = [_row("fastres", 199.0, 205.0, load=3.5)]
     assert "load average reached 3.5 on 2 cores" in bench_report.disturbance_note(loaded, cores=2)
+
+
+@pytest.mark.slow  # plumbing, not a kernel test: not in CI's Triton 3.6 interpreter stage
+def test_bench_runs_a_quantized_triton_engine():
+    """`fastres bench --dtype fp8` on the triton backend (the interpreter here): calibrated on random
+    images, timed beside eager float32; never tuned (a Triton int8 or fp8 engine has no tuned choices,
+    and bench crashed looking for them; int8 takes the same path)."""
+    dtype = torch.float8_e4m3fn
+    config = bench.BenchConfig(
+        "resnet18", batches=[1], device="cpu", dtype=dtype, backend="triton", image_size=32,
+        repeats=1, warmup=0, progress=False, compare=("eager",),
+    )  # fmt: skip
+    rows = {r["candidate"]: r for r in bench.run_benchmark(config).rows}
+    assert set(rows) == {"fastres", "eager", "eager-channels-last"}
+    assert rows["fastres"]["error"] is None and rows["fastres"]["median_ms"] > 0
+    assert rows["fastres"]["backend"] == "triton" and rows["eager"]["error"] is None
