@@ -175,3 +175,24 @@ def test_serve_preflight_checks_an_fp8_record_against_the_replicas_dtype(digits,
         _preflight(ServeConfig("resnet18", dtype="int8", **config))
     with pytest.raises(CalibrationMismatchError, match="the triton backend, not openvino"):
         _preflight(ServeConfig("resnet18", dtype="fp8", **{**config, "device": "cpu"}))
+
+
+def test_cli_check_reports_fp8_agreement_and_per_layer_sqnr(tmp_path, capsys):
+    """`fastres check --dtype fp8 --calibration FILE`: top-1 agreement with the float reference and each
+    layer's SQNR; the exit status follows --min-top1."""
+    from e2e import calibrated
+
+    from fastres.cli import main
+    from fastres.testing import random_images
+
+    model = calibrated("resnet18", 10)
+    weights, path = tmp_path / "w.pth", tmp_path / "fp8.json"
+    torch.save(model.state_dict(), weights)
+    fp8_engine(model, random_images(4, 32, 32, seed=8), save_calibration=path)
+    check = ["check", "resnet18", "--weights", str(weights), "--dtype", "fp8", "--backend", "triton"]
+    check += ["--device", DEVICE, "--calibration", str(path), "--image-size", "32", "--batch", "2"]
+    assert main([*check, "--min-top1", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "top-1 agreement" in text and "float8_e4m3fn" in text and "SQNR" in text, text
+    assert main([*check, "--min-top1", "1.01"]) == 1
+    assert "FAIL: top-1 agreement" in capsys.readouterr().out
