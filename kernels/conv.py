@@ -278,6 +278,7 @@ class ConvLayer:
             APPLY_RELU=self.relu,
             INPUT_PRECISION=self.input_precision,
             QUANTIZED=False,
+            IMPRECISE_ACC=None,
             BLOCK_M=config.block_m,
             BLOCK_N=config.block_n,
             BLOCK_K=config.block_k,

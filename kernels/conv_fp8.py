@@ -7,9 +7,12 @@ in fp32 (split-K partials fp32, summed in slice order) and the epilogue requanti
 instruction (mma.sync m16n8k32 on sm_89, wgmma k32 on sm_90), the same minimum BLOCK_K as int8.
 
 Weights are the caller's e4m3 values with a per-output-channel `dequant_scale` (weight scale x input
-scale, weight scale = max |w| / 448). On sm_90 Triton's default for fp8 dots accumulates in the
-tensor core's own accumulator without promotion (max_num_imprecise_acc), which keeps fewer bits than
-IEEE fp32; the interpreter accumulates exactly in fp32. Only a GPU run can measure that difference.
+scale, weight scale = max |w| / 448). On sm_90 Triton's default for fp8 dots (max_num_imprecise_acc
+2**30) leaves the whole K reduction in wgmma's own accumulator, which keeps fewer bits than IEEE fp32:
+over a 3x3x512 conv's K = 4608 that loses precision. This layer promotes once per K-step instead
+(IMPRECISE_ACC = BLOCK_K: each step's wgmma result is added into the fp32 accumulator), the remedy
+DeepSeek-V3's fp8 GEMMs use at a 128-element interval. The interpreter accumulates exactly in fp32;
+only a GPU run measures what remains.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ class Fp8ConvLayer(Int8ConvLayer):
 
     operand_dtype = torch.float8_e4m3fn
     out_dtypes = FP8_OUT_DTYPES
+
+    def _kernel_args(self, x, residual, out, config, shortcut_input=None, workspace=(None, None)):
+        args, constexprs, grid = super()._kernel_args(x, residual, out, config, shortcut_input, workspace)
+        constexprs["IMPRECISE_ACC"] = config.block_k  # fp32 promotion once per K-step (module docstring)
+        return args, constexprs, grid
 
     def _check_weight(self, weight, what: str) -> None:
         if not isinstance(weight, torch.Tensor) or weight.dtype != torch.float8_e4m3fn or weight.ndim != 4:

@@ -193,6 +193,7 @@ def _conv_kernel(
     APPLY_RELU: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     QUANTIZED: tl.constexpr,  # int8 or fp8 operands with scales: kernels/int8_epilogue.py's epilogue
+    IMPRECISE_ACC: tl.constexpr,  # fp8: K-elements the MMA accumulates before fp32 promotion; else None
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -254,7 +255,10 @@ def _conv_kernel(
                 mask=c_mask[:, None] & n_mask[None, :],
                 other=0.0,
             )
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+            acc = tl.dot(
+                a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype,
+                max_num_imprecise_acc=IMPRECISE_ACC,
+            )
     elif R == 1 and S == 1 and STRIDE == 1 and PAD == 0 and GATHER_CG == 0:
         # GEMM mode: output pixel m reads input pixel m.
         a_rows = x_ptr + offs_m * C_IN + g * CG
@@ -267,7 +271,10 @@ def _conv_kernel(
                 mask=c_mask[:, None] & n_mask[None, :],
                 other=0.0,
             )
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+            acc = tl.dot(
+                a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype,
+                max_num_imprecise_acc=IMPRECISE_ACC,
+            )
         if HAS_SHORTCUT:
             # K-concatenated projection shortcut: a 1x1, stride-STRIDE2 conv of the block input,
             # whose packed weights follow the main ones in B (rows CG .. CG + C_IN2).
@@ -295,7 +302,10 @@ def _conv_kernel(
                     mask=c_mask[:, None] & n_mask[None, :],
                     other=0.0,
                 )
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+                acc = tl.dot(
+                    a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype,
+                    max_num_imprecise_acc=IMPRECISE_ACC,
+                )
     else:
         ow = offs_m % OW
         oh = (offs_m // OW) % OH
@@ -321,7 +331,10 @@ def _conv_kernel(
                     mask=k_mask[:, None] & n_mask[None, :],
                     other=0.0,
                 )
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+                acc = tl.dot(
+                    a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype,
+                    max_num_imprecise_acc=IMPRECISE_ACC,
+                )
         else:
             # Channel-blocked: one flat loop over (tap, channel block) so Triton pipelines a single
             # loop; KC is constexpr, so `step // KC` is a shift (KC a power of two) or a multiply.
@@ -344,7 +357,10 @@ def _conv_kernel(
                     mask=c_mask[:, None] & n_mask[None, :],
                     other=0.0,
                 )
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+                acc = tl.dot(
+                    a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype,
+                    max_num_imprecise_acc=IMPRECISE_ACC,
+                )
 
     out_offs = offs_m[:, None] * C_OUT + offs_co[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
