@@ -25,6 +25,7 @@ from .graph import execute, normalize
 from .labels import load_labels
 from .numerics import relative_error, sqnr_db
 from .planner import Plan, select_outputs
+from .quantize import QUANTIZED_DTYPES
 from .reference import build_resnet
 from .runner import Runner, RunnerCache
 
@@ -379,7 +380,7 @@ class Engine:
             # Eager in the backend's layout: channels-last kernels round differently from NCHW ones.
             memory_format = getattr(self.backend, "memory_format", torch.contiguous_format)
             # Eager PyTorch has no int8 or fp8 convolution: such an engine is shown beside eager float32.
-            eager_dtype = torch.float32 if self.dtype.itemsize == 1 else self.dtype
+            eager_dtype = torch.float32 if self.dtype in QUANTIZED_DTYPES else self.dtype
             eager_model = model.to(self.device, eager_dtype, memory_format=memory_format)
             eager_input = x.to(self.device, eager_dtype).contiguous(memory_format=memory_format)
             eager = eager_model(eager_input).double().cpu()

@@ -296,7 +296,14 @@ def avg_pool_2x2(x: Tensor) -> Tensor:
 
 
 def conv2d_padded(
-    x, weight, bias, stride: int, padding: int, groups: int, pad_value=None, avg_pool: bool = False,
+    x,
+    weight,
+    bias,
+    stride: int,
+    padding: int,
+    groups: int,
+    pad_value=None,
+    avg_pool: bool = False,
     dilation: int = 1,
 ) -> Tensor:
     """F.conv2d, padding with `pad_value` per input channel when given (else zeros); with `avg_pool`
@@ -325,8 +332,15 @@ def execute(ops: list[Op], x: Tensor, observer=None) -> Tensor:
         a = values[op.inputs[0]]
         if isinstance(op, ConvOp):
             y = conv2d_padded(
-                a, cast(op.weight), cast(op.bias), op.stride, op.padding, op.groups, op.pad_value,
-                op.avg_pool, op.dilation,
+                a,
+                cast(op.weight),
+                cast(op.bias),
+                op.stride,
+                op.padding,
+                op.groups,
+                op.pad_value,
+                op.avg_pool,
+                op.dilation,
             )
             if op.shortcut_input is not None:
                 shortcut, weight = values[op.shortcut_input], cast(op.shortcut_weight)

@@ -156,7 +156,12 @@ class ResNet(nn.Module):
             else:
                 layers.append(
                     Bottleneck(
-                        self.inplanes, planes, block_stride, block_down, spec.groups, spec.width_per_group,
+                        self.inplanes,
+                        planes,
+                        block_stride,
+                        block_down,
+                        spec.groups,
+                        spec.width_per_group,
                         first_dilation if i == 0 else dilation,
                     )  # fmt: skip
                 )

@@ -151,8 +151,11 @@ def resolve_dilation(replace_stride_with_dilation=None, output_stride=None) -> t
     if replace_stride_with_dilation is None:
         return None
     flags = replace_stride_with_dilation
-    if isinstance(flags, (str, bytes)) or not hasattr(flags, "__len__") or len(flags) != 3 or not all(
-        isinstance(f, bool) for f in flags
+    if (
+        isinstance(flags, (str, bytes))
+        or not hasattr(flags, "__len__")
+        or len(flags) != 3
+        or not all(isinstance(f, bool) for f in flags)
     ):
         raise ConfigError(
             "replace_stride_with_dilation must be three bools (layer2, layer3, layer4), e.g. "

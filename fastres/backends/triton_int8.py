@@ -49,6 +49,10 @@ from .base import Backend, Observer
 from .triton_backend import _stem_layer
 
 FLOAT_DTYPE = torch.float16  # the stem, the last conv's output and the head
+LAYER_CLASSES: dict[torch.dtype, type[Int8ConvLayer]] = {
+    torch.int8: Int8ConvLayer,
+    torch.float8_e4m3fn: Fp8ConvLayer,
+}
 
 
 def triton_calibration(
@@ -80,8 +84,7 @@ def _conv_layer(op: ConvOp, scales: dict[str, float], device, fmt: QuantFormat) 
     if q_wd is not None:
         shortcut = dict(shortcut_weight=q_wd.to(device), shortcut_stride=op.shortcut_stride)
     out_int8 = op.output in scales
-    layer_class = Fp8ConvLayer if fmt.dtype == torch.float8_e4m3fn else Int8ConvLayer
-    return layer_class(
+    return LAYER_CLASSES[fmt.dtype](
         q_w.to(device),
         factor.to(device),
         None if op.bias is None else op.bias.to(device),
@@ -174,7 +177,8 @@ class TritonInt8Backend(Backend):
         pooled = torch.empty(batch, self.plan.spec.feature_channels, device=self.device, dtype=torch.float32)
         convs = [op for op in self.plan.ops[1:] if isinstance(op, ConvOp)]
         sizes = [self.layers[op.name].scratch_size(nhwc[op.inputs[0]]) for op in convs]
-        partial_dtype = torch.int32 if self.format.dtype == torch.int8 else torch.float32
+        # Every 8-bit layer of one plan shares a format, so any conv's accumulator names the partials' dtype.
+        partial_dtype = self.layers[convs[0].name].acc_dtype if convs else torch.int32
         split_scratch = (
             torch.empty(max((p for p, _ in sizes), default=1), device=self.device, dtype=partial_dtype),
             torch.zeros(max((c for _, c in sizes), default=1), device=self.device, dtype=torch.int32),

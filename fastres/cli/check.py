@@ -9,6 +9,7 @@ import torch
 
 from ..errors import ConfigError, InputError
 from ..numerics import DRIFT_FACTOR, PARITY_FACTOR, PARITY_FLOOR, parity_bound
+from ..quantize import QUANTIZED_DTYPES
 from .args import (
     BACKENDS,
     ENGINE_DTYPES,
@@ -116,7 +117,7 @@ def run(args) -> int:
     from ..testing import make_calibrated_model, random_images
 
     dtype = parse_dtype(args.dtype)
-    int8 = dtype is not None and dtype.itemsize == 1  # int8 or fp8: judged by agreement and SQNR
+    int8 = dtype in QUANTIZED_DTYPES  # int8 or fp8: judged by agreement and SQNR
     if int8 and args.calibration is None:
         raise ConfigError(
             f"--dtype {args.dtype} needs --calibration (a file from `fastres calibrate`, or an image folder)"

@@ -37,6 +37,7 @@ import torch
 
 from ..errors import ConfigError
 from ..progress import Progress
+from ..quantize import QUANTIZED_DTYPES
 from .bench_candidates import (  # noqa: F401  (re-exported: benchmarks/ use them through this module)
     ANCHORS,
     Candidate,
@@ -254,7 +255,7 @@ def other_backend_candidates(config: BenchConfig, engine, module, device, dtype)
         device.type != "cpu"
         or config.backend is not None
         or engine.backend_name == "torch"
-        or dtype.itemsize == 1  # int8 / fp8
+        or dtype in QUANTIZED_DTYPES
     ):
         return []
     try:
@@ -305,11 +306,11 @@ def run_benchmark(config: BenchConfig, on_rows: Callable[[list[dict]], None] | N
     size, batches = config.image_size, list(config.batches)
     gen = torch.Generator().manual_seed(config.seed)
     # int8 engines take float input, and the float anchors then run in float32 (eager has no int8).
-    input_dtype = torch.float32 if dtype.itemsize == 1 else dtype
+    input_dtype = torch.float32 if dtype in QUANTIZED_DTYPES else dtype
     first_x = torch.randn(batches[0], 3, size, size, generator=gen).to(device, input_dtype)
 
     # int8: calibrated on random images (the load time includes it); timing does not depend on them.
-    calibration = int8_calibration_images(first_x) if dtype.itemsize == 1 else None
+    calibration = int8_calibration_images(first_x) if dtype in QUANTIZED_DTYPES else None
     engine, module, load_times = load_timed(config, device, dtype, first_x, calibration)
     candidates = [
         Candidate("fastres", engine),

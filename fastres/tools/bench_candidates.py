@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ..quantize import QUANTIZED_DTYPES
+
 ANCHORS = ("eager", "compile", "openvino")  # what --compare may name
 # reduce-overhead first: it compiles faster, so a --compile-budget that runs out still leaves one anchor.
 _GPU_COMPILE_MODES = ("reduce-overhead", "max-autotune-no-cudagraphs")
@@ -125,7 +127,7 @@ def anchor_candidates(
 ) -> list[Candidate]:
     """int8 and fp8 runs: eager and torch.compile in float32 (PyTorch has no int8 or fp8 conv to time);
     OpenVINO in int8 quantized by NNCF on the same calibration images as fastres (it has no fp8 path)."""
-    float_dtype = torch.float32 if dtype.itemsize == 1 else dtype
+    float_dtype = torch.float32 if dtype in QUANTIZED_DTYPES else dtype
     out = []
     if "eager" in compare:
         out += eager_candidates(module, device, float_dtype)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..quantize import QUANTIZED_DTYPES
 
 ARCHS = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90}
 
@@ -96,7 +97,7 @@ def collect_specs(
     plan = plan_resnet(spec, num_classes, state_dict)
     # Built directly: fastres.load refuses triton on the CPU, but building specs touches no GPU.
     # int8 / fp8: scales from two random images; they change no kernel, only its arguments.
-    if dtype.itemsize == 1:
+    if dtype in QUANTIZED_DTYPES:
         from ..backends.triton_int8 import TritonInt8Backend
         from ..testing import random_images
 

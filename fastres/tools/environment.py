@@ -42,7 +42,14 @@ def cpu_name() -> str:
 
 # The ISA extensions that decide CPU inference speed (bf16 and int8 dot products, AMX tiles).
 _ISA_FLAGS = (
-    "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
+    "avx2",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
 )
 
 
