@@ -77,6 +77,10 @@ def _resolve_device_dtype_backend(device, dtype, backend) -> tuple[torch.device,
         raise BackendUnavailableError(
             "device 'cuda' was requested but torch sees no CUDA GPU; use device='cpu'"
         )
+    if device.type == "cuda" and device.index is None:
+        # Pinned now: weights land on the current device, and a later torch.cuda.set_device must not
+        # move the engine's streams and workspaces away from them.
+        device = torch.device("cuda", torch.cuda.current_device())
     on_gpu = device.type == "cuda"
     if backend is None:
         cpu_default = "openvino" if device.type == "cpu" and openvino_available() else "torch"

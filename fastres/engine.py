@@ -27,7 +27,7 @@ from .numerics import relative_error, sqnr_db
 from .planner import Plan, select_outputs
 from .quantize import QUANTIZED_DTYPES
 from .reference import build_resnet
-from .runner import Runner, RunnerCache
+from .runner import Runner, RunnerCache, device_lock
 
 NORMALIZE_HINT = (
     "pass uint8 pixels (0-255) as they are, the engine normalises them in its first layer; or convert "
@@ -332,7 +332,8 @@ class Engine:
             else:
                 self(torch.randn(batch, 3, h, w, device=self.device))
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            with device_lock(self.device).shared():  # a device-wide sync would break a capture under way
+                torch.cuda.synchronize(self.device)
 
     def state_dict(self) -> dict[str, Tensor]:
         """The checkpoint's tensors this engine was planned from (CPU, unfolded; do not modify)."""

@@ -5,9 +5,15 @@ so tensors created by a first call inside `torch.inference_mode()` can be update
 outside it, and the reverse. Results handed back are ordinary tensors in the caller's mode.
 
 On CUDA every runner-owned tensor is allocated and used on the runner's own stream (captures too,
-so two engines on two devices or threads never share torch's process-wide capture stream); the
-caller's input gets record_stream, and an evicted runner is synchronised before it is dropped, so
-the caching allocator cannot hand its memory to another stream while a replay still reads it.
+so two engines never share torch's process-wide capture stream); the caller's input gets
+record_stream, and an evicted runner is synchronised before it is dropped, so the caching allocator
+cannot hand its memory to another stream while a replay still reads it.
+
+A capture excludes all other fastres GPU work on its device, process-wide (`device_lock`): entering
+torch.cuda.graph synchronises the whole device and empties the allocator's cache, which breaks a
+capture under way in another thread (another engine, an embedder, the tuner), and torch hands out
+its streams from a pool of 32 per device, so two runners' streams can be the same CUDA stream, and
+work queued on a capturing stream would be recorded into the other's graph instead of running.
 
 Capture is injectable: CPU tests pass a plain recorded call in place of torch.cuda.graph.
 
@@ -27,6 +33,70 @@ import torch
 from torch import Tensor
 
 from .backends import Backend
+
+
+class SharedExclusiveLock:
+    """Any number of holders at once (`shared`) or one alone (`exclusive`); a waiting exclusive holder
+    goes before new shared ones. `shared` is re-entrant per thread (a timed call replays a runner)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._exclusive_waiting = 0
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        depth = getattr(self._local, "depth", 0)
+        if depth == 0:
+            with self._cond:
+                while self._exclusive or self._exclusive_waiting:
+                    self._cond.wait()
+                self._shared += 1
+        self._local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth = depth
+            if depth == 0:
+                with self._cond:
+                    self._shared -= 1
+                    if self._shared == 0:
+                        self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        if getattr(self._local, "depth", 0):
+            raise RuntimeError("exclusive inside shared on one thread would wait for itself")
+        with self._cond:
+            self._exclusive_waiting += 1
+            try:
+                while self._exclusive or self._shared:
+                    self._cond.wait()
+            finally:
+                self._exclusive_waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+_device_locks: dict[str, SharedExclusiveLock] = {}
+_device_locks_guard = threading.Lock()
+
+
+def device_lock(device: torch.device | str) -> SharedExclusiveLock:
+    """The process-wide lock of one device: CUDA-graph captures hold it exclusively; launches on
+    runner streams and device-wide synchronisations hold it shared."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    with _device_locks_guard:
+        return _device_locks.setdefault(str(device), SharedExclusiveLock())
 
 
 class Replayable(Protocol):
@@ -56,13 +126,20 @@ class Runner:
         self.device = backend.device
         self.lock = threading.Lock()
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.device_lock = device_lock(self.device)
         self.graph: Replayable | None = None
         self.released = False
-        with torch.inference_mode(), self._on_own_stream():
-            shape = tuple(sample.shape)
-            self.workspace = backend.make_workspace(shape[0], shape[2], shape[3])
+        with torch.inference_mode():
+            with self.device_lock.shared(), self._on_own_stream():
+                shape = tuple(sample.shape)
+                self.workspace = backend.make_workspace(shape[0], shape[2], shape[3])
+                if use_cuda_graph:
+                    self._warm_up(sample)
             if use_cuda_graph:
-                self._capture(sample, capture)
+                with self.device_lock.exclusive(), self._on_own_stream():
+                    self.graph, self.static_output = capture(
+                        lambda: self.backend.run(self.static_input, self.workspace), self.stream
+                    )
 
     @contextlib.contextmanager
     def _on_own_stream(self, x: Tensor | None = None) -> Iterator[None]:
@@ -79,7 +156,7 @@ class Runner:
             yield
         caller.wait_stream(self.stream)
 
-    def _capture(self, sample: Tensor, capture: Capture) -> None:
+    def _warm_up(self, sample: Tensor) -> None:
         # Same shape, dtype and strides as the calls it serves (kernels read the input by its strides).
         self.static_input = torch.empty_like(sample, memory_format=torch.preserve_format)
         if sample.dtype == torch.uint8:
@@ -90,11 +167,12 @@ class Runner:
             self.backend.run(self.static_input, self.workspace)
         if self.stream is not None:
             self.stream.synchronize()
-        self.graph, self.static_output = capture(
-            lambda: self.backend.run(self.static_input, self.workspace), self.stream
-        )
 
     def __call__(self, x: Tensor) -> Tensor:
+        with self.device_lock.shared():
+            return self._call(x)
+
+    def _call(self, x: Tensor) -> Tensor:
         if self.graph is None and self.workspace is None:  # stateless: the caller's mode is fine
             with self._on_own_stream(x):
                 out = self.backend.run(x, None)
@@ -128,7 +206,7 @@ class Runner:
     def release(self) -> None:
         """Called on eviction: wait for a call in progress and for the stream's queued work, so the
         memory freed when the last reference goes is idle (a thread still holding it drains again)."""
-        with self.lock:
+        with self.lock, self.device_lock.shared():
             if self.stream is not None:
                 self.stream.synchronize()
             self.released = True

@@ -191,3 +191,16 @@ def test_tf32_is_opt_in_and_never_left_switched():
     assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
     with pytest.raises(ValueError, match="allow_tf32"):
         fastres.optimize(model, device="cpu", backend="torch", dtype="fp16", allow_tf32=True)
+
+
+def test_a_cuda_device_without_an_index_is_pinned_to_the_current_one(monkeypatch):
+    """Weights land on the current device at load; a later torch.cuda.set_device must not move the
+    engine's streams and workspaces away from them."""
+    from fastres import api
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    device, _, _ = api._resolve_device_dtype_backend("cuda", "fp16", "torch")
+    assert device == torch.device("cuda", 3)
+    device, _, _ = api._resolve_device_dtype_backend("cuda:1", "fp16", "torch")
+    assert device == torch.device("cuda", 1)

@@ -1,10 +1,12 @@
 """The graph runner on the CPU, with capture replaced by a plain recorded call."""
 
 import threading
+import time
 
+import pytest
 import torch
 
-from fastres.runner import Runner, RunnerCache
+from fastres.runner import Runner, RunnerCache, SharedExclusiveLock, device_lock
 
 
 class DoublingBackend:
@@ -80,3 +82,94 @@ def test_eviction_waits_for_a_call_in_progress():
     runner.lock.release()
     released.join(5)
     assert runner.released
+
+
+def _wait_until(predicate, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_shared_holders_overlap_and_an_exclusive_one_is_alone():
+    lock = SharedExclusiveLock()
+    inside, most_shared, events = [0], [0], []
+    release_shared = threading.Event()
+
+    def shared_holder():
+        with lock.shared():
+            inside[0] += 1
+            most_shared[0] = max(most_shared[0], inside[0])
+            assert release_shared.wait(10)
+            inside[0] -= 1
+
+    def exclusive_holder():
+        with lock.exclusive():
+            events.append(("exclusive", inside[0]))
+
+    readers = [threading.Thread(target=shared_holder, daemon=True) for _ in range(3)]
+    for t in readers:
+        t.start()
+    _wait_until(lambda: inside[0] == 3)
+    writer = threading.Thread(target=exclusive_holder, daemon=True)
+    writer.start()
+    _wait_until(lambda: lock._exclusive_waiting == 1)
+    late = threading.Thread(target=shared_holder, daemon=True)  # arrives while the exclusive one waits
+    late.start()
+    time.sleep(0.05)
+    assert events == [] and inside[0] == 3  # the exclusive holder waits, and the late reader behind it
+    release_shared.set()
+    for t in (*readers, writer, late):
+        t.join(10)
+        assert not t.is_alive()
+    assert most_shared[0] == 3 and events == [("exclusive", 0)]
+
+
+def test_shared_is_reentrant_and_exclusive_inside_it_is_refused():
+    lock = SharedExclusiveLock()
+    waiting = threading.Thread(target=lambda: lock.exclusive().__enter__(), daemon=True)
+    with lock.shared():
+        waiting.start()
+        _wait_until(lambda: lock._exclusive_waiting == 1)
+        with lock.shared():  # a waiting exclusive holder must not block this thread's own nesting
+            pass
+        with pytest.raises(RuntimeError, match="wait for itself"):
+            with lock.exclusive():
+                pass
+    waiting.join(10)
+    assert not waiting.is_alive()
+
+
+def test_a_capture_excludes_every_other_runner_on_its_device():
+    """Entering torch.cuda.graph synchronises the device, and runners' pooled streams may coincide:
+    no other runner may launch while one captures."""
+    capturing, may_finish = threading.Event(), threading.Event()
+
+    def blocking_capture(forward, stream):
+        capturing.set()
+        assert may_finish.wait(10)
+        return Recorded(forward), forward()
+
+    x = torch.randn(2, 3, 4, 5)
+    warm = Runner(WorkspaceBackend(), x, use_cuda_graph=True, capture=recorded_capture)
+    builder = threading.Thread(
+        target=lambda: Runner(WorkspaceBackend(), x, use_cuda_graph=True, capture=blocking_capture),
+        daemon=True,
+    )
+    builder.start()
+    assert capturing.wait(10)
+    results = []
+    caller = threading.Thread(target=lambda: results.append(warm(x)), daemon=True)
+    caller.start()
+    time.sleep(0.05)
+    assert results == []  # waits for the capture
+    may_finish.set()
+    for t in (builder, caller):
+        t.join(10)
+        assert not t.is_alive()
+    assert torch.equal(results[0], x * 2)
+
+
+def test_device_lock_is_one_per_device():
+    assert device_lock("cpu") is device_lock(torch.device("cpu"))
+    assert device_lock("cpu") is not device_lock("meta")

@@ -22,6 +22,8 @@ from typing import Any, Protocol
 
 import torch
 
+from ..runner import device_lock
+
 
 class Timer(Protocol):
     def __call__(self, fn: Callable[[], Any], what: str) -> float: ...
@@ -38,6 +40,12 @@ class CudaTimer:
             self.flush = torch.empty(max(2 * l2, 1 << 20), dtype=torch.uint8, device=device)
 
     def __call__(self, fn: Callable[[], Any], what: str) -> float:
+        # Shared with other fastres work on the device: its closing device-wide sync must not fall
+        # inside another thread's CUDA-graph capture.
+        with device_lock(self.device).shared():
+            return self._time(fn)
+
+    def _time(self, fn: Callable[[], Any]) -> float:
         for _ in range(self.warmup):
             fn()
         events = [
