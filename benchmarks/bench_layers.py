@@ -10,7 +10,9 @@ as time, TFLOP/s and GB/s:
 Each fastres row also carries the performance model's estimate for that launch (`est_ms`, from
 `fastres.tools.estimate`, GPU model picked from the device name with the real SM count, kernel time
 without the CUDA-graph node gap) and `est_over_measured`; the script prints the model's median error per
-layer kind, so the first GPU run calibrates the estimator.
+layer kind, so the first GPU run calibrates the estimator. The estimates (an AOT compile and a SASS read
+each) are made after all the timing, and the script appends every row to a .jsonl file as it is
+measured (every estimate to a .estimates.jsonl), so a run stopped by a time limit keeps what it measured.
 
 FLOPs are the useful 2*MACs of the convolution; bytes are the minimum traffic, input + weights + output
 (+ residual), in the compute dtype -- the same count for both implementations, so GB/s compares like
@@ -24,10 +26,12 @@ As a script (writes CSV and JSON):  python benchmarks/bench_layers.py --batch 64
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,80 +176,120 @@ def estimate_ms(shape: ConvShape, dtype: torch.dtype, fused: bool, gpu) -> float
         return None
 
 
-def compare_layers(
+def layer_work(model: str, batch: int, image_size: int) -> list[tuple[str, ConvShape]]:
+    """(comparison, shape) for both comparisons, in the order they are measured."""
+    work = [("conv", s) for s in distinct_convs(model, batch, image_size)]
+    return work + [
+        ("conv+residual+relu", s) for s in distinct_convs(model, batch, image_size, residual_only=True)
+    ]
+
+
+def time_layers(
     model: str = "resnet50",
     batch: int = 64,
     dtype: torch.dtype = torch.float16,
     image_size: int = 224,
     progress: bool = True,
+    rep_ms: int = 100,
+    on_row=None,
 ) -> list[dict]:
-    """Both comparisons on every distinct shape; one row per (comparison, shape, implementation)."""
+    """Both comparisons on every distinct shape, timed; one row per (comparison, shape, implementation).
+    `on_row(row)` sees each row as soon as it is measured; the estimate columns are filled in later. A
+    layer that raises is printed as FAILED and has no rows."""
     from triton.testing import do_bench
 
     env = environment.environment(torch.device("cuda"))
     elem = torch.empty((), dtype=dtype).element_size()
-    work = [("conv", s) for s in distinct_convs(model, batch, image_size)]
-    work += [("conv+residual+relu", s) for s in distinct_convs(model, batch, image_size, residual_only=True)]
-    rows = []
-    gpu = gpu_model()
+    work = layer_work(model, batch, image_size)
+    rows, failed = [], []
     bar = Progress(len(work), f"{model} layers", progress)
     try:
         for comparison, shape in work:
             fused = comparison != "conv"
-            ours, cudnn, error = layer_callables(shape, dtype, fused)
-            timings = {}
-            with torch.inference_mode(), bench.cudnn_benchmark(True):
-                for impl, fn in (("fastres", ours), ("cudnn", cudnn)):
-                    timings[impl] = do_bench(fn, quantiles=QUANTILES)
-            est = estimate_ms(shape, dtype, fused, gpu)
-            for impl, (median, p20, p80) in timings.items():
-                ours_est = est if impl == "fastres" else None
-                rows.append(
-                    {
-                        **env,
-                        "model": model,
-                        "dtype": str(dtype).replace("torch.", ""),
-                        "comparison": comparison,
-                        "layer": shape.label,
-                        "first_op": shape.name,
-                        "uses": shape.count,
-                        "batch": batch,
-                        "impl": impl,
-                        "median_ms": median,
-                        "p20_ms": p20,
-                        "p80_ms": p80,
-                        "tflops": shape.flops() / (median * 1e-3) / 1e12,
-                        "gbps": shape.bytes_moved(elem, fused) / (median * 1e-3) / 1e9,
-                        "speedup_vs_cudnn": timings["cudnn"][0] / median,
-                        "rel_error_vs_cudnn": error,
-                        "est_ms": ours_est,
-                        "est_over_measured": None if ours_est is None else ours_est / median,
-                        "est_gpu_model": gpu.name if ours_est is not None else None,
-                    }
-                )
             bar.update()
+            try:
+                ours, cudnn, error = layer_callables(shape, dtype, fused)
+                timings = {}
+                with torch.inference_mode(), bench.cudnn_benchmark(True):
+                    for impl, fn in (("fastres", ours), ("cudnn", cudnn)):
+                        timings[impl] = do_bench(fn, rep=rep_ms, quantiles=QUANTILES)
+            except Exception as exc:  # one layer that fails to build or run: said, and the others go on
+                print(f"bench_layers: FAILED {comparison} {shape.label}: {bench.one_line(exc)}", flush=True)
+                failed.append(shape.label)
+                continue
+            for impl, (median, p20, p80) in timings.items():
+                row = {
+                    **env,
+                    "model": model,
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "comparison": comparison,
+                    "layer": shape.label,
+                    "first_op": shape.name,
+                    "uses": shape.count,
+                    "batch": batch,
+                    "impl": impl,
+                    "median_ms": median,
+                    "p20_ms": p20,
+                    "p80_ms": p80,
+                    "tflops": shape.flops() / (median * 1e-3) / 1e12,
+                    "gbps": shape.bytes_moved(elem, fused) / (median * 1e-3) / 1e9,
+                    "speedup_vs_cudnn": timings["cudnn"][0] / median,
+                    "rel_error_vs_cudnn": error,
+                    "est_ms": None,
+                    "est_over_measured": None,
+                    "est_gpu_model": None,
+                }
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
     finally:
         bar.close()
     return rows
 
 
-def format_rows(rows: list[dict]) -> str:
+def add_estimates(rows: list[dict], image_size: int = 224, on_estimate=None) -> None:
+    """The performance model's estimate beside each fastres row (an AOT compile and a SASS read per
+    layer: after the timing, so that a run out of time still has every measurement)."""
+    gpu, shapes = gpu_model(), {}
+    for row in rows:
+        if row["impl"] != "fastres":
+            continue
+        fused, at = row["comparison"] != "conv", (row["model"], row["batch"])
+        if at not in shapes:
+            shapes[at] = {(c, s.label): s for c, s in layer_work(*at, image_size)}
+        shape = shapes[at][row["comparison"], row["layer"]]
+        est = estimate_ms(shape, getattr(torch, row["dtype"]), fused, gpu)
+        if est is not None:
+            row.update(est_ms=est, est_over_measured=est / row["median_ms"], est_gpu_model=gpu.name)
+        if on_estimate is not None:
+            on_estimate(row)
+
+
+def format_row(r: dict) -> str:
+    est, ratio = r.get("est_ms"), r.get("est_over_measured")
+    return (
+        f"{r['comparison']:<20} {r['layer']:<28} {r['impl']:<8} {r['median_ms']:>10.4f} "
+        f"{r['tflops']:>8.1f} {r['gbps']:>8.0f} {r['speedup_vs_cudnn']:>8.2f} "
+        f"{_opt(est, '.4f'):>8} {_opt(ratio, '.2f'):>8}"
+    )
+
+
+def table_header() -> str:
     columns = ("median ms", "TFLOP/s", "GB/s", "x cuDNN", "est ms", "est/meas")
     header = f"{'comparison':<20} {'layer':<28} {'impl':<8} {columns[0]:>10} " + " ".join(
         f"{c:>8}" for c in columns[1:]
     )
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        est, ratio = r.get("est_ms"), r.get("est_over_measured")
-        lines.append(
-            f"{r['comparison']:<20} {r['layer']:<28} {r['impl']:<8} {r['median_ms']:>10.4f} "
-            f"{r['tflops']:>8.1f} {r['gbps']:>8.0f} {r['speedup_vs_cudnn']:>8.2f} "
-            f"{_opt(est, '.4f'):>8} {_opt(ratio, '.2f'):>8}"
-        )
-    lines += ["", "estimate (fastres.tools.estimate) / measured, median per layer kind (1.00 = exact):"]
-    lines += [
-        f"  {kind}: {ratio:.2f} over {n} layers" for kind, (ratio, n) in estimate_error_by_kind(rows).items()
-    ]
+    return f"{header}\n{'-' * len(header)}"
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = [table_header(), *map(format_row, rows)]
+    for title, key in (
+        ("fastres speed-up over cuDNN (cuDNN ms / fastres ms)", "speedup_vs_cudnn"),
+        ("estimate (fastres.tools.estimate) / measured (1.00 = exact)", "est_over_measured"),
+    ):
+        lines += ["", f"{title}, median per layer kind:"]
+        lines += [f"  {kind}: {v:.2f} over {n} layers" for kind, (v, n) in median_by_kind(rows, key).items()]
     return "\n".join(lines)
 
 
@@ -253,14 +297,19 @@ def _opt(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def estimate_error_by_kind(rows: list[dict]) -> dict[str, tuple[float, int]]:
-    """Median estimate/measured ratio of the fastres rows, per (comparison, kernel size) kind."""
+def median_by_kind(rows: list[dict], key: str) -> dict[str, tuple[float, int]]:
+    """Median of `key` over the fastres rows that have it, per (comparison, kernel size) kind."""
     groups: dict[str, list[float]] = {}
     for r in rows:
-        if r.get("est_over_measured") is not None:
+        if r.get(key) is not None and r.get("impl", "fastres") == "fastres":
             kind = f"{r['comparison']} {r['layer'].split('_')[0]}"
-            groups.setdefault(kind, []).append(r["est_over_measured"])
+            groups.setdefault(kind, []).append(r[key])
     return {k: (statistics.median(v), len(v)) for k, v in sorted(groups.items())}
+
+
+def estimate_error_by_kind(rows: list[dict]) -> dict[str, tuple[float, int]]:
+    """Median estimate/measured ratio of the fastres rows, per (comparison, kernel size) kind."""
+    return median_by_kind(rows, "est_over_measured")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--rep-ms", type=int, default=100, help="do_bench's timing window per call (ms)")
+    parser.add_argument("--no-estimate", action="store_true", help="measurements only, no model estimate")
     parser.add_argument("--out", default="fastres-results")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -276,14 +327,43 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from fastres.api import parse_dtype
 
-    rows = compare_layers(args.model, args.batch, parse_dtype(args.dtype), args.image_size)
-    print(format_rows(rows))
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    paths, _ = bench_report.write_results(
-        rows, args.out, f"layers_{args.model}_b{args.batch}_{args.dtype}_{stamp}", plot=False
-    )
+    stem = f"layers_{args.model}_b{args.batch}_{args.dtype}_{stamp}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Each row is appended (and printed) as it is measured, each estimate as it is made: a run stopped
+    # by a time limit leaves all it measured in the .jsonl files; CSV and JSON come at the end.
+    with (
+        open(out / f"{stem}.jsonl", "a") as measured,
+        open(out / f"{stem}.estimates.jsonl", "a") as estimated,
+    ):
+
+        def append(file, row, keys=None):
+            file.write(json.dumps(row if keys is None else {k: row[k] for k in keys}) + "\n")
+            file.flush()
+
+        def measured_row(row):
+            append(measured, row)
+            print(format_row(row), flush=True)
+
+        print(table_header(), flush=True)
+        dtype = parse_dtype(args.dtype)
+        rows = time_layers(args.model, args.batch, dtype, args.image_size, False, args.rep_ms, measured_row)
+        if not args.no_estimate:
+            keys = (
+                "comparison",
+                "layer",
+                "impl",
+                "median_ms",
+                "est_ms",
+                "est_over_measured",
+                "est_gpu_model",
+            )
+            add_estimates(rows, args.image_size, on_estimate=lambda row: append(estimated, row, keys))
+    print(format_rows(rows))
+    paths, _ = bench_report.write_results(rows, out, stem, plot=False)
     print("wrote " + ", ".join(map(str, paths)))
-    return 0
+    return 0 if len(rows) == 2 * len(layer_work(args.model, args.batch, args.image_size)) else 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,136 +1,383 @@
 #!/usr/bin/env bash
-# The one-call GPU check: everything worth recording from a few minutes on a GPU machine.
+# The one prepared command for a lent GPU machine: everything worth recording from a few minutes on it.
 #
-#   benchmarks/gpu_check.sh [--dry-run]
+#   FASTRES_GIT_REV=<sha> bash benchmarks/gpu_check.sh [--dry-run] [--only STAGE,STAGE...]
 #
-# For a machine with no package registry (torch, Triton and Python preinstalled): installs fastres
-# without network, prints the GPU and versions, runs the CUDA-graph smoke checks (gpu_smoke.py), the GPU
-# tests, the model benchmarks, `fastres tune` (rule vs tuned per layer), the per-layer conv benchmark with the performance model's estimate beside each layer, and the model's full-network
-# estimate for this card at batch 1 and 256 (estimate/*.json; the sm_90/sm_80 compile reports run in CI). Logs, CSV, JSON and plots go to $OUT when set, else
-# ./gpu-check-results/. Each stage has its own time budget (timeout) and a failing stage does not stop
-# the next; the budgets add up to under 8 minutes. A short summary table (stage, status, seconds) is
-# printed last.
+# The device machine runs a copy of the tree without .git: FASTRES_GIT_REV is the revision every result
+# row records (the versions stage prints it). Made for a machine without package registry or network
+# (torch, Triton, pytest preinstalled): installs fastres (and checks that fastres.kernels imports from
+# elsewhere), prints the GPU and versions, runs the CUDA-graph smoke checks (gpu_smoke.py), the GPU tests,
+# the model benchmarks, the per-layer conv benchmark, the model's estimate for this card, `fastres tune`,
+# and last, when time is left, ResNet-50 at batch 1 against torch.compile.
 #
-# --dry-run, or no GPU visible to torch: the GPU stages skip with a message, the install and version
-# stages run, so the control flow can be tested anywhere.
+# Results: all of it goes into a work folder ($GPU_CHECK_DIR, default ./gpu-check-results/; a full run
+# first empties the one it made before). With $OUT set (the folder that comes back from the device, at
+# most 8 files), after every stage the work folder is packed into $OUT/gpu-check.tar.gz and the stage
+# table so far written to $OUT/summary.txt, so a hung stage or a session that ends early still returns
+# what was measured. Stdout stays short (per stage its command and last lines; the full logs are in the
+# tarball), and the summary comes last: stages with status and seconds, smoke and test failures, the
+# benchmark tables, self-check warnings.
+#
+# Time: one total deadline, $GPU_CHECK_DEADLINE_S (default 520 s from the start: the device command may
+# run ~540 s). A stage's time limit is its budget or the time left before the deadline, whichever is less;
+# with under 10 s left it is skipped, "skip(no time)". At its limit a stage gets SIGINT (Python and
+# pytest print where they were and their summary), SIGKILL 5 s later. Budgets in seconds, for a fresh
+# machine where Triton compiles every kernel once (~0.3 s each, one thread per process):
+#   install 15, versions 10  pip install -e without network; nvidia-smi, versions, git revision
+#   smoke 90                 first: the CUDA-graph path's known failure modes (issue 19); it compiles
+#                            resnet18's and resnet50's fp16 kernels, which later stages find cached
+#   pytest-gpu 110           ~180 GPU tests, ~230 kernels: 8 pytest-xdist workers (else 3 processes)
+#   bench-resnet50 40        batches 1 8 64 256 against eager (torch.compile does not build in time)
+#   bench-resnet18 25, int8-resnet18 25, fp8-resnet18 20: a first speed point per dtype
+#   layers-resnet50 45       per conv against cuDNN, rows saved as measured, estimates after the timing
+#   estimate-resnet50 30     the performance model at batch 1 and 256, both at once
+#   tune-resnet50 45         rule vs tuned config per layer (a 20 s search)
+#   compile-resnet50 90      optional, last, only when the deadline leaves its whole budget: batch 1
+#                            against torch.compile in reduce-overhead mode (the quickest to build)
+# They add up to 545 s, more than the deadline: a warm Triton cache makes the early stages shorter, and
+# what runs out of time is the optional last stage.
+#
+# --only smoke,pytest-gpu  only these stages (install always runs): rerun one that ran out of time while
+#                          the machine is warm; the rows of earlier runs stay in the summary, "(earlier)".
+# --dry-run                (and where torch sees no CUDA GPU, said loudly in the summary) the GPU stages
+#                          skip with their command; install and versions run: the control flow, anywhere.
+# FASTRES_CACHE is the work folder's fastres-cache/ (self-check verdicts and tune results come back);
+# the GPU tests make fastres's SelfCheckWarning an error (tests/conftest.py), and the summary lists any
+# a log shows: the self-check quietly moving a layer to cuDNN must not hide a Triton bug.
 set -u
-cd "$(dirname "$0")/.."
-unset TRITON_INTERPRET  # kernels must be compiled for the GPU, never interpreted
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+unset TRITON_INTERPRET          # kernels must be compiled for the GPU, never interpreted
+export PYTHONUNBUFFERED=1       # a stage killed at its limit keeps all it printed
 
-OUT_DIR="${OUT:-./gpu-check-results}"
-mkdir -p "$OUT_DIR"
-OUT_DIR="$(cd "$OUT_DIR" && pwd)"
-PY="$(command -v python || command -v python3)"
-GRACE=5  # seconds between SIGTERM and SIGKILL when a stage runs over its budget
+PY="$(command -v python3 || command -v python)"
+GRACE=5                         # seconds between SIGINT and SIGKILL at a stage's limit
+MIN_STAGE_S=10                  # a stage with less time than this is skipped
+DEADLINE_S="${GPU_CHECK_DEADLINE_S:-520}"
 START=$(date +%s)
+WORK="${GPU_CHECK_DIR:-./gpu-check-results}"
+OUT_DIR="${OUT:-}"
+TAIL_LINES=8                    # log lines per stage on stdout
 
-DRY_RUN=0
-for arg in "$@"; do
-  case "$arg" in
-    --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
-    *) echo "gpu_check: unknown argument $arg (use --dry-run or nothing)" >&2; exit 2 ;;
-  esac
-done
-if [ "$DRY_RUN" = 0 ] && [ "$(timeout 60 "$PY" -c 'import torch; print(torch.cuda.is_available())' 2>/dev/null)" != "True" ]; then
-  echo "gpu_check: torch sees no CUDA GPU: dry run (GPU stages skip)"
-  DRY_RUN=1
-fi
-
-# name, budget in seconds, needs a GPU (1/0). The budgets, plus the kill grace per stage, stay under 480 s.
-# The smoke stage comes first: it answers the CUDA-graph path's known failure modes (issue 19) even when
-# a later stage runs long, and it compiles resnet18's and resnet50's fp16 kernels, which later stages then
-# find in Triton's cache. The GPU tests get the largest share of the rest.
+# name, budget in seconds, needs a GPU (1/0), optional (runs only if its whole budget is left)
 STAGES=(
   "install 15 0"
-  "versions 15 0"
-  "smoke 100 1"
-  "pytest-gpu 90 1"
-  "bench-resnet50 60 1"
-  "bench-resnet18 15 1"
+  "versions 10 0"
+  "smoke 90 1"
+  "pytest-gpu 110 1"
+  "bench-resnet50 40 1"
+  "bench-resnet18 25 1"
   "int8-resnet18 25 1"
   "fp8-resnet18 20 1"
-  "layers-resnet50 20 1"
-  "estimate-resnet50 20 1"
+  "layers-resnet50 45 1"
+  "estimate-resnet50 30 1"
   "tune-resnet50 45 1"
+  "compile-resnet50 90 1 optional"
 )
-total=0
-for s in "${STAGES[@]}"; do set -- $s; total=$((total + $2 + GRACE)); done
-echo "gpu_check: ${#STAGES[@]} stages, budgets + ${GRACE} s kill grace each = ${total} s (limit 480 s); dry run: $DRY_RUN"
-echo "gpu_check: results in $OUT_DIR"
 
+DRY_RUN=0 ONLY="" NO_CUDA="" INSTALL_FAILED="" LEFT_OUT="" FAILED=0
+RAN=" "                         # the stages this invocation ran or skipped, space-separated
+
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
+
+stage_names() { for s in "${STAGES[@]}"; do set -- $s; echo "$1"; done; }
+
+parse_args() {
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --dry-run) DRY_RUN=1 ;;
+      --only)
+        [ $# -ge 2 ] || { echo "gpu_check: --only needs STAGE,STAGE..." >&2; exit 2; }
+        ONLY="$2"; shift ;;
+      --only=*) ONLY="${1#--only=}" ;;
+      -h|--help) usage; exit 0 ;;
+      *) echo "gpu_check: unknown argument $1 (use --dry-run, --only STAGE,... or nothing)" >&2; exit 2 ;;
+    esac
+    shift
+  done
+  local name
+  for name in ${ONLY//,/ }; do
+    stage_names | grep -qx -- "$name" || {
+      echo "gpu_check: unknown stage $name in --only (stages: $(stage_names | tr '\n' ' '))" >&2; exit 2; }
+  done
+}
+
+selected() { [ -z "$ONLY" ] || [ "$1" = install ] || [[ ",$ONLY," == *",$1,"* ]]; }
+
+init_work() {
+  mkdir -p "$WORK" && WORK="$(cd "$WORK" && pwd)" || exit 2
+  # A full run starts from an empty folder, but only one this script made (it leaves a marker).
+  if [ -z "$ONLY" ] && [ -e "$WORK/.gpu-check" ]; then find "$WORK" -mindepth 1 -delete; fi
+  mkdir -p "$WORK/status" && touch "$WORK/.gpu-check"
+  export FASTRES_CACHE="$WORK/fastres-cache"
+  if [ -n "$OUT_DIR" ]; then mkdir -p "$OUT_DIR" && OUT_DIR="$(cd "$OUT_DIR" && pwd)" || exit 2; fi
+  Q_PY=$(printf %q "$PY") Q_WORK=$(printf %q "$WORK")
+  XDIST=0 PYTEST_TIMEOUT=""
+  "$PY" -c "import xdist" 2>/dev/null && XDIST=1
+  "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT="--timeout 60"  # dumps a hung test's stacks
+}
+
+probe_cuda() {
+  [ "$DRY_RUN" = 1 ] && return 0
+  local probe
+  probe=$(timeout 60 "$PY" - 2>&1 <<'EOF'
+import torch
+ok = torch.cuda.is_available()
+print(f"cuda available: {ok}; torch {torch.__version__} built for CUDA {torch.version.cuda}; "
+      f"{torch.cuda.device_count()} device(s)")
+if not ok:
+    torch.cuda.init()  # raises with the reason (driver, library, visible devices)
+EOF
+)
+  echo "$probe" | sed 's/^/gpu_check: /' | tail -n 20
+  if ! grep -q "^cuda available: True" <<<"$probe"; then
+    NO_CUDA="torch sees no CUDA GPU ($(grep -v '^\s*$' <<<"$probe" | tail -n 1 | cut -c1-200))"
+    DRY_RUN=1
+  fi
+}
+
+read -r -d '' VERSIONS_PY <<'EOF'
+import importlib.util, os, sys
+import torch, triton
+import fastres
+from fastres.tools.environment import git_revision
+
+print("python", sys.version.split()[0], "| torch", torch.__version__, "cuda", torch.version.cuda, "| triton",
+      triton.__version__, "| fastres", fastres.__version__, "from", os.path.dirname(fastres.__file__))
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"gpu: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+          f"{p.total_memory / 2**30:.0f} GiB, {torch.cuda.device_count()} device(s); {os.cpu_count()} CPUs")
+else:
+    print(f"gpu: none visible to torch; {os.cpu_count()} CPUs")
+have = [m for m in ("xdist", "pytest_timeout", "matplotlib", "timm") if importlib.util.find_spec(m)]
+print("python packages present:", ", ".join(have) or "none of xdist, pytest_timeout, matplotlib, timm")
+print("git_rev recorded in result rows:",
+      git_revision() or "None (no git checkout: run as FASTRES_GIT_REV=<sha> bash benchmarks/gpu_check.sh)")
+EOF
+
+read -r -d '' GPU_NAME_PY <<'EOF'
+import torch
+from fastres.tools.estimate import gpu_for_device_name
+p = torch.cuda.get_device_properties(0)
+print(gpu_for_device_name(p.name) or ("h100" if p.major >= 9 else "a100"), p.multi_processor_count)
+EOF
+
+# The command of a stage, run by `bash -c` in the repository root; $2 is its time limit.
 stage_cmd() {
+  local bench="$Q_PY -m fastres bench" pytest="$Q_PY -m pytest -m gpu -p no:cacheprovider -rfE -v"
+  pytest="$pytest --durations=20 $PYTEST_TIMEOUT"
   case "$1" in
-    install) echo "$PY -m pip install --no-deps --no-build-isolation --no-index -q -e ." ;;
-    versions) echo "(nvidia-smi || echo 'nvidia-smi: not available'); $PY -m fastres --version; \
-$PY -c 'import sys, torch, triton; print(\"python\", sys.version.split()[0], \"| torch\", torch.__version__, \
-\"cuda\", torch.version.cuda, \"| triton\", triton.__version__)'; git rev-parse --short HEAD 2>/dev/null || true" ;;
-    smoke) echo "$PY benchmarks/gpu_smoke.py" ;;
-    # Three pytest processes at once: a fresh machine spends most of this stage compiling Triton kernels,
-    # one at a time per process, and the GPU machine has cores to spare. Each gets its own timeout so
-    # no orphan outlives the stage.
-    pytest-gpu) echo "pids=(); i=0; for group in tests/test_conv.py tests/test_triton_backend.py \
+    # Exit status 3: pip failed; 4: fastres.kernels does not import from elsewhere (from /tmp).
+    install) echo "$Q_PY -m pip install --no-deps --no-build-isolation --no-index -q -e . || exit 3; \
+cd /tmp && $Q_PY -c 'import fastres.kernels, fastres; print(\"fastres\", fastres.__version__, \"imports from\", \
+fastres.__file__)' || { echo 'gpu_check: fastres.kernels does not import after the install: \
+every GPU stage would fail'; exit 4; }" ;;
+    versions) echo "(nvidia-smi || echo 'nvidia-smi: not available'); $Q_PY -c $(printf %q "$VERSIONS_PY")" ;;
+    smoke) echo "$Q_PY benchmarks/gpu_smoke.py" ;;
+    # One process per test module would pay the start-up 50 times; xdist spreads the tests over 8 workers
+    # (16 cores: Triton compiles on one thread per process). Without xdist, three pytest processes, each
+    # with its own limit: background jobs of a script ignore SIGINT, and a timeout gives it back.
+    pytest-gpu)
+      if [ "$XDIST" = 1 ]; then
+        echo "$pytest -n 8 --dist load tests"
+      else
+        echo "pids=(); i=0; for group in tests/test_conv.py tests/test_triton_backend.py \
 'tests --ignore=tests/test_conv.py --ignore=tests/test_triton_backend.py'; do i=\$((i + 1)); \
-timeout $(( $2 - 10 )) $PY -m pytest -m gpu -q -p no:cacheprovider \$group >\"$OUT_DIR/pytest-gpu-\$i.log\" 2>&1 & \
-pids+=(\$!); done; rc=0; for p in \${pids[@]}; do wait \$p; r=\$?; [ \$r = 0 ] || [ \$r = 5 ] || rc=\$r; done; \
-tail -n 12 '$OUT_DIR'/pytest-gpu-*.log; exit \$rc" ;;
-    bench-resnet50) echo "$PY -m fastres bench resnet50 --batch 1 8 64 256 --dtype fp16 --compare eager,compile \
---compile-budget 40 --no-progress --out '$OUT_DIR/bench'" ;;
-    bench-resnet18) echo "$PY -m fastres bench resnet18 --batch 1 64 --no-progress --out '$OUT_DIR/bench'" ;;
-    # The int8 Triton engine (calibrated on random images, percentile): its kernels compile here, so
-    # batch 64 only, a few repeats: a first speed point and a check that every int8 kernel builds and runs.
-    int8-resnet18) echo "$PY -m fastres bench resnet18 --batch 64 --dtype int8 --repeats 10 --no-progress \
---out '$OUT_DIR/bench-int8'" ;;
-    # The same for fp8 (e4m3, sm_89+): the kernels' first run on fp8 tensor cores.
-    fp8-resnet18) echo "$PY -m fastres bench resnet18 --batch 64 --dtype fp8 --repeats 10 --no-progress \
---out '$OUT_DIR/bench-fp8'" ;;
-    layers-resnet50) echo "$PY benchmarks/bench_layers.py --model resnet50 --batch 64 --dtype fp16 --out '$OUT_DIR/layers'" ;;
-    # The model's estimate for the bench stage's batches, this card's name and SM count (kernels come
-    # from Triton's cache by now). An estimate, written beside the measurements to calibrate the model.
-    # Per-layer tactic selection on this card (issue 14): rule config vs the chosen one per layer, times
-    # measured, in the log; the cache it writes (rule_ms, tuned_ms per layer and batch) lands in $OUT.
-    tune-resnet50) echo "FASTRES_CACHE='$OUT_DIR/tune-cache' $PY -m fastres tune resnet50 --batch 1 256 --dtype fp16 \
---budget-s 20 --no-progress" ;;
-    estimate-resnet50) echo "set -- \$($PY -c 'import torch; from fastres.tools.estimate import gpu_for_device_name as g; \
-p = torch.cuda.get_device_properties(0); print(g(p.name) or (\"h100\" if p.major >= 9 else \"a100\"), p.multi_processor_count)'); \
-rc=0; for b in 1 256; do $PY -m fastres compile-report resnet50 --estimate --batch \$b --gpu \$1 --assume sms=\$2 \
---no-progress --out '$OUT_DIR/estimate' || rc=1; done; exit \$rc" ;;
+timeout --foreground -s INT -k 3 $(( $2 - 8 > 5 ? $2 - 8 : $2 )) $pytest \$group \
+>$Q_WORK/pytest-gpu-\$i.log 2>&1 & pids+=(\$!); done; rc=0; for p in \${pids[@]}; do wait \$p; r=\$?; \
+[ \$r = 0 ] || [ \$r = 5 ] || rc=\$r; done; for f in $Q_WORK/pytest-gpu-*.log; do echo \"--- \$f\"; \
+grep -E '^(FAILED|ERROR) |^=+ .* in [0-9.]+s' \$f; done; exit \$rc"
+      fi ;;
+    bench-resnet50) echo "$bench resnet50 --batch 1 8 64 256 --dtype fp16 --compare eager --no-progress \
+--out $Q_WORK/bench" ;;
+    bench-resnet18) echo "$bench resnet18 --batch 1 64 --no-progress --out $Q_WORK/bench" ;;
+    # The int8 Triton engine (calibrated on random images): batch 64 only, a few repeats: a first speed
+    # point and a check that every int8 kernel builds and runs. Then the same for fp8 (e4m3, sm_89+).
+    int8-resnet18|fp8-resnet18) echo "$bench resnet18 --batch 64 --dtype ${1%%-*} --repeats 10 --no-progress \
+--out $Q_WORK/bench-${1%%-*}" ;;
+    layers-resnet50) echo "$Q_PY benchmarks/bench_layers.py --model resnet50 --batch 64 --dtype fp16 --rep-ms 40 \
+--out $Q_WORK/layers" ;;
+    # The model's estimate for this card's name and SM count, written beside the measurements to calibrate
+    # it; the two batches compile their kernels at the same time.
+    estimate-resnet50) echo "set -- \$($Q_PY -c $(printf %q "$GPU_NAME_PY")); [ \$# = 2 ] || exit 1; pids=(); \
+for b in 1 256; do $Q_PY -m fastres compile-report resnet50 --estimate --batch \$b --gpu \$1 --assume sms=\$2 \
+--no-progress --out $Q_WORK/estimate >$Q_WORK/estimate-b\$b.log 2>&1 & pids+=(\$!); done; rc=0; \
+for p in \${pids[@]}; do wait \$p || rc=1; done; for b in 1 256; do echo \"--- batch \$b\"; \
+tail -n 12 $Q_WORK/estimate-b\$b.log; done; exit \$rc" ;;
+    # Per-layer tactic selection on this card (issue 14): rule config vs the chosen one per layer; the
+    # cache it writes (rule_ms, tuned_ms per layer and batch) is in fastres-cache/.
+    tune-resnet50) echo "$Q_PY -m fastres tune resnet50 --batch 1 256 --dtype fp16 --budget-s 20 \
+--no-progress" ;;
+    # The issue's ">= 1.5x torch.compile at batch 1" point: one compile mode, the quickest to build.
+    compile-resnet50) echo "$bench resnet50 --batch 1 --dtype fp16 --compare eager,compile \
+--compile-modes reduce-overhead --no-progress --out $Q_WORK/bench-compile" ;;
   esac
 }
 
-SUMMARY=()
-for s in "${STAGES[@]}"; do
-  set -- $s
-  name=$1 budget=$2 gpu=$3
-  log="$OUT_DIR/$name.log"
-  echo
-  echo "=== $name (budget ${budget} s) ==="
-  if [ "$gpu" = 1 ] && [ "$DRY_RUN" = 1 ]; then
-    echo "SKIP: dry run (no GPU); would run: $(stage_cmd "$name" "$budget")" | tee "$log"
-    SUMMARY+=("$name|skip|0|$budget")
-    continue
-  fi
-  cmd=$(stage_cmd "$name" "$budget")
-  echo "+ $cmd"
-  t0=$(date +%s)
-  timeout --kill-after="$GRACE" "$budget" bash -c "$cmd" >"$log" 2>&1
-  rc=$?
-  secs=$(( $(date +%s) - t0 ))
-  case $rc in
-    0) status=ok ;;
-    124|137) status=TIMEOUT ;;
-    5) [ "$name" = pytest-gpu ] && status="ok(no tests)" || status="FAIL(rc=5)" ;;
-    *) status="FAIL(rc=$rc)" ;;
+stage_status() {  # name, exit status
+  case "$1:$2" in
+    *:0) echo ok ;;
+    *:124) echo TIMEOUT ;;
+    *:137) echo "TIMEOUT(killed)" ;;
+    pytest-gpu:5) echo "ok(no tests)" ;;
+    install:3) echo "FAIL(pip)" ;;
+    install:4) echo "FAIL(import)" ;;
+    *) echo "FAIL(rc=$2)" ;;
   esac
-  tail -n 40 "$log"
-  SUMMARY+=("$name|$status|$secs|$budget")
-done
+}
 
-echo
-echo "=== summary (logs, CSV, JSON, plots in $OUT_DIR) ==="
-printf '%-18s %-14s %8s %8s\n' stage status seconds budget
-for row in "${SUMMARY[@]}"; do
-  IFS='|' read -r name status secs budget <<<"$row"
-  printf '%-18s %-14s %8s %8s\n' "$name" "$status" "$secs" "$budget"
-done
-printf '%-18s %-14s %8s\n' total "" "$(( $(date +%s) - START ))"
+run_stage() {  # name, budget, needs a GPU, optional
+  local name=$1 budget=$2 gpu=$3 optional=${4:-} log="$WORK/$1.log"
+  local left=$(( START + DEADLINE_S - $(date +%s) )) limit status secs=0 rc cmd
+  limit=$(( left - GRACE < budget ? left - GRACE : budget ))
+  [ "$limit" -ge 0 ] || limit=0
+  echo
+  echo "=== $name (budget ${budget} s, limit ${limit} s; ${left} s to the deadline) ==="
+  cmd=$(stage_cmd "$name" "$limit")
+  if [ "$limit" -lt "$MIN_STAGE_S" ] || { [ -n "$optional" ] && [ "$limit" -lt "$budget" ]; }; then
+    status="skip(no time)"
+    echo "SKIP: ${left} s left before the deadline; would run: $cmd" >"$log"
+    cut -c1-240 "$log"
+  elif [ "$gpu" = 1 ] && [ "$DRY_RUN" = 1 ]; then
+    status=skip
+    echo "SKIP: dry run (no GPU); would run: $cmd" >"$log"
+    cut -c1-240 "$log"
+  else
+    printf '+ %s\n' "$cmd" >"$log"
+    head -n 1 "$log" | cut -c1-240
+    local t0=$(date +%s)
+    timeout -s INT -k "$GRACE" "$limit" bash -c "$cmd" >>"$log" 2>&1
+    rc=$?
+    secs=$(( $(date +%s) - t0 ))
+    status=$(stage_status "$name" "$rc")
+    tail -n +2 "$log" | tail -n "$TAIL_LINES" | cut -c1-240
+  fi
+  [[ "$status" == FAIL* || "$status" == TIMEOUT* ]] && FAILED=1
+  [ "$name" = install ] && [[ "$status" == FAIL* ]] && INSTALL_FAILED="$status"
+  echo "--> $name: $status (${secs} s)"
+  printf '%s|%s|%s|%s\n' "$status" "$secs" "$limit" "$budget" >"$WORK/status/$name"
+  RAN+="$name "
+  write_summary
+  pack
+}
+
+# What the summary shows of a stage's log (each line cut short): the lines that answer something.
+pytest_logs() { tail -q -n +2 "$WORK/pytest-gpu.log" "$WORK"/pytest-gpu-*.log 2>/dev/null; }
+
+highlights() {
+  local name=$1 log="$WORK/$1.log"
+  [ -f "$log" ] || return 0
+  case "$name" in
+    install) tail -n +2 "$log" | grep -E "^fastres |gpu_check:|rror" | head -n 8 ;;
+    versions) grep -E "^(python |gpu: |git_rev |python packages )" "$log" ;;
+    smoke) grep -E "^(PASS|FAIL|gpu_smoke)" "$log" ;;
+    pytest-gpu)  # the -rfE lines with their reasons; from a killed run only the -v lines, test ids
+      local failed
+      failed=$(pytest_logs | grep -E "^(FAILED|ERROR) " | sort -u)
+      [ -n "$failed" ] || failed=$(pytest_logs | grep -oE "(FAILED|ERROR) tests/[^ ]+|tests/[^ ]+ (FAILED|ERROR)" \
+        | sort -u)
+      [ -z "$failed" ] || head -n 20 <<<"$failed"
+      echo "-v lines: $(pytest_logs | grep -cE "(\] | )PASSED") passed, $(pytest_logs | grep -cE "(\] | )FAILED") failed," \
+        "$(pytest_logs | grep -cE "(\] | )SKIPPED") skipped, $(pytest_logs | grep -cE "(\] | )ERROR") errors"
+      pytest_logs | grep -cE "^\+{5,} Timeout" | sed '/^0$/d; s/$/ tests hit the 60 s pytest-timeout/'
+      pytest_logs | grep -E "^=+ .*(passed|failed|skipped|error|no tests ran|interrupted).*=+$" ;;
+    bench-*|int8-*|fp8-*|compile-*) grep -E "^ {0,4}[0-9]+  [a-z]|^fastres: error|^saved the rows" "$log" ;;
+    layers-*) grep -E "FAILED|median per layer kind|^  conv" "$log" ;;
+    estimate-*) cat "$WORK"/estimate-b*.log 2>/dev/null | grep -E "^ESTIMATE band|rror" ;;
+    *) tail -n +2 "$log" | tail -n 6 ;;
+  esac | cut -c1-160
+}
+
+# The summary: per stage the lines that answer something, self-check warnings, then the stage table
+# last, so that it survives however much of stdout is cut from the front.
+summary_text() {
+  local now kind="GPU run" s name status secs limit budget note warned loud=""
+  now=$(date +%s)
+  [ "$DRY_RUN" = 1 ] && kind="DRY RUN"
+  [ -n "$NO_CUDA" ] && loud+="!!! NOTHING WAS MEASURED ON A GPU: $NO_CUDA; ran as a dry run !!!"$'\n'
+  [ -n "$INSTALL_FAILED" ] && loud+="!!! INSTALL $INSTALL_FAILED: fastres does not install or import; \
+the GPU stages fail at import !!!"$'\n'
+  echo "gpu_check summary, $(date -u +%Y-%m-%dT%H:%M:%SZ): $kind, $(( now - START )) s of the ${DEADLINE_S} s \
+deadline${ONLY:+, --only $ONLY}; results in $WORK${OUT_DIR:+, packed into $OUT_DIR/gpu-check.tar.gz}"
+  printf '%s' "$loud"
+  for s in "${STAGES[@]}"; do
+    set -- $s
+    [[ "$RAN" == *" $1 "* ]] && [ -f "$WORK/status/$1" ] || continue
+    IFS='|' read -r status _ <"$WORK/status/$1"
+    [[ "$status" == skip* ]] && continue
+    echo "--- $1: $status"
+    highlights "$1"
+    [[ "$status" == ok* ]] || tail -n +2 "$WORK/$1.log" | tail -n 3 | cut -c1-160
+  done
+  [ -n "$LEFT_OUT" ] && echo "!!! left out of the tarball (over 1 MiB each; it was over 15 MiB): $LEFT_OUT"
+  warned=$(find "$WORK" -name '*.log' -exec grep -hE "SelfCheckWarning|SELF-CHECK FAILED" {} + 2>/dev/null \
+    | cut -c1-200 | sort | uniq -c | sort -rn | head -n 6)
+  if [ -n "$warned" ]; then
+    echo "!!! SelfCheckWarning in the logs (the self-check moved layers to cuDNN or the engine to torch):"
+    echo "$warned"
+  else
+    echo "self-check: no SelfCheckWarning in any log"
+  fi
+  echo
+  printf '%-18s %-16s %8s %6s %7s\n' stage status seconds limit budget
+  for s in "${STAGES[@]}"; do
+    set -- $s
+    name=$1 note=""
+    if [ -f "$WORK/status/$name" ]; then
+      IFS='|' read -r status secs limit budget <"$WORK/status/$name"
+      [[ "$RAN" == *" $name "* ]] || note="(earlier)"
+    elif selected "$name"; then
+      status=pending secs=- limit=- budget=$2
+    else
+      status="-" secs=- limit=- budget=$2 note="(not in --only)"
+    fi
+    printf '%-18s %-16s %8s %6s %7s%s\n' "$name" "$status" "$secs" "$limit" "$budget" "${note:+ $note}"
+  done
+  printf '%s' "$loud"
+}
+
+write_summary() {
+  summary_text >"$WORK/summary.txt"
+  [ -z "$OUT_DIR" ] || cp "$WORK/summary.txt" "$OUT_DIR/summary.txt"
+}
+
+# The work folder into $OUT as one tarball, under a temporary name first: a kill mid-write leaves the
+# previous tarball whole. The device returns files up to 16 MiB: over 15 MiB, big files are left out.
+pack() {
+  [ -n "$OUT_DIR" ] || return 0
+  local tmp="$OUT_DIR/gpu-check.tar.gz.tmp" top parent exclude
+  top=$(basename "$WORK") parent=$(dirname "$WORK") exclude=$(mktemp)
+  tar -czf "$tmp" -C "$parent" "$top" 2>/dev/null
+  if [ "$(stat -c %s "$tmp" 2>/dev/null || echo 0)" -gt $(( 15 * 1024 * 1024 )) ]; then
+    (cd "$parent" && find "$top" -type f -size +1M) >"$exclude"
+    LEFT_OUT=$(tr '\n' ' ' <"$exclude")
+    write_summary
+    tar -czf "$tmp" -C "$parent" -X "$exclude" "$top" 2>/dev/null
+  fi
+  rm -f "$exclude"
+  mv -f "$tmp" "$OUT_DIR/gpu-check.tar.gz" || echo "gpu_check: could not write $OUT_DIR/gpu-check.tar.gz"
+}
+
+main() {
+  parse_args "$@"
+  init_work
+  probe_cuda
+  echo "gpu_check: ${#STAGES[@]} stages, deadline ${DEADLINE_S} s; dry run: $DRY_RUN; work folder $WORK;" \
+    "returned: ${OUT_DIR:-nothing (OUT not set)}; xdist: $XDIST; pytest-timeout: ${PYTEST_TIMEOUT:-none}"
+  local s
+  for s in "${STAGES[@]}"; do
+    set -- $s
+    selected "$1" && run_stage "$@"
+  done
+  write_summary
+  pack
+  echo
+  echo "=== summary (also $WORK/summary.txt${OUT_DIR:+, $OUT_DIR/summary.txt}) ==="
+  cat "$WORK/summary.txt"
+  return "$FAILED"  # 1 when a stage of this run failed or ran out of time
+}
+
+# Sourced (tests): the functions only.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  main "$@"
+fi

@@ -7,11 +7,14 @@ benchmarks/gpu_check.sh as its first GPU stage (issue 19's smoke list):
   close to the torch backend, and the split-K counters all zero afterwards;
 - warm-up captures runners under (shape, dtype, stride) keys;
 - a 2-byte-offset input view against an aligned copy of it;
-- two engines capturing concurrently from two threads on their own streams (two devices when present).
+- two engines capturing concurrently from two threads on their own streams (two devices when present),
+  last: the threads are daemons joined for at most 30 s, so a capture deadlock fails the check (and the
+  process exits at once) instead of hanging the stage past its time limit.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -24,6 +27,7 @@ from fastres.numerics import LAYER_RTOL, relative_error
 from fastres.testing import make_calibrated_model, random_images
 
 RESULTS: list[tuple[str, bool, str]] = []
+JOIN_S = 30  # a concurrent capture that takes longer is taken for a deadlock
 
 
 def check(fn):
@@ -107,11 +111,14 @@ def concurrent_captures():
         except Exception as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(2)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + JOIN_S
     for t in threads:
-        t.join(timeout=120)
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    stuck = [i for i, t in enumerate(threads) if t.is_alive()]
+    assert not stuck, f"engines {stuck} still capturing after {JOIN_S} s: a capture deadlock?"
     assert not errors, errors
     for i in range(2):
         again = engines[i](inputs[i])
@@ -128,14 +135,19 @@ def main() -> int:
         inference_mode_then_outside,
         warmup_keys,
         offset_view_matches_aligned_copy,
-        concurrent_captures,
         resnet50_replays_and_counters,
+        concurrent_captures,  # last: a deadlock here leaves threads that may hold the GPU
     ):
         check(fn)
     failed = [name for name, ok, _ in RESULTS if not ok]
-    print(f"gpu_smoke: {len(RESULTS) - len(failed)} passed, {len(failed)} failed {failed or ''}")
+    print(f"gpu_smoke: {len(RESULTS) - len(failed)} passed, {len(failed)} failed {failed or ''}", flush=True)
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if any(t.daemon and t.is_alive() for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # a thread stuck in a capture: no interpreter shutdown (CUDA teardown may hang)
+    sys.exit(code)

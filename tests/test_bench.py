@@ -8,6 +8,8 @@ import torch
 from helpers import BENCH_ROW_COLUMNS
 
 from fastres.backends.openvino_backend import openvino_available
+from fastres.cli import main
+from fastres.errors import ConfigError
 from fastres.tools import bench, bench_report, environment
 
 openvino = pytest.importorskip("openvino") if openvino_available() else None
@@ -186,3 +188,89 @@ def test_bench_runs_a_quantized_triton_engine():
     assert set(rows) == {"fastres", "eager", "eager-channels-last"}
     assert rows["fastres"]["error"] is None and rows["fastres"]["median_ms"] > 0
     assert rows["fastres"]["backend"] == "triton" and rows["eager"]["error"] is None
+
+
+def test_compile_modes_choose_the_torch_compile_anchors(monkeypatch):
+    modes = []
+
+    def fake_compile(module, mode=None, **kwargs):
+        modes.append(mode)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    config = bench.BenchConfig(
+        "resnet18", batches=[1], device="cpu", image_size=32, compare=["compile"], backend="torch",
+        compile_modes=["reduce-overhead"], repeats=1, warmup=0, progress=False,
+    )  # fmt: skip
+    rows = bench.run_benchmark(config).rows
+    assert modes == ["reduce-overhead"]
+    assert [r["candidate"] for r in rows] == ["fastres", "compile-reduce-overhead"]
+    assert rows[1]["error"] is None and rows[1]["median_ms"] > 0
+
+
+@pytest.mark.parametrize(
+    "compare, modes, message",
+    [
+        (["compile"], ["reduce-overhaed"], "--compile-modes takes default, reduce-overhead"),
+        (["eager"], ["reduce-overhead"], "--compile-modes needs compile in --compare"),
+    ],
+)
+def test_bad_compile_modes_are_refused_before_any_work(compare, modes, message):
+    config = bench.BenchConfig("resnet18", device="cpu", compare=compare, compile_modes=modes)
+    with pytest.raises(ConfigError, match=message):
+        bench.run_benchmark(config)
+
+
+def test_compile_modes_on_the_command_line(capsys):
+    argv = [
+        "bench",
+        "resnet18",
+        "--device",
+        "cpu",
+        "--compare",
+        "eager",
+        "--compile-modes",
+        "reduce-overhead",
+    ]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == "fastres: error: --compile-modes needs compile in --compare\n"
+
+
+def test_a_bench_stopped_mid_run_leaves_csv_and_json_of_what_it_measured(capsys, tmp_path, monkeypatch):
+    """SIGINT (gpu_check.sh's time limit) during batch 2's timing: batch 1's rows are on disk, and
+    batch 2's first calls as provisional rows; the table so far is printed, exit status 130."""
+    timed = []
+
+    def interrupted_on_the_second_batch(*args, **kwargs):
+        timed.append(1)
+        if len(timed) == 2:
+            raise KeyboardInterrupt
+        return measure(*args, **kwargs)
+
+    measure = bench.measure_interleaved
+    monkeypatch.setattr(bench, "measure_interleaved", interrupted_on_the_second_batch)
+    argv = ["bench", "resnet18", "--device", "cpu", "--batch", "1", "2", "--image-size", "32", "--repeats",
+            "2", "--warmup", "0", "--backend", "torch", "--compare", "eager", "--no-progress",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 130
+    out = capsys.readouterr().out
+    assert "saved the rows so far" in out and bench.PENDING in out
+    (json_path,), (csv_path,) = tmp_path.glob("*.json"), tmp_path.glob("*.csv")
+    rows = json.loads(json_path.read_text())
+    with open(csv_path) as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    names = ["fastres", "eager", "eager-channels-last"]
+    assert [(r["batch"], r["candidate"]) for r in rows] == [(b, c) for b in (1, 2) for c in names]
+    assert all(r["error"] is None and r["median_ms"] > 0 for r in rows[:3])
+    assert all(r["error"] == bench.PENDING and r["median_ms"] is None for r in rows[3:])
+    assert all(r["first_result_s"] > 0 for r in rows)
+    assert not list(tmp_path.glob("*.png"))  # the plot is drawn at the end only
+
+
+def test_git_revision_falls_back_to_fastres_git_rev_outside_git(monkeypatch):
+    """A copy of the tree without .git (gpu_check.sh on a lent GPU machine) records $FASTRES_GIT_REV."""
+    monkeypatch.setattr(environment, "_run", lambda cmd, cwd=None: None)
+    monkeypatch.setenv("FASTRES_GIT_REV", "abc1234")
+    assert environment.git_revision() == "abc1234"
+    monkeypatch.delenv("FASTRES_GIT_REV")
+    assert environment.git_revision() is None

@@ -62,6 +62,12 @@ def add_parser(subparsers) -> None:
         help="stop starting torch.compile work once it has taken S seconds in all",
     )
     p.add_argument(
+        "--compile-modes",
+        metavar="LIST",
+        help="with --compare ...,compile: torch.compile modes, comma-separated (default on CUDA "
+        "reduce-overhead,max-autotune-no-cudagraphs, on the CPU default)",
+    )
+    p.add_argument(
         "--out",
         default="fastres-results",
         metavar="DIR",
@@ -75,10 +81,9 @@ def run(args) -> int:
     from ..tools.bench import BenchConfig, run_benchmark
     from ..tools.bench_report import describe_run, format_table, result_stem, write_results
 
-    compare = (
-        None
-        if args.compare is None
-        else [c.strip() for c in args.compare.split(",") if c.strip() and c.strip() != "none"]
+    compare, modes = (
+        None if text is None else [c.strip() for c in text.split(",") if c.strip() and c.strip() != "none"]
+        for text in (args.compare, args.compile_modes)
     )
     config = BenchConfig(
         model=args.model,
@@ -92,16 +97,25 @@ def run(args) -> int:
         repeats=args.repeats,
         warmup=args.warmup,
         compile_budget_s=args.compile_budget,
+        compile_modes=modes,
         progress=not args.no_progress,
     )
     stem: list[str] = []
+    latest: list[dict] = []
 
-    def save_partial(rows) -> None:  # after every batch size: a killed run still leaves its results
+    def save_partial(rows) -> None:  # after every candidate and batch: a killed run leaves its results
         if not stem:
             stem.append(result_stem(rows[0]["model"], rows[0]["device"], rows[0]["dtype"]))
         write_results(rows, args.out, stem[0], plot=False)
+        latest[:] = rows
 
-    rows = run_benchmark(config, on_rows=save_partial).rows
+    try:
+        rows = run_benchmark(config, on_rows=save_partial).rows
+    except KeyboardInterrupt:  # SIGINT from a time limit: what was measured, before exit status 130
+        if latest:
+            print(format_table(latest), flush=True)
+            print(f"saved the rows so far in {args.out}/{stem[0]}.csv and .json", flush=True)
+        raise
     print(describe_run(rows))
     print(format_table(rows))
     paths, note = write_results(rows, args.out, stem[0])

@@ -42,6 +42,7 @@ from .bench_candidates import (  # noqa: F401  (re-exported: benchmarks/ use the
     ANCHORS,
     Candidate,
     anchor_candidates,
+    check_compile_modes,
     cudnn_benchmark,
     one_line,
 )
@@ -146,6 +147,8 @@ class BenchConfig:
     repeats: int | None = None  # 50 on CUDA, 10 on the CPU
     warmup: int | None = None  # 5 on CUDA, 2 on the CPU
     compile_budget_s: float | None = None  # skip further torch.compile work once exceeded
+    compile_modes: Sequence[str] | None = None  # torch.compile modes (default: reduce-overhead and
+    # max-autotune-no-cudagraphs on CUDA, default on the CPU)
     seed: int = 0
     progress: bool = True
 
@@ -195,6 +198,7 @@ def resolve_device_dtype(config: BenchConfig) -> tuple[torch.device, torch.dtype
         raise ConfigError(
             f"--compare takes {', '.join(ANCHORS)} (comma-separated), got {', '.join(sorted(unknown))}"
         )
+    check_compile_modes(config.compile_modes, config.compare)
     if not config.batches or any(b < 1 for b in config.batches):
         raise ConfigError(f"batch sizes must be at least 1, got {list(config.batches)}")
     if config.image_size < 32:
@@ -288,8 +292,14 @@ def tuned_candidates(config: BenchConfig, engine, module, device, dtype) -> list
     return [Candidate("fastres (rules)", rules), Candidate("fastres (tuned)", engine)]
 
 
+# The error of a provisional row: on_rows saw it after the candidate's first call, before the timing.
+PENDING = "not timed: the run stopped after this candidate's first call"
+
+
 def run_benchmark(config: BenchConfig, on_rows: Callable[[list[dict]], None] | None = None) -> BenchResult:
-    """Measure fastres against its anchors; `on_rows` gets all rows so far after each batch size."""
+    """Measure fastres against its anchors. `on_rows` gets all rows so far after each batch size, and
+    after each candidate's first call the finished rows plus provisional ones for the batch under way
+    (error PENDING, `first_result_s` set: for torch.compile, its compile time)."""
     from ..specs import MODEL_SPECS, get_spec
 
     device, dtype = resolve_device_dtype(config)
@@ -316,7 +326,7 @@ def run_benchmark(config: BenchConfig, on_rows: Callable[[list[dict]], None] | N
         Candidate("fastres", engine),
         *other_backend_candidates(config, engine, module, device, dtype),
         *tuned_candidates(config, engine, module, device, dtype),
-        *anchor_candidates(module, device, dtype, config.compare, calibration),
+        *anchor_candidates(module, device, dtype, config.compare, calibration, config.compile_modes),
     ]
     backend_of = {c.name: c.fn.backend_name for c in candidates if c.name.startswith("fastres")}
     names = [c.name for c in candidates]
@@ -343,6 +353,45 @@ def run_benchmark(config: BenchConfig, on_rows: Callable[[list[dict]], None] | N
     progress = Progress(
         len(batches) * len(candidates) * (repeats + warmup + 1), f"bench {config.model}", config.progress
     )
+
+    def batch_rows(batch, stats, first, memory, batch_errors) -> list[dict[str, Any]]:
+        out = []
+        for name in names:
+            row = {**base, "candidate": name, "batch": batch, "backend": backend_of.get(name)}
+            st = stats.get(name)
+            row.update(
+                {
+                    "median_ms": st.median_ms if st else None,
+                    "p90_ms": st.p90_ms if st else None,
+                    "min_ms": st.min_ms if st else None,
+                    "samples": st.samples if st else 0,
+                    "throughput_img_s": batch / (st.median_ms / 1e3) if st else None,
+                    "first_result_s": first.get(name),
+                    "peak_mem_mb": memory[name][0] if name in memory else None,
+                    "mem_method": memory[name][1] if name in memory else None,
+                    "cold_load_s": load_times[0] if name == "fastres" else None,
+                    "warm_load_s": load_times[1] if name == "fastres" else None,
+                }
+            )
+            ours = stats.get("fastres")
+            # fastres_speedup: this row's median / fastres's median (how much faster fastres is than it).
+            row["fastres_speedup"] = st.median_ms / ours.median_ms if st and ours else None
+            for anchor in anchors:
+                other = stats.get(anchor)
+                row[f"speedup_vs_{anchor}"] = (
+                    other.median_ms / ours.median_ms if name == "fastres" and other and ours else None
+                )
+            row["error"] = batch_errors.get(name)
+            out.append(row)
+        return out
+
+    def provisional(batch, first) -> None:
+        """Rows so far, and this batch's candidates reached so far: a killed run leaves what it measured."""
+        if on_rows is not None:
+            pending = {n: PENDING for n in first if n not in errors}
+            reached = [r for r in batch_rows(batch, {}, first, {}, {**errors, **pending}) if r["error"]]
+            on_rows(rows + reached)
+
     try:
         for batch in batches:
             x = (
@@ -379,6 +428,7 @@ def run_benchmark(config: BenchConfig, on_rows: Callable[[list[dict]], None] | N
                     except Exception as exc:  # torch.compile failures and the like: a row, not a crash
                         errors[cand.name] = one_line(exc)
                     progress.update(warmup + 1)
+                    provisional(batch, first)
                 live = {c.name: (lambda c=c, x=x: c.fn(x)) for c in candidates if c.name not in errors}
                 samples, failed = measure_interleaved(live, repeats, timer, progress.update)
                 memory = {}
@@ -387,33 +437,7 @@ def run_benchmark(config: BenchConfig, on_rows: Callable[[list[dict]], None] | N
                         memory[cand.name] = _peak_memory_mb(live[cand.name], device)
             batch_errors = {**errors, **failed}
             stats = {n: summarize(s) for n, s in samples.items() if s and n not in batch_errors}
-            for name in names:
-                row = {**base, "candidate": name, "batch": batch, "backend": backend_of.get(name)}
-                st = stats.get(name)
-                row.update(
-                    {
-                        "median_ms": st.median_ms if st else None,
-                        "p90_ms": st.p90_ms if st else None,
-                        "min_ms": st.min_ms if st else None,
-                        "samples": st.samples if st else 0,
-                        "throughput_img_s": batch / (st.median_ms / 1e3) if st else None,
-                        "first_result_s": first.get(name),
-                        "peak_mem_mb": memory[name][0] if name in memory else None,
-                        "mem_method": memory[name][1] if name in memory else None,
-                        "cold_load_s": load_times[0] if name == "fastres" else None,
-                        "warm_load_s": load_times[1] if name == "fastres" else None,
-                    }
-                )
-                ours = stats.get("fastres")
-                # fastres_speedup: this row's median / fastres's median (how much faster fastres is than it).
-                row["fastres_speedup"] = st.median_ms / ours.median_ms if st and ours else None
-                for anchor in anchors:
-                    other = stats.get(anchor)
-                    row[f"speedup_vs_{anchor}"] = (
-                        other.median_ms / ours.median_ms if name == "fastres" and other and ours else None
-                    )
-                row["error"] = batch_errors.get(name)
-                rows.append(row)
+            rows += batch_rows(batch, stats, first, memory, batch_errors)
             if on_rows is not None:
                 on_rows(rows)
     finally:

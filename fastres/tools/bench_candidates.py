@@ -16,9 +16,16 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from ..quantize import QUANTIZED_DTYPES
 
 ANCHORS = ("eager", "compile", "openvino")  # what --compare may name
+COMPILE_MODES = (
+    "default",
+    "reduce-overhead",
+    "max-autotune",
+    "max-autotune-no-cudagraphs",
+)  # torch.compile's
 # reduce-overhead first: it compiles faster, so a --compile-budget that runs out still leaves one anchor.
 _GPU_COMPILE_MODES = ("reduce-overhead", "max-autotune-no-cudagraphs")
 
@@ -60,9 +67,25 @@ def eager_candidates(module: torch.nn.Module, device: torch.device, dtype: torch
     return [Candidate("eager", nchw), Candidate("eager-channels-last", channels_last)]
 
 
-def compile_candidates(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> list[Candidate]:
-    """torch.compile anchors (static shapes). Build failures become candidates that carry their error."""
-    modes = _GPU_COMPILE_MODES if device.type == "cuda" else ("default",)
+def default_compile_modes(device: torch.device) -> tuple[str, ...]:
+    return _GPU_COMPILE_MODES if device.type == "cuda" else ("default",)
+
+
+def check_compile_modes(modes: Sequence[str] | None, compare: Sequence[str]) -> None:
+    unknown = set(modes or ()) - set(COMPILE_MODES)
+    if unknown:
+        known, got = ", ".join(COMPILE_MODES), ", ".join(sorted(unknown))
+        raise ConfigError(f"--compile-modes takes {known} (comma-separated), got {got}")
+    if modes and "compile" not in compare:
+        raise ConfigError("--compile-modes needs compile in --compare")
+
+
+def compile_candidates(
+    module: torch.nn.Module, device: torch.device, dtype: torch.dtype, modes: Sequence[str] | None = None
+) -> list[Candidate]:
+    """torch.compile anchors (static shapes), one per mode (default: `default_compile_modes`). Build
+    failures become candidates that carry their error."""
+    modes = modes or default_compile_modes(device)
     out = []
     for mode in modes:
         name = f"compile-{mode}"
@@ -124,6 +147,7 @@ def anchor_candidates(
     dtype: torch.dtype,
     compare: Sequence[str],
     calibration: torch.Tensor | None = None,
+    compile_modes: Sequence[str] | None = None,
 ) -> list[Candidate]:
     """int8 and fp8 runs: eager and torch.compile in float32 (PyTorch has no int8 or fp8 conv to time);
     OpenVINO in int8 quantized by NNCF on the same calibration images as fastres (it has no fp8 path)."""
@@ -132,7 +156,7 @@ def anchor_candidates(
     if "eager" in compare:
         out += eager_candidates(module, device, float_dtype)
     if "compile" in compare:
-        out += compile_candidates(module, device, float_dtype)
+        out += compile_candidates(module, device, float_dtype, compile_modes)
     if "openvino" in compare and dtype == torch.float8_e4m3fn:
         out.append(Candidate("openvino", _never, error="OpenVINO has no fp8 conv: compare with --dtype int8"))
     elif "openvino" in compare:

@@ -21,12 +21,13 @@ def _run(cmd: list[str], cwd: str | None = None) -> str | None:
 
 
 def git_revision() -> str | None:
-    """Short hash of the checkout fastres runs from ('+dirty' with uncommitted changes); None outside git."""
+    """Short hash of the checkout fastres runs from ('+dirty' with uncommitted changes). Outside git (a
+    copy of the tree, as on a lent GPU machine) `$FASTRES_GIT_REV` as given, else None."""
     where = str(Path(__file__).resolve().parent)
     rev = _run(["git", "rev-parse", "--short", "HEAD"], cwd=where)
     if rev and _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where):
         rev += "+dirty"
-    return rev
+    return rev or os.environ.get("FASTRES_GIT_REV", "").strip() or None
 
 
 def cpu_name() -> str:
