@@ -209,3 +209,23 @@ def test_tune_backend_with_no_budget_times_nothing_and_keeps_the_rules(backend):
     ] * 2
     assert [(n.batch, n.rules_s, n.kept) for n in report.networks] == [(1, None, True), (3, None, True)]
     assert backend.tuned == {}
+
+
+@pytest.mark.interpreter
+def test_every_batch_gets_its_share_of_the_budget(backend):
+    """A budget that the first batch alone would spend is shared out: the last batch is tuned too."""
+    now = [0.0]
+
+    def timer(fn, what):  # every timing takes one second of the injected clock
+        now[0] += 1.0
+        return 1.0
+
+    report = tuner.tune_backend(
+        backend, [1, 3], SIZE, SIZE, budget_s=4, timer=timer, clock=lambda: now[0], max_candidates=4,
+        progress=False,
+    )  # fmt: skip
+    # 2 s per batch: two tactics of the first layer, then the second layer keeps its rule config.
+    # Shared as one pool, the first batch would time four tactics and leave nothing for batch 3.
+    assert [(r.batch, len(r.timed), r.tuned) for r in report.layers] == [
+        (1, 2, True), (1, 0, False), (3, 2, True), (3, 0, False)
+    ]

@@ -8,10 +8,12 @@ on the device are dropped before; the survivors are timed by the injected timer.
 unless the rule config is within `TIE_TOLERANCE` of it (timing noise is no reason to leave the rule);
 exact ties go to the earlier candidate, so the choice is deterministic.
 
-The budget (seconds of the injected clock) bounds the search: once it is spent no further tactic is
-timed, and layers not yet started keep the rule config (and are not cached, so a later run can finish
-them). Then the whole network is timed with the rules and with the choices (with its CUDA graph on a
-GPU): a set of local wins that loses end to end is dropped for that batch, and the rules are kept.
+The budget (seconds of the injected clock) bounds the search, shared out between the batch sizes: each
+batch gets an equal part of what is left when it starts, so the first batch cannot spend it all. Once
+a batch's part is spent no further tactic is timed, and its layers not yet started keep the rule config
+(and are not cached, so a later run can finish them). Then the whole network is timed with the rules
+and with the choices (with its CUDA graph on a GPU): a set of local wins that loses end to end is
+dropped for that batch, and the rules are kept. The network timing is not charged to the budget.
 """
 
 from __future__ import annotations
@@ -261,11 +263,14 @@ def tune_backend(
     distinct = len({sig for sig, _ in backend.conv_inputs(1, height, width).values()})
     bar = Progress(distinct * len(batches), "tuning", progress)
     layers, networks, network_s = [], [], 0.0
-    start_search = start
-    out_of_time = lambda: clock() - start_search - network_s >= budget_s
     with on_device(device):  # Triton launches on the current CUDA device
         try:
-            for batch in batches:
+            for i, batch in enumerate(batches):
+                # Each batch gets an equal share of what is left, so the first batch cannot spend the
+                # budget of all (what a batch leaves over goes to the ones after it).
+                batch_start = clock()
+                share = (budget_s - (batch_start - start - network_s)) / (len(batches) - i)
+                out_of_time = lambda: clock() - batch_start >= share  # noqa: B023 (used in this turn only)
                 batch_timer = timer or default_timer(device, batch)
                 layers += tune_batch(
                     backend,
