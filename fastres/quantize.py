@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
-from .graph import ConvOp
+from .graph import ConvOp, MaxPoolOp, avg_pool_2x2
 
 INT8_MAX = 127
 FP8_MAX = 448.0  # e4m3's largest finite value (float8_e4m3fn has no infinity)
@@ -228,13 +228,15 @@ def quantize_conv_weights(
 
 
 def fake_quantized_plan(plan, scales: dict[str, float], fmt=INT8):
-    """The plan with every conv but the stem holding its 8-bit weights dequantized (float64), so that a
-    float run of it computes what the quantized path computes, up to the activations' rounding."""
+    """The plan with every conv outside the float stem holding its 8-bit weights dequantized (float64),
+    so that a float run of it computes what the quantized path computes, up to the activations'
+    rounding."""
     import dataclasses
 
-    ops = [plan.ops[0]]
-    for op in plan.ops[1:]:
-        if isinstance(op, ConvOp):
+    stem = {op.name for op in float_stem(plan)}
+    ops = []
+    for op in plan.ops:
+        if isinstance(op, ConvOp) and op.name not in stem:
             q_w, q_wd, factor = quantize_conv_weights(op, scales, fmt)
             view = lambda f: f.view(-1, 1, 1, 1)
             changes = dict(weight=q_w.double() * view(factor / scales[op.inputs[0]]))
@@ -245,15 +247,25 @@ def fake_quantized_plan(plan, scales: dict[str, float], fmt=INT8):
     return dataclasses.replace(plan, ops=ops)
 
 
+def pooled_codes(x: Tensor, scale: float, fmt=INT8) -> Tensor:
+    """ResNet-D's 2x2 mean of an 8-bit value x (codes * scale) as the quantized kernel's A load takes
+    it: the mean of the codes themselves (exact), rounded to the grid, ties to even. Averaging x in
+    float instead would put a mean that is a tie a rounding error to either side of it."""
+    codes = fmt.round(x.double() / scale)
+    return (fmt.round(avg_pool_2x2(codes)) * scale).to(x.dtype)
+
+
 def simulate_int8(plan, scales: dict[str, float], images: Tensor, observer=None, fmt=INT8) -> Tensor:
     """float32 logits of the quantized path's arithmetic simulated on the torch backend ("fake quant"):
     8-bit weights dequantized, and each quantized value rounded to its scale's grid (the format's) as
-    soon as its op produced it, before any later op reads it. The Triton engine differs from this only
+    soon as its op produced it, before any later op reads it (and a pooled projection's 2x2 mean once
+    more, as the kernel's A load rounds it). The Triton engine differs from this only
     by fp32 rounding in its epilogues (a code at most one step apart where a value meets a tie)."""
     from .backends.torch_backend import TorchBackend
 
     fake = fake_quantized_plan(plan, scales, fmt)
     backend = TorchBackend(fake, "cpu", torch.float32)
+    backend.avg_pool = lambda value, x: pooled_codes(x, scales[value], fmt)
     producer = {op.name: op.output for op in fake.ops}
 
     def quantize_in_place(name: str, out: Tensor) -> None:
@@ -268,13 +280,31 @@ def simulate_int8(plan, scales: dict[str, float], images: Tensor, observer=None,
     return backend.run(images.float(), None, observer=quantize_in_place)
 
 
+def float_stem(plan) -> list[ConvOp]:
+    """The convs the 8-bit Triton path runs in floating point: the stem and, for a deep stem (ResNet-D's
+    three 3x3 convs), the ones after it up to the max-pool, which quantizes in its store. The stem conv
+    reads the caller's float or uint8 images; quantizing the deep stem's other two convs would need a
+    quantizing store in the stem kernel, for ~8% of ResNet-50-D's FLOPs."""
+    convs = []
+    for op in plan.ops:
+        if not isinstance(op, ConvOp):
+            if not isinstance(op, MaxPoolOp):
+                raise ConfigError(f"8-bit needs a max-pool after the stem convs; {op.name!r} is a {op.kind}")
+            return convs
+        if op.residual is not None or op.shortcut_input is not None:
+            raise ConfigError(f"8-bit: {op.name!r} has a residual before the stem's max-pool")
+        convs.append(op)
+    raise ConfigError("8-bit needs a max-pool after the stem convs; this plan has none")
+
+
 def quantized_values(plan) -> list[str]:
-    """The plan values that are int8 on the Triton path: every value a conv other than the stem reads
-    (main input, residual, projection-shortcut input). The stem reads the float images; the head reads
-    the last conv's output, which that conv writes in floating point (see backends/triton_int8.py)."""
+    """The plan values that are int8 on the Triton path: every value a conv outside the float stem
+    reads (main input, residual, projection-shortcut input). The head reads the last conv's output,
+    which that conv writes in floating point (see backends/triton_int8.py)."""
+    stem = {op.name for op in float_stem(plan)}
     values: list[str] = []
-    for op in plan.ops[1:]:
-        if isinstance(op, ConvOp):
+    for op in plan.ops:
+        if isinstance(op, ConvOp) and op.name not in stem:
             values += [v for v in op.inputs if v not in values]
     return values
 

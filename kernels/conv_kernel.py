@@ -71,7 +71,7 @@ result). Without USE_PDL (sm_80, the interpreter) neither call is compiled in.
 import triton
 import triton.language as tl
 
-from .int8_epilogue import epilogue_store_int8
+from .int8_epilogue import epilogue_store_int8, quantize_fp8, quantize_int8
 from .pdl import prefetch_l2_tile
 from .splitk import epilogue_store, reduce_tile, sum_partials
 
@@ -92,7 +92,9 @@ def _avg_pool_rows(x_ptr, offs_m, OH, OW, H, W, C):
 
 @triton.jit
 def _avg_pool_load(rows, c, mask, has_right, has_below, inv_count, W, C, dtype: tl.constexpr):
-    """The (BLOCK_M, BLOCK_K) A tile of 2x2 means (count_include_pad=False), in `dtype`."""
+    """The (BLOCK_M, BLOCK_K) A tile of 2x2 means (count_include_pad=False), in `dtype`. A mean of
+    8-bit codes is rounded to the nearest code, ties to even, as the epilogues round (the plain cast
+    would truncate int8 and, under the interpreter, misround e4m3); the scale is the input's."""
     ptrs = rows[:, None] + c[None, :]
     right = mask & has_right[:, None]
     below = mask & has_below[:, None]
@@ -100,6 +102,10 @@ def _avg_pool_load(rows, c, mask, has_right, has_below, inv_count, W, C, dtype: 
     a += tl.load(ptrs + C, mask=right, other=0.0).to(tl.float32)
     a += tl.load(ptrs + W * C, mask=below, other=0.0).to(tl.float32)
     a += tl.load(ptrs + (W + 1) * C, mask=right & below, other=0.0).to(tl.float32)
+    if dtype == tl.int8:
+        return quantize_int8(a, inv_count[:, None])
+    if dtype == tl.float8e4nv:
+        return quantize_fp8(a, inv_count[:, None])
     return (a * inv_count[:, None]).to(dtype)
 
 

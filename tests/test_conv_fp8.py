@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from fastres.kernels.conv_fp8 import Fp8ConvLayer
 from test_conv_int8 import MODES, SPLIT_CASES, Case
 
+from fastres.graph import avg_pool_2x2
 from fastres.numerics import poison_
 
 FP8 = torch.float8_e4m3fn
@@ -32,7 +33,9 @@ def _build(case: Case, out_dtype, seed: int, unit_scale: bool):
     wd = x2 = None
     if case.shortcut:
         wd = _fp8(gen, case.c_out, case.shortcut, 1, 1)
-        x2 = _fp8(gen, case.n, case.h * case.shortcut_stride, case.w * case.shortcut_stride, case.shortcut)
+        odd = 1 if case.avg_pool else 0  # as the int8 tests: partial pooling windows at the edges
+        h2, w2 = case.h * case.shortcut_stride - odd, case.w * case.shortcut_stride - odd
+        x2 = _fp8(gen, case.n, h2, w2, case.shortcut)
     k_total = case.c_in // case.groups * case.k**2 + case.shortcut
     spread = torch.rand(case.c_out, generator=gen) + 0.5
     dequant = torch.ones(case.c_out) if unit_scale else spread / (4 * k_total**0.5)
@@ -43,17 +46,23 @@ def _build(case: Case, out_dtype, seed: int, unit_scale: bool):
         relu=case.relu and not unit_scale, has_residual=case.residual and not unit_scale,
         residual_scale=residual_scale if case.residual else None, out_dtype=out_dtype,
         output_scale=0.01 if out_dtype == FP8 else None, shortcut_weight=wd,
-        shortcut_stride=case.shortcut_stride,
+        shortcut_stride=case.shortcut_stride, avg_pool=case.avg_pool,
     )  # fmt: skip
     residual = _fp8(gen, *layer.output_shape(tuple(x.shape))) if layer.has_residual else None
     return layer, weight, dequant, bias, x, residual, x2, wd
 
 
 def _reference_acc(case, weight, x, x2, wd) -> torch.Tensor:
-    acc = F.conv2d(x.double().permute(0, 3, 1, 2), weight.double(), stride=case.stride, padding=case.pad,
-                   groups=case.groups)  # fmt: skip
+    """float64 conv of the e4m3 operands; a pooled input is the 2x2 mean of its values (exact in
+    float64) rounded to e4m3 by torch's cast (round to nearest, ties to even)."""
+    nchw = lambda t: t.double().permute(0, 3, 1, 2)
+    pooled = lambda t: avg_pool_2x2(nchw(t)).to(FP8).double()
+    main_pooled = case.avg_pool and not case.shortcut
+    a, stride = (pooled(x), 1) if main_pooled else (nchw(x), case.stride)
+    acc = F.conv2d(a, weight.double(), stride=stride, padding=case.pad, groups=case.groups)
     if case.shortcut:
-        acc = acc + F.conv2d(x2.double().permute(0, 3, 1, 2), wd.double(), stride=case.shortcut_stride)
+        a2, stride2 = (pooled(x2), 1) if case.avg_pool else (nchw(x2), case.shortcut_stride)
+        acc = acc + F.conv2d(a2, wd.double(), stride=stride2)
     return acc.permute(0, 2, 3, 1)
 
 

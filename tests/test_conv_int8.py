@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from fastres.kernels.conv import ConvConfig
 from fastres.kernels.conv_int8 import INT8_MIN_BLOCK_K, Int8ConvLayer
 
+from fastres.graph import avg_pool_2x2
 from fastres.numerics import LAYER_RTOL, assert_close, poison_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -25,6 +26,7 @@ POISON = {torch.int8: -128, torch.int32: -(2**31)}
 class Case(test_conv.Case):
     shortcut: int = 0  # > 0: a K-concatenated 1x1 projection of a second input with these channels
     shortcut_stride: int = 1
+    avg_pool: bool = False  # ResNet-D: the stride-2 1x1 read (of x2 with a shortcut) is a 2x2 mean
 
 
 MODES = [
@@ -35,6 +37,12 @@ MODES = [
     pytest.param(Case(2, 9, 7, 4, 24, 3, 1, 1), id="gather_cin4"),
     pytest.param(Case(2, 4, 5, 32, 48, 1, 1, 0, shortcut=24, shortcut_stride=2), id="shortcut_s2"),
     pytest.param(Case(1, 3, 3, 16, 16, 1, 1, 0, shortcut=40), id="shortcut_c16_padded"),
+    # ResNet-D's pooled projections on odd maps (ceil_mode's partial windows in the last row/column).
+    pytest.param(Case(2, 7, 9, 32, 40, 1, 2, 0, relu=False, avg_pool=True), id="pooled_1x1s2_odd"),
+    pytest.param(
+        Case(1, 4, 5, 32, 48, 1, 1, 0, shortcut=32, shortcut_stride=2, avg_pool=True),
+        id="pooled_shortcut_odd",
+    ),
 ]
 
 
@@ -51,6 +59,8 @@ def _build(case: Case, out_dtype: torch.dtype, seed: int = 0):
     if case.shortcut:
         shortcut_weight = _int8(gen, case.c_out, case.shortcut, 1, 1)
         h2, w2 = case.h * case.shortcut_stride, case.w * case.shortcut_stride
+        if case.avg_pool:  # odd: the last row and column of windows hold 2 (and one 1) of 4 pixels
+            h2, w2 = h2 - 1, w2 - 1
         x2 = _int8(gen, case.n, h2, w2, case.shortcut)
     k_total = case.c_in // case.groups * case.k**2 + case.shortcut
     # acc has standard deviation 127**2 / 3 * sqrt(K) (uniform int8 operands): these scales give y a
@@ -65,7 +75,7 @@ def _build(case: Case, out_dtype: torch.dtype, seed: int = 0):
         residual_scale=0.011 if case.residual else None, out_dtype=out_dtype,
         output_scale=2.5 / 127 if out_dtype == torch.int8 else None,
         shortcut_weight=None if shortcut_weight is None else shortcut_weight.to(DEVICE),
-        shortcut_stride=case.shortcut_stride,
+        shortcut_stride=case.shortcut_stride, avg_pool=case.avg_pool,
     )  # fmt: skip
     out_shape = layer.output_shape(tuple(x.shape))
     if case.residual:
@@ -75,15 +85,16 @@ def _build(case: Case, out_dtype: torch.dtype, seed: int = 0):
 
 
 def _integer_reference(case: Case, weight, x, x2, shortcut_weight) -> torch.Tensor:
-    """The exact integer conv (float64 holds every partial sum of these sizes exactly), as int64."""
-    acc = F.conv2d(
-        x.cpu().double().permute(0, 3, 1, 2), weight.double(), stride=case.stride, padding=case.pad,
-        groups=case.groups,
-    )  # fmt: skip
+    """The exact integer conv (float64 holds every partial sum of these sizes exactly), as int64. A
+    pooled input is the 2x2 mean of its codes rounded to the nearest code, ties to even (torch.round)."""
+    nchw = lambda t: t.cpu().double().permute(0, 3, 1, 2)
+    pooled = lambda t: torch.round(avg_pool_2x2(nchw(t)))
+    main_pooled = case.avg_pool and not case.shortcut
+    a, stride = (pooled(x), 1) if main_pooled else (nchw(x), case.stride)
+    acc = F.conv2d(a, weight.double(), stride=stride, padding=case.pad, groups=case.groups)
     if case.shortcut:
-        acc = acc + F.conv2d(
-            x2.cpu().double().permute(0, 3, 1, 2), shortcut_weight.double(), stride=case.shortcut_stride
-        )
+        a2, stride2 = (pooled(x2), 1) if case.avg_pool else (nchw(x2), case.shortcut_stride)
+        acc = acc + F.conv2d(a2, shortcut_weight.double(), stride=stride2)
     return acc.permute(0, 2, 3, 1).to(torch.int64)
 
 

@@ -7,6 +7,7 @@ that private op is missing or refuses, the epilogue runs in place after a plain 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
@@ -89,6 +90,9 @@ class TorchBackend(Backend):
             if isinstance(op, ConvOp) and op.shortcut_input is not None:
                 weight = op.shortcut_weight.to(device=self.device, dtype=dtype)
                 self.shortcut_weights[op.name] = weight.contiguous(memory_format=self.memory_format)
+        # (value name, the tensor) -> the 2x2 mean a pooled conv reads, instead of avg_pool_2x2:
+        # quantize.simulate_int8 averages 8-bit codes and rounds the mean, as the quantized kernel does.
+        self.avg_pool: Callable[[str, Tensor], Tensor] | None = None
         # uint8 pixels: the stem with the normalisation folded in, padded with 255 * mean (exact).
         self.uint8_stem = plan.uint8_stem
         self.uint8_stem_params = self._pack(plan.uint8_stem) if plan.uint8_stem is not None else None
@@ -121,7 +125,7 @@ class TorchBackend(Backend):
         weight, bias = params or self.params[op.name]
         op_stride = op.stride
         if op.avg_pool:  # ResNet-D's pooled projection: the pool, then a stride-1 1x1 conv
-            x, op_stride = avg_pool_2x2(x), 1
+            x, op_stride = self._pooled(op.inputs[0], x), 1
         if op.pad_value is not None and op.padding:
             x = pad_with_values(x, op.padding, op.pad_value)
             op_padding = 0
@@ -154,6 +158,9 @@ class TorchBackend(Backend):
             y.add_(residual)
         return y.relu_() if op.relu else y
 
+    def _pooled(self, value: str, x: Tensor) -> Tensor:
+        return avg_pool_2x2(x) if self.avg_pool is None else self.avg_pool(value, x)
+
     def _shortcut(self, op: ConvOp, x: Tensor) -> Tensor:
         """The merged projection of a K-concatenated op, computed as its own conv (no bias).
 
@@ -165,7 +172,7 @@ class TorchBackend(Backend):
         weight = self.shortcut_weights[op.name]
         stride = [op.shortcut_stride] * 2
         if op.shortcut_avg_pool:
-            x, stride = avg_pool_2x2(x), [1, 1]
+            x, stride = self._pooled(op.shortcut_input, x), [1, 1]
         if self.onednn:
             return torch.ops.mkldnn._convolution_pointwise(
                 x, weight, None, [0, 0], stride, [1, 1], 1, "none", [None], ""

@@ -54,6 +54,31 @@ def _stem_layer(op: ConvOp, device, dtype, allow_tf32: bool) -> StemLayer:
     )
 
 
+def conv_options(op: ConvOp) -> dict:
+    """ConvLayer's geometry and epilogue options for op (all but its weights, bias and dtype): shared
+    by the floating-point and the 8-bit layers, so that no option is dropped on one path."""
+    # avg_pool: ResNet-D's 2x2 mean, taken while the GEMM loads A (of the shortcut input, if merged).
+    options = dict(
+        stride=op.stride, padding=op.padding, dilation=op.dilation, groups=op.groups, relu=op.relu,
+        has_residual=op.residual is not None, avg_pool=op.avg_pool,
+    )  # fmt: skip
+    if op.shortcut_input is not None:
+        if op.avg_pool:
+            raise ValueError(f"triton backend: {op.name} pools its main input and has a shortcut")
+        options.update(shortcut_stride=op.shortcut_stride, avg_pool=op.shortcut_avg_pool)
+    return options
+
+
+def float_conv_layer(op: ConvOp, device, dtype, allow_tf32: bool) -> ConvLayer:
+    shortcut = {}
+    if op.shortcut_input is not None:
+        shortcut = dict(shortcut_weight=op.shortcut_weight.to(device))
+    bias = None if op.bias is None else op.bias.to(device)
+    return ConvLayer(
+        op.weight.to(device), bias, dtype=dtype, allow_tf32=allow_tf32, **conv_options(op), **shortcut
+    )
+
+
 class TritonBackend(Backend):
     name = "triton"
     runs_cut_plans = True
@@ -78,34 +103,9 @@ class TritonBackend(Backend):
         self.tuned: dict[tuple[str, int], Tactic] = {}
         self.cudnn_layers: dict[str, CudnnConv] = {}
         self.cudnn_shapes: dict[str, set[tuple] | None] = {}
-
-        def conv_layer(op: ConvOp) -> ConvLayer:
-            extra = dict(avg_pool=op.avg_pool)  # ResNet-D's 2x2 mean, taken while loading A
-            if op.shortcut_input is not None:
-                if op.avg_pool:
-                    raise ValueError(f"triton backend: {op.name} pools its main input and has a shortcut")
-                extra = dict(
-                    shortcut_weight=op.shortcut_weight.to(self.device),
-                    shortcut_stride=op.shortcut_stride,
-                    avg_pool=op.shortcut_avg_pool,
-                )
-            return ConvLayer(
-                op.weight.to(self.device),
-                None if op.bias is None else op.bias.to(self.device),
-                stride=op.stride,
-                padding=op.padding,
-                dilation=op.dilation,
-                groups=op.groups,
-                relu=op.relu,
-                has_residual=op.residual is not None,
-                dtype=dtype,
-                allow_tf32=allow_tf32,
-                **extra,
-            )
-
         for op in plan.ops[1:]:
             if isinstance(op, ConvOp):
-                self.layers[op.name] = conv_layer(op)
+                self.layers[op.name] = float_conv_layer(op, self.device, dtype, allow_tf32)
             elif isinstance(op, HeadOp):
                 self.layers[op.name] = HeadLayer(
                     op.weight.to(self.device),

@@ -7,6 +7,9 @@ What runs in which precision, and why:
   would pad 10x, and it reads the caller's float or uint8 images directly; it is ~2% of ResNet-50's
   FLOPs. The max-pool after it quantizes in its store (kernels/pool.py), so the first int8 conv's
   input costs no kernel of its own.
+* a deep stem's other two 3x3 convs (ResNet-D) are fp16 as well, up to the max-pool
+  (`quantize.float_stem`): ~8% of ResNet-50-D's FLOPs, left in fp16 rather than give the stem kernel
+  a quantizing store;
 * every other conv is an `Int8ConvLayer`: int8 activations, per-output-channel int8 weights, an exact
   int32 accumulator, and an epilogue that writes the next layer's int8 (bias, int8 residual, ReLU and
   requantization fused); a merged projection shortcut shares the accumulator (its weights quantized
@@ -31,7 +34,7 @@ from .. import calibration as records
 from ..calibration import CalibrationRecord, write_record
 from ..errors import ConfigError
 from ..graph import ConvOp, HeadOp, MaxPoolOp
-from ..kernels import HeadLayer, max_pool2d_nhwc
+from ..kernels import ConvLayer, HeadLayer, max_pool2d_nhwc
 from ..kernels.conv_fp8 import Fp8ConvLayer
 from ..kernels.conv_int8 import Int8ConvLayer
 from ..quantize import (
@@ -39,6 +42,7 @@ from ..quantize import (
     INT8,
     QuantFormat,
     activation_scales,
+    float_stem,
     method_name,
     parse_method,
     quant_format,
@@ -46,7 +50,7 @@ from ..quantize import (
     quantized_values,
 )
 from .base import Backend, Observer
-from .triton_backend import _stem_layer
+from .triton_backend import _stem_layer, conv_options, float_conv_layer
 
 FLOAT_DTYPE = torch.float16  # the stem, the last conv's output and the head
 LAYER_CLASSES: dict[torch.dtype, type[Int8ConvLayer]] = {
@@ -80,22 +84,16 @@ def triton_calibration(
 def _conv_layer(op: ConvOp, scales: dict[str, float], device, fmt: QuantFormat) -> Int8ConvLayer:
     """op as an 8-bit conv (weights and a merged projection quantized by `quantize_conv_weights`)."""
     q_w, q_wd, factor = quantize_conv_weights(op, scales, fmt)
-    shortcut = {}
-    if q_wd is not None:
-        shortcut = dict(shortcut_weight=q_wd.to(device), shortcut_stride=op.shortcut_stride)
-    out_int8 = op.output in scales
+    shortcut = {} if q_wd is None else dict(shortcut_weight=q_wd.to(device))
+    out_8bit = op.output in scales
     return LAYER_CLASSES[fmt.dtype](
         q_w.to(device),
         factor.to(device),
         None if op.bias is None else op.bias.to(device),
-        stride=op.stride,
-        padding=op.padding,
-        groups=op.groups,
-        relu=op.relu,
-        has_residual=op.residual is not None,
         residual_scale=scales[op.residual] if op.residual else None,
-        out_dtype=fmt.dtype if out_int8 else FLOAT_DTYPE,
-        output_scale=scales[op.output] if out_int8 else None,
+        out_dtype=fmt.dtype if out_8bit else FLOAT_DTYPE,
+        output_scale=scales[op.output] if out_8bit else None,
+        **conv_options(op),
         **shortcut,
     )
 
@@ -136,9 +134,12 @@ class TritonInt8Backend(Backend):
         self.uint8_stem = None
         if plan.uint8_stem is not None:  # raw pixels: the normalisation folded in (as the float backend)
             self.uint8_stem = _stem_layer(plan.uint8_stem, self.device, FLOAT_DTYPE, False)
-        self.layers: dict[str, Int8ConvLayer | HeadLayer] = {}
+        self.layers: dict[str, ConvLayer | Int8ConvLayer | HeadLayer] = {}
+        float_convs = {op.name for op in float_stem(plan)}
         for op in plan.ops[1:]:
-            if isinstance(op, ConvOp):
+            if op.name in float_convs:  # a deep stem's 2nd and 3rd convs (quantize.float_stem)
+                self.layers[op.name] = float_conv_layer(op, self.device, FLOAT_DTYPE, False)
+            elif isinstance(op, ConvOp):
                 self.layers[op.name] = _conv_layer(op, self.scales, self.device, self.format)
             elif isinstance(op, HeadOp):
                 weight, bias = op.weight.to(self.device), None if op.bias is None else op.bias.to(self.device)
@@ -177,8 +178,10 @@ class TritonInt8Backend(Backend):
         pooled = torch.empty(batch, self.plan.spec.feature_channels, device=self.device, dtype=torch.float32)
         convs = [op for op in self.plan.ops[1:] if isinstance(op, ConvOp)]
         sizes = [self.layers[op.name].scratch_size(nhwc[op.inputs[0]]) for op in convs]
-        # Every 8-bit layer of one plan shares a format, so any conv's accumulator names the partials' dtype.
-        partial_dtype = self.layers[convs[0].name].acc_dtype if convs else torch.int32
+        # Every 8-bit layer of one plan shares a format, so any one's accumulator names the partials'
+        # dtype; a float stem conv views the same 4-byte partials as fp32 (run()).
+        eight_bit = [layer for layer in self.layers.values() if isinstance(layer, Int8ConvLayer)]
+        partial_dtype = eight_bit[0].acc_dtype if eight_bit else torch.int32
         split_scratch = (
             torch.empty(max((p for p, _ in sizes), default=1), device=self.device, dtype=partial_dtype),
             torch.zeros(max((c for _, c in sizes), default=1), device=self.device, dtype=torch.int32),
@@ -199,7 +202,10 @@ class TritonInt8Backend(Backend):
             src = values[op.inputs[0]]
             if isinstance(op, ConvOp):
                 layer, dst = self.layers[op.name], values[op.output]
-                if op.shortcut_input is not None:
+                if not isinstance(layer, Int8ConvLayer):  # a float stem conv: fp32 partials, no residual
+                    partials, counters = workspace.split_scratch
+                    out = layer(src, None, out=dst, scratch=(partials.view(torch.float32), counters))
+                elif op.shortcut_input is not None:
                     out = layer(src, None, out=dst, shortcut_input=values[op.shortcut_input],
                                 scratch=workspace.split_scratch)  # fmt: skip
                 else:
