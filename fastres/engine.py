@@ -319,6 +319,8 @@ class Engine:
         if tune:
             if self.backend.name != "triton":
                 raise ConfigError(f"warmup(tune=True) applies to the triton backend, not {self.backend.name}")
+            if self.dtype in QUANTIZED_DTYPES:
+                raise ConfigError("warmup(tune=True) covers the float kernels; int8/fp8 are not tuned")
             from .tuning.use import tune_and_cache
 
             tune_and_cache(self.backend, list(batch_sizes), h, w, budget_s=budget_s, progress=False)

@@ -271,9 +271,9 @@ def to_float64(t: Tensor | None) -> Tensor | None:
 def normalize(x: Tensor, mean, std) -> Tensor:
     """uint8 NCHW pixels -> float64 (x / 255 - mean) / std: the yardstick for the folded stem."""
     x = x.double() / 255.0
-    mean = torch.tensor(mean, dtype=torch.float64, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, dtype=torch.float64, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    # Sequences or tensors already on x's device (no host-to-device copy: CUDA-graph capture safe).
+    mean, std = (torch.as_tensor(v, dtype=torch.float64, device=x.device) for v in (mean, std))
+    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 
 def pad_with_values(x: Tensor, padding: int, pad_value: Tensor) -> Tensor:

@@ -126,6 +126,12 @@ def test_layer_report_has_sqnr_for_every_int8_layer(digits, saved):
     assert all(15 < e.sqnr_db < 50 for e in convs[1:]), [(e.op, round(e.sqnr_db, 1)) for e in convs]
 
 
+def test_int8_engine_warmup_refuses_tuning(saved):
+    engine, _ = saved
+    with pytest.raises(fastres.ConfigError, match="int8/fp8 are not tuned"):
+        engine.warmup(batch_sizes=(1,), image_size=32, tune=True)
+
+
 def test_int8_refuses_tuning_and_the_self_check_before_calibrating():
     # The tuner's candidates and the self-check cover the float kernels only: asked for, a typed error
     # (the default tune="cached" loads int8 untuned, as the tests above do).

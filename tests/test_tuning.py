@@ -144,6 +144,31 @@ def test_a_wrong_candidate_is_discarded_never_chosen(backend, monkeypatch):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
+def test_the_gate_bound_follows_the_layers_precision(backend, monkeypatch, tf32):
+    """Triton tactics off cuDNN by TF32's rounding (5e-4 relative): dropped for an IEEE fp32 layer,
+    timed for an allow_tf32 one (where cuDNN runs TF32 too), so TF32 layers are not all sent to cuDNN."""
+    if tf32:
+        for name in LAYERS:
+            monkeypatch.setattr(backend.layers[name], "input_precision", "tf32")
+    run = tuner._LayerContext.run
+
+    def rounded(self, tactic):
+        out = run(self, tactic)
+        if tactic.kind != CUDNN:
+            out.view(-1)[::5] += 5e-4 * out.abs().max()
+        return out
+
+    monkeypatch.setattr(tuner._LayerContext, "run", rounded)
+    for result in _tune(backend, lambda fn, what: 1.0):
+        parity_drops = [label for label, why in result.dropped if why.startswith("parity")]
+        if tf32:
+            assert not parity_drops and result.chosen == result.rule
+        else:
+            assert result.rule.label in parity_drops and result.chosen == CUDNN_TACTIC
+
+
+@pytest.mark.interpreter
 def test_a_rule_config_failing_the_gate_loses_to_a_correct_tactic(backend, monkeypatch):
     rule = _labels(backend, LAYERS[0])[0]
     run = tuner._LayerContext.run

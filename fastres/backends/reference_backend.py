@@ -18,11 +18,16 @@ class ReferenceBackend(Backend):
     def __init__(self, plan, device, dtype, *, module: nn.Module):
         super().__init__(plan, device, dtype)
         self.module = module.to(device=self.device, dtype=dtype).eval()
+        # On the device once: a per-call host-to-device copy is not allowed during CUDA-graph capture.
+        self.mean, self.std = (
+            torch.tensor(v, dtype=torch.float64, device=self.device).view(1, 3, 1, 1)
+            for v in (plan.mean, plan.std)
+        )
 
     def run(self, x: Tensor, workspace: Any, observer: Observer | None = None) -> Tensor | dict[str, Tensor]:
         with torch.inference_mode():
             if x.dtype == torch.uint8:  # unfused on purpose: normalise, then the plain model
-                x = normalize(x, self.plan.mean, self.plan.std).to(self.dtype)
+                x = normalize(x, self.mean, self.std).to(self.dtype)
             if self.plan.outputs is None:
                 return self.module(x).float()
             return self._features(x, self.plan.outputs)

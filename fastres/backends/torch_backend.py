@@ -7,6 +7,7 @@ that private op is missing or refuses, the epilogue runs in place after a plain 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
@@ -94,7 +95,12 @@ class TorchBackend(Backend):
         # quantize.simulate_int8 averages 8-bit codes and rounds the mean, as the quantized kernel does.
         self.avg_pool: Callable[[str, Tensor], Tensor] | None = None
         # uint8 pixels: the stem with the normalisation folded in, padded with 255 * mean (exact).
+        # Its pad value moves to the device once: a per-call host-to-device copy is not allowed while a
+        # CUDA graph is being captured.
         self.uint8_stem = plan.uint8_stem
+        if self.uint8_stem is not None:
+            pad_value = self.uint8_stem.pad_value.to(device=self.device, dtype=dtype)
+            self.uint8_stem = dataclasses.replace(self.uint8_stem, pad_value=pad_value)
         self.uint8_stem_params = self._pack(plan.uint8_stem) if plan.uint8_stem is not None else None
         self.dead_after = self._dead_after(plan)
 

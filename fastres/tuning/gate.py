@@ -13,16 +13,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..numerics import LAYER_RTOL
+from ..numerics import LAYER_RTOL, TF32_LAYER_RTOL
 
 GATE_FACTOR = 2.0
 
 
-def gate_bound(dtype: torch.dtype) -> float:
-    return GATE_FACTOR * LAYER_RTOL[dtype]
+def gate_bound(dtype: torch.dtype, tf32: bool = False) -> float:
+    """tf32: both sides ran float32 on TF32 tensor cores (allow_tf32), each within TF32's own bound."""
+    return GATE_FACTOR * (TF32_LAYER_RTOL if tf32 and dtype == torch.float32 else LAYER_RTOL[dtype])
 
 
-def parity_problem(out: Tensor, reference: Tensor, dtype: torch.dtype) -> str | None:
+def parity_problem(out: Tensor, reference: Tensor, dtype: torch.dtype, tf32: bool = False) -> str | None:
     """Why `out` fails the gate against `reference` (same shape), or None when it passes."""
     bad = int((~torch.isfinite(out)).sum())
     if bad:
@@ -30,7 +31,7 @@ def parity_problem(out: Tensor, reference: Tensor, dtype: torch.dtype) -> str | 
     # On the device, in fp32 (a batch-256 layer is 200M values: no float64 copy to the host). The
     # difference of two nearby fp32 values is exact, so this measures fp32 and 16-bit outputs alike.
     diff = (out.float() - reference.float()).abs().max().item()
-    error, bound = diff / max(reference.float().abs().max().item(), 1e-30), gate_bound(dtype)
+    error, bound = diff / max(reference.float().abs().max().item(), 1e-30), gate_bound(dtype, tf32)
     if not error <= bound:
         return f"parity: relative error {error:.2e} > {bound:.1e} against cuDNN"
     return None

@@ -76,7 +76,7 @@ def _drifted_convs(backend, values64: dict[str, torch.Tensor]) -> list[str]:
                 torch.empty_like(ours),
                 values[op.shortcut_input] if op.shortcut_input is not None else None,
             )
-        if parity_problem(ours, reference, backend.dtype):
+        if parity_problem(ours, reference, backend.dtype, tf32=getattr(backend, "allow_tf32", False)):
             drifted.append(op.name)
     return drifted
 

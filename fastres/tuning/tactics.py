@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends.torch_backend import tf32_during
-from ..graph import ConvOp
+from ..graph import ConvOp, avg_pool_2x2
 from ..kernels import ConvConfig
 from .keys import batch_bucket  # noqa: F401  (re-exported: a tactic is chosen per batch bucket)
 
@@ -72,14 +72,19 @@ CUDNN_TACTIC = Tactic(CUDNN)
 def layer_signature(op: ConvOp, input_hw: tuple[int, int], dtype: torch.dtype) -> str:
     """The conv's geometry, epilogue, input size and dtype: equal signatures launch the same kernel."""
     c_out, cg_in, r, s = op.weight.shape
+    geometry = f"conv{r}x{s}/{op.stride}p{op.padding}"
+    if op.dilation != 1:
+        geometry += f"d{op.dilation}"
+    if op.avg_pool:  # ResNet-D's pooled projection: another computation than the strided 1x1
+        geometry += "avg"
     parts = [
-        f"conv{r}x{s}/{op.stride}p{op.padding}",
+        geometry,
         f"{cg_in * op.groups}to{c_out}g{op.groups}",
         f"{input_hw[0]}x{input_hw[1]}",
         str(dtype).replace("torch.", ""),
     ]
     if op.shortcut_input is not None:
-        parts.append(f"sc{op.shortcut_weight.shape[1]}s{op.shortcut_stride}")
+        parts.append(f"sc{op.shortcut_weight.shape[1]}s{op.shortcut_stride}" + "avg" * op.shortcut_avg_pool)
     epilogue = [
         name for name, on in (("bias", op.bias is not None), ("res", op.residual), ("relu", op.relu)) if on
     ]
@@ -94,21 +99,31 @@ class CudnnConv:
         self.weight = op.weight.to(device=device, dtype=dtype).contiguous(memory_format=cl)
         self.bias = None if op.bias is None else op.bias.to(device=device, dtype=dtype)
         self.stride, self.padding, self.groups, self.relu = op.stride, op.padding, op.groups, op.relu
+        self.dilation = op.dilation
+        # ResNet-D's pooled projections: the 2x2 mean, then a stride-1 1x1 conv (as graph.conv_reference).
+        self.avg_pool = op.avg_pool
         self.shortcut_weight = None
         if op.shortcut_input is not None:
             self.shortcut_weight = op.shortcut_weight.to(device=device, dtype=dtype).contiguous(
                 memory_format=cl
             )
             self.shortcut_stride = op.shortcut_stride
+            self.shortcut_avg_pool = op.shortcut_avg_pool
         self.allow_tf32 = allow_tf32
 
     def __call__(self, x: Tensor, residual: Tensor | None, out: Tensor, shortcut_input: Tensor | None = None):
         """x, residual, shortcut_input, out: NHWC tensors; writes `out` and returns it."""
         nchw = lambda t: t.permute(0, 3, 1, 2)  # the same memory as a channels-last tensor
         with torch.no_grad(), tf32_during(self.allow_tf32):
-            y = F.conv2d(nchw(x), self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+            x, stride = nchw(x), self.stride
+            if self.avg_pool:
+                x, stride = avg_pool_2x2(x), 1
+            y = F.conv2d(x, self.weight, self.bias, stride, self.padding, self.dilation, self.groups)
             if self.shortcut_weight is not None:
-                y += F.conv2d(nchw(shortcut_input), self.shortcut_weight, None, self.shortcut_stride)
+                sc, sc_stride = nchw(shortcut_input), self.shortcut_stride
+                if self.shortcut_avg_pool:
+                    sc, sc_stride = avg_pool_2x2(sc), 1
+                y += F.conv2d(sc, self.shortcut_weight, None, sc_stride)
             if residual is not None:
                 y += nchw(residual)
             if self.relu:

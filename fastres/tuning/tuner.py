@@ -131,7 +131,7 @@ def _search_layer(
     compile_arch: int | None,
     out_of_time: Callable[[], bool],
 ) -> None:
-    dtype = ctx.layer.dtype
+    dtype, tf32 = ctx.layer.dtype, getattr(ctx.layer, "input_precision", "ieee") == "tf32"
     reference = ctx.run(Tactic(CUDNN)).clone()
     timed: list[tuple[Tactic, float]] = []
     for tactic in space.tactics:
@@ -145,7 +145,7 @@ def _search_layer(
                 continue
         try:
             ctx.out.fill_(float("nan"))
-            problem = parity_problem(ctx.run(tactic), reference, dtype)
+            problem = parity_problem(ctx.run(tactic), reference, dtype, tf32)
         except Exception as exc:  # a tactic that cannot run here is a dropped tactic, not a failed tune
             problem = f"failed to run: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         if problem:
