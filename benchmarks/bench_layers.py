@@ -150,13 +150,16 @@ def layer_callables(shape: ConvShape, dtype: torch.dtype, fused: bool, device: s
     return ours, cudnn, error
 
 
-def gpu_model():
-    """The estimator's assumptions for the visible GPU (by name; SM count from the device itself)."""
+def gpu_model(name: str | None = None, sms: int | None = None):
+    """The estimator's assumptions for a GPU model by name, with its real SM count; by default the
+    visible GPU's (name and SM count from the device itself)."""
     from fastres.tools.estimate import GPUS, apply_assumptions, gpu_for_device_name
 
-    props = torch.cuda.get_device_properties(0)
-    name = gpu_for_device_name(props.name) or ("h100" if props.major >= 9 else "a100")
-    return apply_assumptions(GPUS[name], [f"sms={props.multi_processor_count}"])
+    if name is None:
+        props = torch.cuda.get_device_properties(0)
+        name = gpu_for_device_name(props.name) or ("h100" if props.major >= 9 else "a100")
+        sms = props.multi_processor_count
+    return apply_assumptions(GPUS[name], [f"sms={sms}"] if sms else [])
 
 
 def estimate_ms(shape: ConvShape, dtype: torch.dtype, fused: bool, gpu) -> float | None:
@@ -247,10 +250,11 @@ def time_layers(
     return rows
 
 
-def add_estimates(rows: list[dict], image_size: int = 224, on_estimate=None) -> None:
+def add_estimates(rows: list[dict], image_size: int = 224, on_estimate=None, gpu=None) -> None:
     """The performance model's estimate beside each fastres row (an AOT compile and a SASS read per
-    layer: after the timing, so that a run out of time still has every measurement)."""
-    gpu, shapes = gpu_model(), {}
+    layer: after the timing, so that a run out of time still has every measurement; or offline, on
+    the CPU, from the rows a GPU run saved, with `gpu` the model of its card)."""
+    gpu, shapes = gpu or gpu_model(), {}
     for row in rows:
         if row["impl"] != "fastres":
             continue
@@ -312,6 +316,22 @@ def estimate_error_by_kind(rows: list[dict]) -> dict[str, tuple[float, int]]:
     return median_by_kind(rows, "est_over_measured")
 
 
+def estimate_saved_rows(path: Path, gpu_name: str | None, sms: int | None, image_size: int) -> int:
+    """The estimates beside a GPU run's saved rows, made here (an AOT compile, no GPU): ROWS.est.jsonl."""
+    from fastres.tools.estimate import GPUS
+
+    if gpu_name not in GPUS:
+        print(f"bench_layers: --estimate-from needs --gpu, one of {', '.join(GPUS)}", file=sys.stderr)
+        return 2
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    add_estimates(rows, image_size, gpu=gpu_model(gpu_name, sms))
+    out = path.with_suffix(".est.jsonl")
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    print(format_rows(rows))
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="fastres ConvLayer vs cuDNN per distinct conv shape (GPU)")
     parser.add_argument("--model", default="resnet50")
@@ -321,7 +341,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench's timing window per call (ms)")
     parser.add_argument("--no-estimate", action="store_true", help="measurements only, no model estimate")
     parser.add_argument("--out", default="fastres-results")
+    parser.add_argument(
+        "--estimate-from",
+        metavar="ROWS.jsonl",
+        help="no timing: add the model's estimates to the rows a GPU run measured (runs on the CPU); "
+        "with --gpu and --sms of the card that measured them",
+    )
+    parser.add_argument("--gpu", help="with --estimate-from: the estimator's GPU model (h100, h200, a100)")
+    parser.add_argument("--sms", type=int, help="with --estimate-from: the card's SM count")
     args = parser.parse_args(argv)
+    if args.estimate_from:
+        return estimate_saved_rows(Path(args.estimate_from), args.gpu, args.sms, args.image_size)
     if not torch.cuda.is_available():
         print("bench_layers: needs a CUDA GPU (none visible to torch); nothing measured", file=sys.stderr)
         return 2

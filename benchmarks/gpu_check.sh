@@ -7,8 +7,10 @@
 # row records (the versions stage prints it). Made for a machine without package registry or network
 # (torch, Triton, pytest preinstalled): installs fastres (and checks that fastres.kernels imports from
 # elsewhere), prints the GPU and versions, runs the CUDA-graph smoke checks (gpu_smoke.py), the GPU tests,
-# the model benchmarks, the per-layer conv benchmark, the model's estimate for this card, `fastres tune`,
-# and last, when time is left, ResNet-50 at batch 1 against torch.compile.
+# the 8-bit kernel tests natively, the model benchmarks, the per-layer conv benchmark, `fastres tune`,
+# and last, when time is left, ResNet-50 at batch 1 against torch.compile. The model's estimates for the
+# card are CPU work (an AOT compile and a SASS read), made offline with the SM count from versions.log:
+# `fastres compile-report resnet50 --estimate --gpu h200 --assume sms=N`.
 #
 # Results: all of it goes into a work folder ($GPU_CHECK_DIR, default ./gpu-check-results/; a full run
 # first empties the one it made before). With $OUT set (the folder that comes back from the device, at
@@ -18,23 +20,25 @@
 # tarball), and the summary comes last: stages with status and seconds, smoke and test failures, the
 # benchmark tables, self-check warnings.
 #
-# Time: one total deadline, $GPU_CHECK_DEADLINE_S (default 520 s from the start: the device command may
-# run ~540 s). A stage's time limit is its budget or the time left before the deadline, whichever is less;
+# Time: one total deadline, $GPU_CHECK_DEADLINE_S (default 450 s from the start: with the machine's start
+# that leaves a session of 15 device minutes the 4 it needs to start a rerun). A stage's time limit is its budget or the time left before the deadline, whichever is less;
 # with under 10 s left it is skipped, "skip(no time)". At its limit a stage gets SIGINT (Python and
-# pytest print where they were and their summary), SIGKILL 5 s later. Budgets in seconds, for a fresh
+# pytest print where they were and their summary), SIGKILL 5 s later, and then whatever the stage left
+# running (a background job ignores SIGINT) is killed with its process group. Budgets in seconds, for a fresh
 # machine where Triton compiles every kernel once (~0.3 s each, one thread per process):
 #   install 15, versions 10  pip install -e without network; nvidia-smi, versions, git revision
 #   smoke 90                 first: the CUDA-graph path's known failure modes (issue 19); it compiles
 #                            resnet18's and resnet50's fp16 kernels, which later stages find cached
 #   pytest-gpu 110           ~180 GPU tests, ~230 kernels: 8 pytest-xdist workers (else 3 processes)
+#   kernels-8bit 40          the int8/fp8 conv and pool kernel tests (interpreter-marked: on a GPU they
+#                            run natively), exact against their integer references
 #   bench-resnet50 40        batches 1 8 64 256 against eager (torch.compile does not build in time)
 #   bench-resnet18 25, int8-resnet18 25, fp8-resnet18 20: a first speed point per dtype
-#   layers-resnet50 45       per conv against cuDNN, rows saved as measured, estimates after the timing
-#   estimate-resnet50 30     the performance model at batch 1 and 256, both at once
-#   tune-resnet50 45         rule vs tuned config per layer (a 20 s search)
+#   layers-resnet50 45       per conv against cuDNN, rows saved as measured (estimates: offline)
+#   tune-resnet50 45         rule vs tuned config per layer (a 20 s search, 3 candidates a layer)
 #   compile-resnet50 90      optional, last, only when the deadline leaves its whole budget: batch 1
 #                            against torch.compile in reduce-overhead mode (the quickest to build)
-# They add up to 545 s, more than the deadline: a warm Triton cache makes the early stages shorter, and
+# They add up to 555 s, more than the deadline: a warm Triton cache makes the early stages shorter, and
 # what runs out of time is the optional last stage.
 #
 # --only smoke,pytest-gpu  only these stages (install always runs): rerun one that ran out of time while
@@ -52,7 +56,7 @@ export PYTHONUNBUFFERED=1       # a stage killed at its limit keeps all it print
 PY="$(command -v python3 || command -v python)"
 GRACE=5                         # seconds between SIGINT and SIGKILL at a stage's limit
 MIN_STAGE_S=10                  # a stage with less time than this is skipped
-DEADLINE_S="${GPU_CHECK_DEADLINE_S:-520}"
+DEADLINE_S="${GPU_CHECK_DEADLINE_S:-450}"
 START=$(date +%s)
 WORK="${GPU_CHECK_DIR:-./gpu-check-results}"
 OUT_DIR="${OUT:-}"
@@ -64,12 +68,12 @@ STAGES=(
   "versions 10 0"
   "smoke 90 1"
   "pytest-gpu 110 1"
+  "kernels-8bit 40 1"
   "bench-resnet50 40 1"
   "bench-resnet18 25 1"
   "int8-resnet18 25 1"
   "fp8-resnet18 20 1"
   "layers-resnet50 45 1"
-  "estimate-resnet50 30 1"
   "tune-resnet50 45 1"
   "compile-resnet50 90 1 optional"
 )
@@ -113,7 +117,7 @@ init_work() {
   Q_PY=$(printf %q "$PY") Q_WORK=$(printf %q "$WORK")
   XDIST=0 PYTEST_TIMEOUT=""
   "$PY" -c "import xdist" 2>/dev/null && XDIST=1
-  "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT="--timeout 60"  # dumps a hung test's stacks
+  "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT="--timeout 120"  # dumps a hung test's stacks
 }
 
 probe_cuda() {
@@ -155,17 +159,12 @@ print("git_rev recorded in result rows:",
       git_revision() or "None (no git checkout: run as FASTRES_GIT_REV=<sha> bash benchmarks/gpu_check.sh)")
 EOF
 
-read -r -d '' GPU_NAME_PY <<'EOF'
-import torch
-from fastres.tools.estimate import gpu_for_device_name
-p = torch.cuda.get_device_properties(0)
-print(gpu_for_device_name(p.name) or ("h100" if p.major >= 9 else "a100"), p.multi_processor_count)
-EOF
-
 # The command of a stage, run by `bash -c` in the repository root; $2 is its time limit.
 stage_cmd() {
-  local bench="$Q_PY -m fastres bench" pytest="$Q_PY -m pytest -m gpu -p no:cacheprovider -rfE -v"
+  local bench="$Q_PY -m fastres bench" pytest="$Q_PY -m pytest -p no:cacheprovider -rfE -v"
   pytest="$pytest --durations=20 $PYTEST_TIMEOUT"
+  # xdist workers: 2 torch threads each (8 workers x torch's default 16 would oversubscribe 16 cores).
+  local workers="OMP_NUM_THREADS=2 $pytest -n 8 --dist load"
   case "$1" in
     # Exit status 3: pip failed; 4: fastres.kernels does not import from elsewhere (from /tmp).
     install) echo "$Q_PY -m pip install --no-deps --no-build-isolation --no-index -q -e . || exit 3; \
@@ -179,15 +178,21 @@ every GPU stage would fail'; exit 4; }" ;;
     # with its own limit: background jobs of a script ignore SIGINT, and a timeout gives it back.
     pytest-gpu)
       if [ "$XDIST" = 1 ]; then
-        echo "$pytest -n 8 --dist load tests"
+        echo "$workers -m gpu tests"
       else
         echo "pids=(); i=0; for group in tests/test_conv.py tests/test_triton_backend.py \
 'tests --ignore=tests/test_conv.py --ignore=tests/test_triton_backend.py'; do i=\$((i + 1)); \
-timeout --foreground -s INT -k 3 $(( $2 - 8 > 5 ? $2 - 8 : $2 )) $pytest \$group \
+timeout --foreground -s INT -k 3 $(( $2 - 8 > 5 ? $2 - 8 : $2 )) $pytest -m gpu \$group \
 >$Q_WORK/pytest-gpu-\$i.log 2>&1 & pids+=(\$!); done; rc=0; for p in \${pids[@]}; do wait \$p; r=\$?; \
 [ \$r = 0 ] || [ \$r = 5 ] || rc=\$r; done; for f in $Q_WORK/pytest-gpu-*.log; do echo \"--- \$f\"; \
 grep -E '^(FAILED|ERROR) |^=+ .* in [0-9.]+s' \$f; done; exit \$rc"
       fi ;;
+    # On a GPU the interpreter-marked kernel tests run natively: the 8-bit ones are the int8 and fp8
+    # kernels' only check on a GPU besides test_quantized_gpu.py.
+    kernels-8bit)
+      local files="tests/test_conv_int8.py tests/test_conv_fp8.py tests/test_pool.py"
+      if [ "$XDIST" = 1 ]; then echo "$workers -m 'interpreter and not slow' $files"
+      else echo "$pytest -m 'interpreter and not slow' $files"; fi ;;
     bench-resnet50) echo "$bench resnet50 --batch 1 8 64 256 --dtype fp16 --compare eager --no-progress \
 --out $Q_WORK/bench" ;;
     bench-resnet18) echo "$bench resnet18 --batch 1 64 --no-progress --out $Q_WORK/bench" ;;
@@ -195,19 +200,13 @@ grep -E '^(FAILED|ERROR) |^=+ .* in [0-9.]+s' \$f; done; exit \$rc"
     # point and a check that every int8 kernel builds and runs. Then the same for fp8 (e4m3, sm_89+).
     int8-resnet18|fp8-resnet18) echo "$bench resnet18 --batch 64 --dtype ${1%%-*} --repeats 10 --no-progress \
 --out $Q_WORK/bench-${1%%-*}" ;;
+    # --no-estimate: the estimates are CPU work, made offline from the rows that come back.
     layers-resnet50) echo "$Q_PY benchmarks/bench_layers.py --model resnet50 --batch 64 --dtype fp16 --rep-ms 40 \
---out $Q_WORK/layers" ;;
-    # The model's estimate for this card's name and SM count, written beside the measurements to calibrate
-    # it; the two batches compile their kernels at the same time.
-    estimate-resnet50) echo "set -- \$($Q_PY -c $(printf %q "$GPU_NAME_PY")); [ \$# = 2 ] || exit 1; pids=(); \
-for b in 1 256; do $Q_PY -m fastres compile-report resnet50 --estimate --batch \$b --gpu \$1 --assume sms=\$2 \
---no-progress --out $Q_WORK/estimate >$Q_WORK/estimate-b\$b.log 2>&1 & pids+=(\$!); done; rc=0; \
-for p in \${pids[@]}; do wait \$p || rc=1; done; for b in 1 256; do echo \"--- batch \$b\"; \
-tail -n 12 $Q_WORK/estimate-b\$b.log; done; exit \$rc" ;;
+--no-estimate --out $Q_WORK/layers" ;;
     # Per-layer tactic selection on this card (issue 14): rule config vs the chosen one per layer; the
     # cache it writes (rule_ms, tuned_ms per layer and batch) is in fastres-cache/.
     tune-resnet50) echo "$Q_PY -m fastres tune resnet50 --batch 1 256 --dtype fp16 --budget-s 20 \
---no-progress" ;;
+--max-candidates 3 --no-progress" ;;
     # The issue's ">= 1.5x torch.compile at batch 1" point: one compile mode, the quickest to build.
     compile-resnet50) echo "$bench resnet50 --batch 1 --dtype fp16 --compare eager,compile \
 --compile-modes reduce-overhead --no-progress --out $Q_WORK/bench-compile" ;;
@@ -219,7 +218,7 @@ stage_status() {  # name, exit status
     *:0) echo ok ;;
     *:124) echo TIMEOUT ;;
     *:137) echo "TIMEOUT(killed)" ;;
-    pytest-gpu:5) echo "ok(no tests)" ;;
+    pytest-gpu:5|kernels-8bit:5) echo "ok(no tests)" ;;
     install:3) echo "FAIL(pip)" ;;
     install:4) echo "FAIL(import)" ;;
     *) echo "FAIL(rc=$2)" ;;
@@ -246,8 +245,15 @@ run_stage() {  # name, budget, needs a GPU, optional
     printf '+ %s\n' "$cmd" >"$log"
     head -n 1 "$log" | cut -c1-240
     local t0=$(date +%s)
-    timeout -s INT -k "$GRACE" "$limit" bash -c "$cmd" >>"$log" 2>&1
+    # timeout leads a process group of its own (its pid, written by the shell it replaces): once it
+    # returns, whatever the stage left running in the background (jobs of `bash -c` ignore SIGINT) is
+    # killed with the group, so that it cannot run on into later stages. In the foreground, not `&`: an
+    # asynchronous job would start with SIGINT ignored, and so would everything it runs.
+    local pidfile="$WORK/status/.$name.pid"
+    bash -c 'echo $$ >"$0"; exec "$@"' "$pidfile" timeout -s INT -k "$GRACE" "$limit" bash -c "$cmd" >>"$log" 2>&1
     rc=$?
+    kill -KILL -- "-$(cat "$pidfile")" 2>/dev/null
+    rm -f "$pidfile"
     secs=$(( $(date +%s) - t0 ))
     status=$(stage_status "$name" "$rc")
     tail -n +2 "$log" | tail -n "$TAIL_LINES" | cut -c1-240
@@ -262,7 +268,7 @@ run_stage() {  # name, budget, needs a GPU, optional
 }
 
 # What the summary shows of a stage's log (each line cut short): the lines that answer something.
-pytest_logs() { tail -q -n +2 "$WORK/pytest-gpu.log" "$WORK"/pytest-gpu-*.log 2>/dev/null; }
+pytest_logs() { tail -q -n +2 "$WORK/$1.log" "$WORK/$1"-*.log 2>/dev/null; }  # a stage's logs
 
 highlights() {
   local name=$1 log="$WORK/$1.log"
@@ -271,19 +277,18 @@ highlights() {
     install) tail -n +2 "$log" | grep -E "^fastres |gpu_check:|rror" | head -n 8 ;;
     versions) grep -E "^(python |gpu: |git_rev |python packages )" "$log" ;;
     smoke) grep -E "^(PASS|FAIL|gpu_smoke)" "$log" ;;
-    pytest-gpu)  # the -rfE lines with their reasons; from a killed run only the -v lines, test ids
+    pytest-gpu|kernels-8bit)  # the -rfE lines with their reasons; from a killed run only the -v lines, test ids
       local failed
-      failed=$(pytest_logs | grep -E "^(FAILED|ERROR) " | sort -u)
-      [ -n "$failed" ] || failed=$(pytest_logs | grep -oE "(FAILED|ERROR) tests/[^ ]+|tests/[^ ]+ (FAILED|ERROR)" \
+      failed=$(pytest_logs "$name" | grep -E "^(FAILED|ERROR) " | sort -u)
+      [ -n "$failed" ] || failed=$(pytest_logs "$name" | grep -oE "(FAILED|ERROR) tests/[^ ]+|tests/[^ ]+ (FAILED|ERROR)" \
         | sort -u)
       [ -z "$failed" ] || head -n 20 <<<"$failed"
-      echo "-v lines: $(pytest_logs | grep -cE "(\] | )PASSED") passed, $(pytest_logs | grep -cE "(\] | )FAILED") failed," \
-        "$(pytest_logs | grep -cE "(\] | )SKIPPED") skipped, $(pytest_logs | grep -cE "(\] | )ERROR") errors"
-      pytest_logs | grep -cE "^\+{5,} Timeout" | sed '/^0$/d; s/$/ tests hit the 60 s pytest-timeout/'
-      pytest_logs | grep -E "^=+ .*(passed|failed|skipped|error|no tests ran|interrupted).*=+$" ;;
+      echo "-v lines: $(pytest_logs "$name" | grep -cE "(\] | )PASSED") passed, $(pytest_logs "$name" | grep -cE "(\] | )FAILED") failed," \
+        "$(pytest_logs "$name" | grep -cE "(\] | )SKIPPED") skipped, $(pytest_logs "$name" | grep -cE "(\] | )ERROR") errors"
+      pytest_logs "$name" | grep -cE "^\+{5,} Timeout" | sed '/^0$/d; s/$/ tests hit the 120 s pytest-timeout/'
+      pytest_logs "$name" | grep -E "^=+ .*(passed|failed|skipped|error|no tests ran|interrupted).*=+$" ;;
     bench-*|int8-*|fp8-*|compile-*) grep -E "^ {0,4}[0-9]+  [a-z]|^fastres: error|^saved the rows" "$log" ;;
     layers-*) grep -E "FAILED|median per layer kind|^  conv" "$log" ;;
-    estimate-*) cat "$WORK"/estimate-b*.log 2>/dev/null | grep -E "^ESTIMATE band|rror" ;;
     *) tail -n +2 "$log" | tail -n 6 ;;
   esac | cut -c1-160
 }
@@ -374,6 +379,7 @@ main() {
   echo
   echo "=== summary (also $WORK/summary.txt${OUT_DIR:+, $OUT_DIR/summary.txt}) ==="
   cat "$WORK/summary.txt"
+  [ -z "$NO_CUDA" ] || return 3  # nothing measured: not a success for a caller that reads the status
   return "$FAILED"  # 1 when a stage of this run failed or ran out of time
 }
 

@@ -418,3 +418,25 @@ def test_bench_layers_estimate_column_runs_without_a_gpu():
     assert fused >= plain
     # The per-kind summary: median of the estimate/measured ratios, rows without an estimate left out.
     assert by_kind == {"conv 3x3s1": [1.5, 3]}
+
+
+def test_bench_layers_estimates_a_gpu_runs_saved_rows_offline(tmp_path):
+    """The device spends no time on estimates: they are added afterwards, on the CPU, to the rows it saved."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    import bench_layers
+
+    comparison, shape = bench_layers.layer_work("resnet18", 2, 64)[0]
+    measured = dict(model="resnet18", dtype="float16", comparison=comparison, layer=shape.label, batch=2,
+                    median_ms=0.0123, tflops=1.0, gbps=1.0, speedup_vs_cudnn=1.0, est_ms=None)  # fmt: skip
+    rows = tmp_path / "layers.jsonl"
+    rows.write_text("".join(json.dumps({**measured, "impl": impl}) + "\n" for impl in ("fastres", "cudnn")))
+    argv = ["benchmarks/bench_layers.py", "--estimate-from", str(rows), "--gpu", "h200", "--sms", "132"]
+    done = subprocess.run([sys.executable, *argv, "--image-size", "64"], capture_output=True, text=True,
+                          cwd=root, env=_env_without_interpreter(), timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    ours, cudnn = [json.loads(line) for line in (tmp_path / "layers.est.jsonl").read_text().splitlines()]
+    assert ours["est_gpu_model"] == "h200" and 0 < ours["est_ms"] < 1
+    assert ours["est_over_measured"] == pytest.approx(ours["est_ms"] / 0.0123)
+    assert cudnn["est_ms"] is None  # the model estimates fastres's kernels only
+    assert "estimate (fastres.tools.estimate) / measured" in done.stdout

@@ -9,8 +9,8 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
 GPU_STAGES = (
-    "smoke", "pytest-gpu", "bench-resnet50", "bench-resnet18", "int8-resnet18", "fp8-resnet18",
-    "layers-resnet50", "estimate-resnet50", "tune-resnet50", "compile-resnet50",
+    "smoke", "pytest-gpu", "kernels-8bit", "bench-resnet50", "bench-resnet18", "int8-resnet18",
+    "fp8-resnet18", "layers-resnet50", "tune-resnet50", "compile-resnet50",
 )  # fmt: skip
 STDOUT_RETURNED = 12_000  # characters of stdout+stderr the device machine returns
 MAX_OUT_FILES = 8  # files it returns from $OUT, at most 2 folder levels deep
@@ -96,6 +96,34 @@ def test_a_stage_over_its_limit_is_interrupted_and_what_it_printed_comes_back(tm
     assert re.search(r"^smoke +TIMEOUT +2 +2 +2$", (tmp_path / "out" / "summary.txt").read_text(), re.M)
     with tarfile.open(tmp_path / "out" / "gpu-check.tar.gz") as tar:
         assert "started" in tar.extractfile("work/smoke.log").read().decode()
+
+
+_LEFTOVER_STAGE = r"""
+source "$1"
+init_work
+stage_cmd() { echo "$Q_PY -c 'import time; time.sleep(300)' leftover-$$ & wait"; }
+MIN_STAGE_S=1 GRACE=1
+run_stage smoke 2 0
+pgrep -f "leftover-$$" || echo "no leftover"
+"""
+
+
+def test_what_a_stage_leaves_running_is_killed_at_its_limit(tmp_path):
+    """A background job of the stage's shell ignores SIGINT: it must not run on into later stages."""
+    done = subprocess.run(
+        ["bash", "-c", _LEFTOVER_STAGE, "test", str(SCRIPT)], capture_output=True, text=True,
+        env=_env(tmp_path), timeout=60,
+    )  # fmt: skip
+    assert "--> smoke: TIMEOUT" in done.stdout and "no leftover" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_run_where_torch_sees_no_gpu_fails_loudly(tmp_path):
+    done = subprocess.run(
+        ["bash", str(SCRIPT), "--only", "smoke"], capture_output=True, text=True,
+        env=_env(tmp_path, CUDA_VISIBLE_DEVICES=""), timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "NOTHING WAS MEASURED ON A GPU" in done.stdout.split("=== summary")[1]
 
 
 def test_unknown_argument_or_stage_is_refused():
