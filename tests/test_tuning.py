@@ -254,3 +254,45 @@ def test_every_batch_gets_its_share_of_the_budget(backend):
     assert [(r.batch, len(r.timed), r.tuned) for r in report.layers] == [
         (1, 2, True), (1, 0, False), (3, 2, True), (3, 0, False)
     ]
+
+
+def test_the_cuda_timer_spins_the_gpu_past_each_launch(monkeypatch):
+    """The GPU calls are faked (no GPU here): what is checked is the order the timer issues them in,
+    and that each repeat's spin outlasts the CPU time of a launch, so the events time the kernel."""
+    import time
+
+    from fastres.tuning import timing
+
+    calls = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            self.at = None
+
+        def record(self):
+            calls.append("start" if not calls or calls[-1] != "fn" else "end")
+            self.at = len(calls)
+
+        def elapsed_time(self, end):
+            return 0.004  # ms
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: calls.append(("spin", cycles)))
+    launch_s = 2e-3
+
+    def fn():
+        time.sleep(launch_s)  # a slow launch from the CPU
+        calls.append("fn")
+
+    timer = timing.CudaTimer(torch.device("cuda", 0), warmup=2, repeats=3)
+    timer.flush = type("Flush", (), {"zero_": lambda self: calls.append("flush")})()
+    assert timer(fn, "layer") == pytest.approx(4e-6)
+    repeats = calls[calls.index("sync") + 2 : -1]  # after the warm-up, the sync and the enqueue probe
+    assert calls[-1] == "sync" and len(repeats) == 3 * 5
+    for i in range(3):
+        flush, (spin, cycles), *rest = repeats[5 * i : 5 * i + 5]
+        assert (flush, spin, rest) == ("flush", "spin", ["start", "fn", "end"])
+        assert cycles >= 4 * launch_s * timing.SPIN_HZ
+    assert timing.spin_cycles(0.0) == int(timing.SPIN_MIN_S * timing.SPIN_HZ)
+    assert timing.spin_cycles(10.0) == int(timing.SPIN_MAX_S * timing.SPIN_HZ)

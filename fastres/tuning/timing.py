@@ -9,6 +9,13 @@ weights are read once per forward from DRAM (25 MB for ResNet-50 in fp16, about 
 L2 with activations beside them), so a layer timed with its weights L2-resident would look faster than
 it runs in the network. At larger batches activations dominate the traffic and the flush is skipped.
 
+A small layer runs for a few microseconds, less than the CPU takes to launch it from Python (tens of
+microseconds for a Triton launch, more for split-K's two or the cuDNN tactic's four ops). Events around a
+launch the GPU is waiting for would time the launch, not the kernel, and compress every difference the
+tuner looks for. So before each repeat the GPU is given a spin (`torch.cuda._sleep`) longer than the
+CPU needs to enqueue the start event, the call and the end event: they then run back to back, as the
+kernels do in the engine's CUDA graph.
+
 On the CPU (`WallTimer`) the kernels run under Triton's interpreter: its times say nothing about a GPU.
 """
 
@@ -23,6 +30,16 @@ from typing import Any, Protocol
 import torch
 
 from ..runner import device_lock
+
+# Cycles per second to size the spin with: at least the SM clock of any supported GPU (the H100's boost
+# is 1.98 GHz), so a slower clock only lengthens the spin.
+SPIN_HZ = 2.0e9
+SPIN_MIN_S, SPIN_MAX_S = 50e-6, 20e-3
+
+
+def spin_cycles(enqueue_s: float) -> int:
+    """GPU spin cycles that outlast four times the CPU time one call took to enqueue."""
+    return int(min(max(4 * enqueue_s + 20e-6, SPIN_MIN_S), SPIN_MAX_S) * SPIN_HZ)
 
 
 class Timer(Protocol):
@@ -48,6 +65,10 @@ class CudaTimer:
     def _time(self, fn: Callable[[], Any]) -> float:
         for _ in range(self.warmup):
             fn()
+        torch.cuda.synchronize(self.device)
+        begin = time.perf_counter()
+        fn()
+        cycles = spin_cycles(time.perf_counter() - begin)
         events = [
             (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             for _ in range(self.repeats)
@@ -55,6 +76,7 @@ class CudaTimer:
         for start, end in events:
             if self.flush is not None:
                 self.flush.zero_()
+            torch.cuda._sleep(cycles)  # the GPU waits while the CPU enqueues the next three
             start.record()
             fn()
             end.record()
