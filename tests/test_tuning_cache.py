@@ -174,3 +174,17 @@ def test_bench_adds_rules_and_tuned_rows_when_the_cache_has_this_plan(tmp_path, 
     assert rows[0].fn.backend.tuned == {} and rows[1].fn is engine
     other = BenchConfig("resnet18", batches=[64], image_size=32)  # another bucket: no tuned row
     assert tuned_candidates(other, engine, model, engine.device, engine.dtype) == []
+
+
+def test_the_device_key_follows_the_kernels_source(tmp_path, monkeypatch):
+    """A development tree keeps its version number across kernel changes: a verdict or choice made on
+    the old kernels must not be read for the new ones (a new file, not a stale hit)."""
+    from fastres.tuning import cache as cache_module
+
+    before = cache_module.device_key(torch.device("cpu"))
+    assert before["kernels"] == cache_module.kernels_source_hash() and len(before["kernels"]) == 16
+    monkeypatch.setattr(cache_module, "kernels_source_hash", lambda: "0" * 16)  # as if a kernel changed
+    after = cache_module.device_key(torch.device("cpu"))
+    assert after["kernels"] != before["kernels"]
+    paths = {TuneCache(torch.device("cpu"), root=tmp_path, key=k).path for k in (before, after)}
+    assert len(paths) == 2

@@ -2,7 +2,9 @@
 
 Where: `$FASTRES_CACHE` (default `~/.cache/fastres`), file `tuning-<hash>.json`, the hash taken over
 the device key: GPU name, SM count, compute capability, driver, CUDA, torch, Triton and fastres
-versions. A new driver or Triton gives a new file, so a choice measured (or verified) on other
+versions, and a hash of the kernels' source (a development tree's version number stays the same across
+kernel changes, and a verdict on the old kernels says nothing of the new). A new driver, Triton or
+kernel gives a new file, so a choice measured (or verified) on other
 software is never read. Inside, entries are keyed by layer signature and batch bucket.
 
 Robustness: a file that is empty, truncated, not JSON, of another format version (stale) or whose
@@ -47,6 +49,19 @@ def _driver_version() -> str | None:
     return out.splitlines()[0].strip() if out else None
 
 
+@functools.cache
+def kernels_source_hash() -> str:
+    """The kernels' source and the tactics that run them: what a tuned choice or verdict measured."""
+    from .. import kernels
+    from . import tactics
+
+    digest = hashlib.sha256()
+    files = sorted(Path(kernels.__file__).parent.glob("*.py")) + [Path(tactics.__file__)]
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def device_key(device: torch.device) -> dict:
     """What a tuned choice or a self-check verdict is only valid for."""
     from .. import __version__
@@ -57,7 +72,12 @@ def device_key(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    key = {"torch": torch.__version__, "triton": triton_version, "fastres": __version__}
+    key = {
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "fastres": __version__,
+        "kernels": kernels_source_hash(),
+    }
     device = torch.device(device)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
