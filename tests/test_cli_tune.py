@@ -44,6 +44,8 @@ def test_tune_runs_every_step_under_the_interpreter(tmp_path, monkeypatch, capsy
     verdicts = r"(fastest tactic|rule config is fastest|tie|slower end to end than the rules: rules kept)"
     assert re.search(rf"^layer1\.0\.conv1 .*{verdicts}", out, re.M)
     assert "budget spent: rule config kept" in out  # the fallback for the layers after the first
+    # With --no-progress each layer is logged as it is chosen (a run stopped later keeps those lines).
+    assert re.search(r"^tuned b1 layer1\.0\.conv1 \(\+\d+\): rule BM\S+ [\d.]+ ms, chosen ", out, re.M)
     assert re.search(r"^whole network, batch 1: rules [\d.]+ ms, tuned [\d.]+ ms", out, re.M)
     written = re.search(r"^cache: (\d+) of (\d+) choices read back", out, re.M)
     assert written and written.group(1) == written.group(2) != "0"

@@ -256,6 +256,32 @@ def test_every_batch_gets_its_share_of_the_budget(backend):
     ]
 
 
+@pytest.mark.interpreter
+def test_an_interrupted_tune_keeps_and_caches_the_layers_chosen_before(backend, tmp_path):
+    """A time limit's SIGINT during the second layer: the first layer's choice is reported as it is
+    made, cached, and the KeyboardInterrupt goes on to the caller (the CLI takes the report instead)."""
+    from fastres.tuning.cache import TuneCache
+    from fastres.tuning.use import tune_and_cache
+
+    second = backend.conv_inputs(1, SIZE, SIZE)[LAYERS[1]][0]  # its signature: what the timer is told
+
+    def timer(fn, what):
+        if what.startswith(second):
+            raise KeyboardInterrupt
+        return 1.0
+
+    seen = []
+    options = dict(timer=timer, max_candidates=1, progress=False, on_layer=seen.append)
+    report = tuner.tune_backend(backend, [1], SIZE, SIZE, **options)
+    assert report.interrupted and [r.ops[0] for r in report.layers] == [LAYERS[0]] == [r.ops[0] for r in seen]
+    assert [(n.batch, n.note) for n in report.networks] == [(1, "interrupted: not timed")]
+    backend.tuned.clear()
+    cache = TuneCache(backend.device, root=tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        tune_and_cache(backend, [1], SIZE, SIZE, cache=cache, **options)
+    assert [sig for sig, _ in cache.tactics()] == [report.layers[0].signature]
+
+
 def test_the_cuda_timer_spins_the_gpu_past_each_launch(monkeypatch):
     """The GPU calls are faked (no GPU here): what is checked is the order the timer issues them in,
     and that each repeat's spin outlasts the CPU time of a launch, so the events time the kernel."""

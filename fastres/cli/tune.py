@@ -83,7 +83,7 @@ def run(args) -> int:
     if args.compile_for:
         return _compile_for(args)
     engine = _engine(args)
-    from ..tuning.report import format_report
+    from ..tuning.report import format_layer_line, format_report
     from ..tuning.use import tune_and_cache
 
     cache = tuning_cache.TuneCache(engine.device)
@@ -102,8 +102,13 @@ def run(args) -> int:
         retune=args.retune,
         max_candidates=args.max_candidates,
         progress=not args.no_progress,
+        on_layer=lambda r: print(format_layer_line(r), flush=True) if args.no_progress else None,
+        return_interrupted=True,
     )
     print(format_report(report))
+    if report.interrupted:
+        print("tune: interrupted: the layers above were chosen and cached; the rest keep the rules")
+        return 130
     stored = {(r.signature, tuning_cache.batch_bucket(r.batch)): r.chosen for r in report.layers if r.tuned}
     read_back = cache.tactics()
     agree = sum(read_back.get(key) == tactic for key, tactic in stored.items())

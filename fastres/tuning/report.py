@@ -24,6 +24,15 @@ def _drop_kind(reason: str) -> str:
     return "other"
 
 
+def format_layer_line(r) -> str:
+    """One layer's result as it is chosen (a log line: a run stopped later keeps it)."""
+    chosen = "(rule)" if r.chosen == r.rule else r.chosen.label
+    return (
+        f"tuned b{r.batch} {r.ops[0]} (+{len(r.ops) - 1}): rule {r.rule.label} {_ms(r.rule_s)} ms, "
+        f"chosen {chosen} {_ms(r.chosen_s)} ms; {r.reason}"
+    )
+
+
 def format_report(report: TuneReport) -> str:
     out = [INTERPRETER_NOTE, ""] if report.interpreted else []
     header = ("layer", "ops", "rule config", "rule ms", "chosen", "chosen ms", "speedup", "why")

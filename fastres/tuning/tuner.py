@@ -73,6 +73,7 @@ class TuneReport:
     elapsed_s: float
     budget_s: float
     network_s: float = 0.0  # of elapsed_s, the whole-network checks (they run after the budget)
+    interrupted: bool = False  # stopped by KeyboardInterrupt (SIGINT): the layers chosen until then
 
     @property
     def budget_spent(self) -> bool:
@@ -177,8 +178,10 @@ def tune_batch(
     compile_arch: int | None,
     known=None,
     bar: Progress | None = None,
+    on_layer: Callable[[LayerResult], None] | None = None,
 ) -> list[LayerResult]:
-    """Choose a tactic per distinct conv for this input size; sets `backend.tuned` for its bucket."""
+    """Choose a tactic per distinct conv for this input size; sets `backend.tuned` for its bucket.
+    `on_layer(result)` sees each layer's result as soon as it is chosen."""
     bucket = batch_bucket(batch)
     groups: dict[str, list] = {}
     for name, (signature, shape) in backend.conv_inputs(batch, height, width).items():
@@ -203,6 +206,8 @@ def tune_batch(
         if result.tuned:
             backend.tuned[(signature, bucket)] = result.chosen
         results.append(result)
+        if on_layer is not None:
+            on_layer(result)
         if bar is not None:
             bar.update()
     return results
@@ -248,12 +253,15 @@ def tune_backend(
     known=None,
     compile_check: bool = True,
     progress: bool = True,
+    on_layer: Callable[[LayerResult], None] | None = None,
 ) -> TuneReport:
     """Tune every distinct conv of a TritonBackend's plan at each batch size, within `budget_s`.
 
     known: {(signature, bucket): Tactic} already chosen (the cache): applied, not searched again.
     compile_check: on a GPU, compile each Triton tactic ahead of time for the device's arch first and
     drop those that spill (kernels/aot.py); nothing to compile under the interpreter.
+    on_layer(result): each layer's result as soon as it is chosen. A KeyboardInterrupt (a time limit's
+    SIGINT) ends the search: the report holds what was chosen until then, `interrupted` set.
     """
     start = clock()
     device = backend.device
@@ -262,7 +270,13 @@ def tune_backend(
     compile_arch = arch if compile_check and arch and not interpreting() else None
     distinct = len({sig for sig, _ in backend.conv_inputs(1, height, width).values()})
     bar = Progress(distinct * len(batches), "tuning", progress)
-    layers, networks, network_s = [], [], 0.0
+    layers, networks, network_s, interrupted = [], [], 0.0, False
+
+    def chosen(result: LayerResult) -> None:
+        layers.append(result)
+        if on_layer is not None:
+            on_layer(result)
+
     with on_device(device):  # Triton launches on the current CUDA device
         try:
             for i, batch in enumerate(batches):
@@ -272,7 +286,7 @@ def tune_backend(
                 share = (budget_s - (batch_start - start - network_s)) / (len(batches) - i)
                 out_of_time = lambda: clock() - batch_start >= share  # noqa: B023 (used in this turn only)
                 batch_timer = timer or default_timer(device, batch)
-                layers += tune_batch(
+                tune_batch(
                     backend,
                     batch,
                     height,
@@ -285,6 +299,7 @@ def tune_backend(
                     compile_arch=compile_arch,
                     known=known,
                     bar=bar,
+                    on_layer=chosen,
                 )
                 if not any(r.batch == batch and r.timed for r in layers):  # all cached or out of budget
                     networks.append(NetworkResult(batch, None, None, True, "nothing searched: not timed"))
@@ -292,6 +307,11 @@ def tune_backend(
                 network_start = clock()
                 networks.append(network_check(backend, batch, height, width, batch_timer))
                 network_s += clock() - network_start
+        except KeyboardInterrupt:
+            interrupted = True
+            for batch in dict.fromkeys(r.batch for r in layers):
+                if all(net.batch != batch for net in networks):
+                    networks.append(NetworkResult(batch, None, None, True, "interrupted: not timed"))
         finally:
             bar.close()
     for net in networks:
@@ -299,4 +319,5 @@ def tune_backend(
             for r in layers:  # only the layers it changed: a budget-spent layer keeps its own reason
                 if r.batch == net.batch and r.chosen != r.rule:
                     r.chosen, r.chosen_s, r.reason = r.rule, r.rule_s, net.note
-    return TuneReport(layers, networks, interpreting(), clock() - start, budget_s, network_s)
+    elapsed = clock() - start
+    return TuneReport(layers, networks, interpreting(), elapsed, budget_s, network_s, interrupted)

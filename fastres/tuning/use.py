@@ -36,11 +36,14 @@ def tune_and_cache(
     budget_s: float = DEFAULT_BUDGET_S,
     cache: TuneCache | None = None,
     retune: bool = False,
+    return_interrupted: bool = False,
     **options,
 ):
     """Tune `backend` at these batch sizes (tuning.tuner.tune_backend), apply and cache the choices.
 
-    Entries already cached are reused unless retune. Returns the TuneReport."""
+    Entries already cached are reused unless retune. Returns the TuneReport. Interrupted (SIGINT), it
+    caches what was chosen until then and raises KeyboardInterrupt again, unless return_interrupted
+    (then the report says `interrupted`)."""
     from .tuner import tune_backend
 
     cache = cache or TuneCache(backend.device)
@@ -62,6 +65,8 @@ def tune_and_cache(
         }
         if entries:
             cache.update(layers=entries)
+    if report.interrupted and not return_interrupted:
+        raise KeyboardInterrupt  # after caching what was chosen before it
     return report
 
 
