@@ -74,10 +74,12 @@ def assert_same_results_from_threads(engine, inputs: list[torch.Tensor], repeats
         for _ in range(repeats):
             results[i] = engine(inputs[i])
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    # Daemon threads with a bounded join: a deadlock fails the test instead of hanging pytest.
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(inputs))]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck (a deadlock?)"
     for got, want in zip(results, expected):
         torch.testing.assert_close(got, want, rtol=0, atol=0)

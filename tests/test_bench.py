@@ -267,6 +267,30 @@ def test_a_bench_stopped_mid_run_leaves_csv_and_json_of_what_it_measured(capsys,
     assert not list(tmp_path.glob("*.png"))  # the plot is drawn at the end only
 
 
+def test_a_bench_stopped_mid_timing_keeps_the_samples_it_took(capsys, tmp_path, monkeypatch):
+    """SIGINT after batch 2's fourth timed call: its rows have medians from the samples taken (the
+    samples column says how few), not only 'not timed'."""
+    calls = []
+    timer = bench.cpu_timer
+
+    def stopped_in_the_second_batch(fn):
+        calls.append(1)
+        if len(calls) == 3 * 3 + 5:  # batch 1: 3 candidates x 3 repeats; then 4 of batch 2 taken
+            raise KeyboardInterrupt
+        return timer(fn)
+
+    monkeypatch.setattr(bench, "cpu_timer", stopped_in_the_second_batch)
+    argv = ["bench", "resnet18", "--device", "cpu", "--batch", "1", "2", "--image-size", "32", "--repeats",
+            "3", "--warmup", "0", "--backend", "torch", "--compare", "eager", "--no-progress",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 130
+    (json_path,) = tmp_path.glob("*.json")
+    rows = json.loads(json_path.read_text())
+    assert [r["samples"] for r in rows[:3]] == [3, 3, 3]
+    assert sorted(r["samples"] for r in rows[3:]) == [1, 1, 2] and all(r["median_ms"] > 0 for r in rows[3:])
+    assert all(r["error"] is None for r in rows)
+
+
 def test_git_revision_falls_back_to_fastres_git_rev_outside_git(monkeypatch):
     """A copy of the tree without .git (gpu_check.sh on a lent GPU machine) records $FASTRES_GIT_REV."""
     monkeypatch.setattr(environment, "_run", lambda cmd, cwd=None: None)

@@ -99,11 +99,13 @@ def test_two_engines_capture_concurrently_on_their_own_streams():
         except Exception as exc:  # collected: the assertion below names it
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    # Daemon threads with a bounded join: a deadlocked capture fails the test instead of hanging pytest.
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(2)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=300)
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck (a capture deadlock?)"
     assert not errors, errors
     for engine, x, got in zip(engines, inputs, results):
         assert torch.equal(engine(x), got)

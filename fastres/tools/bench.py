@@ -110,23 +110,35 @@ class CudaEventTimer:
         return self.start.elapsed_time(self.end) / 1e3
 
 
+class TimingInterrupted(KeyboardInterrupt):
+    """A KeyboardInterrupt (a time limit's SIGINT) in the middle of the timing, with what it had."""
+
+    def __init__(self, samples: dict[str, list[float]], errors: dict[str, str]):
+        super().__init__()
+        self.samples, self.errors = samples, errors
+
+
 def measure_interleaved(
     calls: dict[str, Callable[[], Any]],
     repeats: int,
     timer: Callable[[Callable[[], Any]], float] = cpu_timer,
     on_step: Callable[[], None] | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, str]]:
-    """Time `repeats` calls of each candidate, interleaved; one that raises is dropped and reported."""
+    """Time `repeats` calls of each candidate, interleaved; one that raises is dropped and reported.
+    Interrupted, it raises TimingInterrupted with the samples taken so far (fewer per candidate)."""
     samples: dict[str, list[float]] = {name: [] for name in calls}
     errors: dict[str, str] = {}
-    for name in interleaved_order(list(calls), repeats):
-        if name not in errors:
-            try:
-                samples[name].append(timer(calls[name]))
-            except Exception as exc:  # an anchor that fails mid-run is a row with its error
-                errors[name] = one_line(exc)
-        if on_step is not None:
-            on_step()
+    try:
+        for name in interleaved_order(list(calls), repeats):
+            if name not in errors:
+                try:
+                    samples[name].append(timer(calls[name]))
+                except Exception as exc:  # an anchor that fails mid-run is a row with its error
+                    errors[name] = one_line(exc)
+            if on_step is not None:
+                on_step()
+    except KeyboardInterrupt:
+        raise TimingInterrupted(samples, errors) from None
     return samples, errors
 
 
@@ -430,16 +442,22 @@ def run_benchmark(config: BenchConfig, on_rows: Callable[[list[dict]], None] | N
                     progress.update(warmup + 1)
                     provisional(batch, first)
                 live = {c.name: (lambda c=c, x=x: c.fn(x)) for c in candidates if c.name not in errors}
-                samples, failed = measure_interleaved(live, repeats, timer, progress.update)
+                stopped = None
+                try:
+                    samples, failed = measure_interleaved(live, repeats, timer, progress.update)
+                except TimingInterrupted as stop:  # rows from the samples taken (their count says so)
+                    samples, failed, stopped = stop.samples, stop.errors, stop
                 memory = {}
                 for cand in candidates:
-                    if cand.name in live and cand.name not in failed:
+                    if cand.name in live and cand.name not in failed and stopped is None:
                         memory[cand.name] = _peak_memory_mb(live[cand.name], device)
             batch_errors = {**errors, **failed}
             stats = {n: summarize(s) for n, s in samples.items() if s and n not in batch_errors}
             rows += batch_rows(batch, stats, first, memory, batch_errors)
             if on_rows is not None:
                 on_rows(rows)
+            if stopped is not None:
+                raise stopped
     finally:
         progress.close()
     return BenchResult(rows, env, names)
