@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,6 +134,14 @@ class CheckResult:
         )
 
 
+def _runner_builder(engine: Engine) -> Callable[[Tensor], Runner]:
+    """engine._new_runner through a weak reference: the runner cache must not hold its engine, or a
+    dropped engine (and its weights, GPU buffers and graphs) would live on until the cycle collector
+    runs, which large tensors do not prompt."""
+    ref = weakref.ref(engine)
+    return lambda x: ref()._new_runner(x)
+
+
 class Engine:
     """Runs a planned ResNet. Call it with N x 3 x H x W images; get float32 logits N x classes.
 
@@ -172,8 +182,8 @@ class Engine:
         # tune=True (fastres.tuning.use.FirstUseTuner): called with (batch, H, W) before a new shape's
         # runner is built, so its workspace and CUDA graph are made with the tuned tactics.
         self._tuner = tuner
-        self._runners = RunnerCache(max_cached_shapes, self._new_runner)
-        self._embedder: Engine | None = self if embedding else None
+        self._runners = RunnerCache(max_cached_shapes, _runner_builder(self))
+        self._embedder: Engine | None = None  # built on first use (an embedder is its own)
         self._embedder_lock = threading.Lock()
 
     def _new_runner(self, x: Tensor) -> Runner:
@@ -257,13 +267,15 @@ class Engine:
 
     def _embedding_engine(self) -> Engine:
         """This engine when it is an embedder, else one beside it sharing the packed weights (built once)."""
+        if self.embedding:
+            return self
         with self._embedder_lock:
             if self._embedder is None:
                 plan = select_outputs(self.backend.packed_plan, ("pool",))
                 if self.backend.runs_cut_plans:
                     backend = self.backend.for_plan(plan)
                 else:  # a quantized plan (int8, fp8) is not cut: the torch backend packs its own weights once
-                    dtype = self.dtype if self.dtype.itemsize > 1 else torch.float32  # int8 / fp8: fp32
+                    dtype = torch.float32 if self.dtype in QUANTIZED_DTYPES else self.dtype
                     backend = create_backend("torch", self.backend.packed_plan, self.device, dtype)
                     backend = backend.for_plan(plan)
                 self._embedder = Engine(
@@ -326,7 +338,7 @@ class Engine:
             tune_and_cache(self.backend, list(batch_sizes), h, w, budget_s=budget_s, progress=False)
             for runner in self._runners.values():
                 runner.release()
-            self._runners = RunnerCache(self.max_cached_shapes, self._new_runner)
+            self._runners = RunnerCache(self.max_cached_shapes, _runner_builder(self))
         for batch in batch_sizes:
             if input_dtype == torch.uint8:
                 shape = (batch, 3, h, w) if layout.upper() == "NCHW" else (batch, h, w, 3)

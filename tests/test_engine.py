@@ -204,3 +204,26 @@ def test_a_cuda_device_without_an_index_is_pinned_to_the_current_one(monkeypatch
     assert device == torch.device("cuda", 3)
     device, _, _ = api._resolve_device_dtype_backend("cuda:1", "fp16", "torch")
     assert device == torch.device("cuda", 1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_dropped_engine_is_freed_without_the_cycle_collector(backend):
+    """Nothing of an engine refers back to it: dropped, its weights (and on a GPU its buffers and
+    graphs) go at once, not at the next cycle collection, which large tensors never prompt (a test
+    suite or a server that reloads models grew by GBs)."""
+    import gc
+    import weakref
+
+    model = calibrated("resnet18", 10)
+    gc.collect()
+    gc.disable()
+    try:
+        engine = fastres.optimize(model, device="cpu", backend=backend, tune=False, self_check=False)
+        if backend == "torch":  # the interpreter would take long: the triton engine is only built
+            engine(random_images(2, 32, 32, seed=1))
+            engine.embed(random_images(2, 32, 32, seed=2))
+        refs = [weakref.ref(engine), weakref.ref(engine.backend), weakref.ref(engine._runners)]
+        del engine
+        assert [r() is None for r in refs] == [True] * 3
+    finally:
+        gc.enable()
