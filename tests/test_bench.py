@@ -118,6 +118,30 @@ def test_rows_carry_metadata_and_timings(tiny_run):
     assert all(r["speedup_vs_eager"] > 0 for r in fast)
 
 
+def test_float32_anchors_run_with_fastres_arithmetic(monkeypatch):
+    """PyTorch's default runs cuDNN convs in TF32: the eager fp32 anchors would then not be fp32 at
+    all. They run as fastres does (IEEE fp32), the rows say so, and the flags are restored after."""
+    from fastres.tools import bench_candidates
+
+    seen = []
+    make = bench_candidates.anchor_candidates
+
+    def spying(*args, **kwargs):
+        out = make(*args, **kwargs)
+        for cand in out:
+            fn = cand.fn
+            cand.fn = lambda x, fn=fn: seen.append(torch.backends.cudnn.allow_tf32) or fn(x)
+        return out
+
+    monkeypatch.setattr(bench, "anchor_candidates", spying)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # PyTorch's default
+    config = bench.BenchConfig("resnet18", batches=[1], device="cpu", image_size=32, repeats=1, warmup=0,
+                               progress=False, backend="torch", compare=["eager"])  # fmt: skip
+    rows = bench.run_benchmark(config).rows
+    assert seen and set(seen) == {False} and all(r["tf32"] is False for r in rows)
+    assert torch.backends.cudnn.allow_tf32 is True
+
+
 def test_compile_failure_is_a_row_not_a_crash(monkeypatch):
     def broken_compile(module, **kwargs):
         def run(x):

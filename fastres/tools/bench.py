@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from ..backends.torch_backend import tf32_during
 from ..errors import ConfigError
 from ..progress import Progress
 from ..quantize import QUANTIZED_DTYPES
@@ -345,6 +346,7 @@ def run_benchmark(config: BenchConfig, on_rows: Callable[[list[dict]], None] | N
     anchors = names[1:]
 
     env = environment(device)
+    anchor_tf32 = bool(getattr(engine.backend, "allow_tf32", False))
     weights = (
         config.weights
         if config.weights is not None
@@ -357,6 +359,9 @@ def run_benchmark(config: BenchConfig, on_rows: Callable[[list[dict]], None] | N
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
         "image_size": size,
+        # The float32 anchors' arithmetic: fastres's (IEEE unless allow_tf32). PyTorch's own default
+        # runs cuDNN convs in TF32, which would compare fastres's IEEE fp32 with 10-bit-mantissa convs.
+        "tf32": anchor_tf32,
     }
     timer = CudaEventTimer(device) if on_gpu else cpu_timer
     compile_spent = 0.0
@@ -404,6 +409,8 @@ def run_benchmark(config: BenchConfig, on_rows: Callable[[list[dict]], None] | N
             reached = [r for r in batch_rows(batch, {}, first, {}, {**errors, **pending}) if r["error"]]
             on_rows(rows + reached)
 
+    tf32 = tf32_during(anchor_tf32)
+    tf32.__enter__()
     try:
         for batch in batches:
             x = (
@@ -459,6 +466,7 @@ def run_benchmark(config: BenchConfig, on_rows: Callable[[list[dict]], None] | N
             if stopped is not None:
                 raise stopped
     finally:
+        tf32.__exit__(None, None, None)
         progress.close()
     return BenchResult(rows, env, names)
 
